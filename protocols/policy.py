@@ -1,0 +1,55 @@
+"""A run's policy: the bounds, rate limit and approval rules every command must pass."""
+
+from __future__ import annotations
+
+from typing import Annotated, Self
+
+from pydantic import Field, StringConstraints, model_validator
+
+from protocols.base import WireModel
+
+BoundedField = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^(set_hparams|set_schedule|set_optimizer|set_data_mix|rollback|evaluate)\.[a-z_]+$"
+    ),
+]
+"""A numeric command field, written `<type>.<field>`, e.g. `set_hparams.lr`."""
+
+SourcePattern = Annotated[str, StringConstraints(pattern=r"^(user|agent|script|system):([A-Za-z0-9_.@-]{1,64}|\*)$")]
+"""A source, or a kind of source with `*` for any name: `agent:*`, `user:bob`."""
+
+
+class Bounds(WireModel):
+    """An inclusive range for one numeric field."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min must not exceed max")
+        return self
+
+
+class RateLimit(WireModel):
+    """At most `max_commands` accepted per `per_seconds` for one run."""
+
+    max_commands: Annotated[int, Field(ge=1, le=100_000)] = 120
+    per_seconds: Annotated[float, Field(gt=0.0, le=86_400.0)] = 60.0
+
+
+class Policy(WireModel):
+    """What a run accepts: numeric bounds per field, a rate limit, and which sources need approval."""
+
+    bounds: dict[BoundedField, Bounds] = Field(default_factory=dict, max_length=64)
+    """Allowed ranges, e.g. {"set_hparams.lr": {"min": 1e-6, "max": 0.01}}; each betas entry is checked too."""
+    rate_limit: RateLimit = Field(default_factory=RateLimit)
+    approval_required: list[SourcePattern] = Field(default_factory=list, max_length=64)
+    """Sources whose commands wait in `pending_approval` until a person approves them."""
+
+    def needs_approval(self, source: str) -> bool:
+        """True when `source` matches one of the approval patterns."""
+        kind = source.split(":", 1)[0]
+        return any(pattern == source or pattern == f"{kind}:*" for pattern in self.approval_required)
