@@ -93,3 +93,9 @@ class StreamReply(WireModel):
     ref: str
     record: CommandRecord | None = None
     error: ErrorBody | None = None
+
+
+class EventList(WireModel):
+    """Stored events of a run (commands, status changes, checkpoints, alerts, logs), oldest first."""
+
+    events: list[Event]

@@ -125,8 +125,6 @@ class RunInfo(WireModel):
     domains: list[Name] = Field(default_factory=list)
     policy: Policy = Field(default_factory=Policy)
     state: RunState | None = None
-    last_command_seq: int = 0
-    """The highest command `seq` the run has; a re-attached trainer resumes polling after what it applied."""
     protocol_version: str = PROTOCOL_VERSION
 
 

@@ -1,0 +1,138 @@
+"""Parsing requests into protocol models and turning every error into one JSON shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import cache
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from control_server.errors import ApiError
+from control_server.keys import CONFIG
+from protocols.commands import CommandType
+from protocols.errors import ErrorBody, ErrorDetail
+from protocols.schema import command_schema
+
+log = logging.getLogger(__name__)
+
+Model = TypeVar("Model", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+COMMAND_TYPES = frozenset(CommandType.__args__)  # type: ignore[attr-defined]
+
+
+async def parse_body(request: web.Request, model: type[Model]) -> Model:
+    """The request body as `model`; raises a ValidationError (→ 400/422) naming each bad field."""
+    body = await request.read()
+    if not body:
+        raise ApiError("the request needs a JSON body", details=[ErrorDetail(field="", message="empty body")])
+    return model.model_validate_json(body)
+
+
+def parse_query(request: web.Request, model: type[Model]) -> Model:
+    """The query string as `model`; unknown parameters and out-of-range values are refused."""
+    return model.model_validate(dict(request.query))
+
+
+def json_response(model: BaseModel, *, status: int = 200) -> web.Response:
+    """Serialise a model (pydantic's JSON writer, no intermediate dict)."""
+    return web.Response(body=model.model_dump_json().encode(), status=status, content_type="application/json")
+
+
+def error_response(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> web.Response:
+    """An error as JSON."""
+    return web.Response(
+        body=body.model_dump_json().encode(), status=status, content_type="application/json", headers=headers
+    )
+
+
+@cache
+def _command_ranges() -> dict[tuple[str, str], str]:
+    """The allowed range or values of every command field, read off the generated JSON Schema."""
+    ranges: dict[tuple[str, str], str] = {}
+    for definition in command_schema().get("$defs", {}).values():
+        properties = definition.get("properties", {})
+        command = properties.get("type", {}).get("const")
+        if command is None:
+            continue
+        for field, schema in properties.items():
+            described = _describe_schema(schema)
+            if described:
+                ranges[(command, field)] = described
+    return ranges
+
+
+def _describe_schema(schema: dict[str, Any]) -> str:
+    options = schema.get("anyOf", [schema])
+    for option in options:
+        if option.get("type") in ("number", "integer"):
+            low = option.get("exclusiveMinimum", option.get("minimum"))
+            high = option.get("exclusiveMaximum", option.get("maximum"))
+            left = "(" if "exclusiveMinimum" in option else "["
+            right = ")" if "exclusiveMaximum" in option else "]"
+            low_text = "-inf" if low is None else f"{low:g}"
+            high_text = "inf" if high is None else f"{high:g}"
+            return f"{left}{low_text}, {high_text}{right}"
+        if "enum" in option:
+            return "one of " + ", ".join(str(value) for value in option["enum"])
+        if option.get("type") == "array" and option.get("prefixItems"):
+            return "a pair of numbers, each " + _describe_schema(option["prefixItems"][0])
+    return ""
+
+
+def validation_details(error: ValidationError) -> list[ErrorDetail]:
+    """One detail per pydantic error: the dotted field, what was wrong, what is allowed."""
+    details = []
+    for problem in error.errors(include_url=False):
+        location = [str(part) for part in problem["loc"]]
+        command = next((part for part in location if part in COMMAND_TYPES), None)
+        field_path = [part for part in location if part not in COMMAND_TYPES]
+        allowed = ""
+        if command is not None and field_path:
+            field_name = field_path[field_path.index("command") + 1] if "command" in field_path[:-1] else field_path[-1]
+            allowed = _command_ranges().get((command, field_name), "")
+        context = problem.get("ctx") or {}
+        if not allowed and "expected" in context:
+            allowed = str(context["expected"])
+        if not allowed and "expected_tags" in context:
+            allowed = str(context["expected_tags"])
+        if not allowed and "pattern" in context:
+            allowed = f"matching {context['pattern']}"
+        message = problem["msg"]
+        if problem["type"] not in ("missing", "json_invalid") and "input" in problem:
+            shown = json.dumps(problem["input"], default=str)
+            message += f" (got {shown[:80]})"
+        details.append(ErrorDetail(field=".".join(field_path), message=message, allowed=allowed))
+    return details
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as JSON: field path, what was sent, what is allowed."""
+    try:
+        return await handler(request)
+    except ValidationError as exc:
+        malformed = any(problem["type"] == "json_invalid" for problem in exc.errors())
+        status, code = (400, "malformed_json") if malformed else (422, "validation_error")
+        summary = "the body is not valid JSON" if malformed else f"invalid {exc.title}"
+        return error_response(status, ErrorBody(error=code, message=summary, details=validation_details(exc)))
+    except ApiError as exc:
+        headers = {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))} if "retry_after_s" in exc.extra else None
+        extra = {key: value for key, value in exc.extra.items() if isinstance(value, str | int | float | bool)}
+        body = ErrorBody(error=exc.code, message=exc.message, details=exc.details, extra=extra)
+        return error_response(exc.status, body, headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):
+            message = f"request body too large: at most {request.app[CONFIG].max_body_bytes} bytes"
+        headers = {key: value for key, value in exc.headers.items() if key.lower() == "allow"}
+        return error_response(exc.status, ErrorBody(error=f"http_{exc.status}", message=message), headers)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, ErrorBody(error="internal_error", message="internal server error; see the server log"))

@@ -1,0 +1,164 @@
+"""Metric ingest (a row per value, de-duplicated per batch id) and history with server-side downsampling.
+
+History lives in the store, not in memory: the server keeps only each run's latest values
+(for Prometheus) and a map of series ids. Downsampling reads the rollup tables that triggers
+keep at insert (buckets of 16 and 256 steps), so a long run answers as fast as a short one.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Iterable
+
+from control_server.errors import ApiError
+from control_server.events import EventLog
+from control_server.runs import RunRegistry
+from control_server.store import ROLLUP_LEVELS, Store
+from protocols.events import MetricsEvent
+from protocols.errors import ErrorDetail
+from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHistory
+
+MAX_RAW_POINTS = 100_000
+"""Most points per series a request without `max_points` may return."""
+
+
+class TooManyPoints(ApiError):
+    status = 422
+    code = "too_many_points"
+
+
+class MetricsService:
+    """Stores metric batches and answers history queries."""
+
+    def __init__(self, store: Store, events: EventLog, runs: RunRegistry) -> None:
+        self.store = store
+        self.events = events
+        self.runs = runs
+        self.latest: dict[tuple[str, str], dict[str, float]] = {}
+        """The newest value of every metric per (run_id, branch)."""
+        self.latest_nonfinite: dict[tuple[str, str], list[str]] = {}
+        self.values_ingested = 0
+        self._series_ids: dict[tuple[str, str, str], int] = {}  # touched only by the writer thread
+
+    async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
+        """Commit a batch (unless its `batch_id` was already stored), then publish it."""
+        self.runs.get(run_id)
+
+        def write(db: sqlite3.Connection) -> int | None:
+            if batch.batch_id is not None:
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO metric_batches VALUES (?, ?)", (run_id, batch.batch_id)
+                ).rowcount
+                if inserted == 0:
+                    return None
+            rows = []
+            for sample in batch.samples:
+                for key, value in sample.values.items():
+                    series_id = self._series_id(db, run_id, sample.branch, key)
+                    rows.append((series_id, sample.step, sample.time, value))
+            db.executemany("INSERT OR IGNORE INTO metric_points VALUES (?, ?, ?, ?)", rows)
+            return len(rows)
+
+        stored = await self.store.write(write)
+        if stored is None:
+            return MetricsAck(stored_values=0, duplicate=True)
+        self.values_ingested += stored
+        for sample in batch.samples:
+            self.latest.setdefault((run_id, sample.branch), {}).update(sample.values)
+            self.latest_nonfinite[(run_id, sample.branch)] = list(sample.nonfinite)
+        last = max(batch.samples, key=lambda sample: (sample.time, sample.step))
+        self.runs.note_step(run_id, last.branch, last.step)
+        event = self.events.make(
+            lambda event_id, now: MetricsEvent(event_id=event_id, time=now, run_id=run_id, samples=batch.samples)
+        )
+        self.events.publish(event)
+        return MetricsAck(stored_values=stored)
+
+    def _series_id(self, db: sqlite3.Connection, run_id: str, branch: str, key: str) -> int:
+        name = (run_id, branch, key)
+        series_id = self._series_ids.get(name)
+        if series_id is None:
+            db.execute("INSERT OR IGNORE INTO metric_series (run_id, branch, key) VALUES (?, ?, ?)", name)
+            series_id = int(
+                db.execute(
+                    "SELECT series_id FROM metric_series WHERE run_id = ? AND branch = ? AND key = ?", name
+                ).fetchone()[0]
+            )
+            self._series_ids[name] = series_id
+        return series_id
+
+    async def history(
+        self, run_id: str, *, keys: Iterable[str], branch: str, since_step: int, max_points: int | None
+    ) -> MetricsHistory:
+        """A branch's metric history; with `max_points`, buckets of equal step width (mean, min, max)."""
+        self.runs.get(run_id)
+        wanted = sorted(set(keys))
+
+        def op(db: sqlite3.Connection) -> tuple[int, dict[str, MetricSeries]]:
+            found = db.execute(
+                "SELECT key, series_id FROM metric_series WHERE run_id = ? AND branch = ?", (run_id, branch)
+            ).fetchall()
+            series_ids = {key: series_id for key, series_id in found if not wanted or key in wanted}
+            if max_points is None:
+                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
+            width = _bucket_width(db, series_ids.values(), since_step, max_points)
+            if width == 1:
+                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
+            return width, {key: _bucketed_series(db, series_id, since_step, width) for key, series_id in series_ids.items()}
+
+        width, series = await self.store.read(op)
+        return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
+
+
+def _raw_series(db: sqlite3.Connection, series_id: int, since_step: int) -> MetricSeries:
+    rows = db.execute(
+        "SELECT step, value FROM metric_points WHERE series_id = ? AND step >= ? ORDER BY step LIMIT ?",
+        (series_id, since_step, MAX_RAW_POINTS + 1),
+    ).fetchall()
+    if len(rows) > MAX_RAW_POINTS:
+        raise TooManyPoints(
+            f"more than {MAX_RAW_POINTS} points per series; pass max_points to downsample or a later since_step",
+            details=[ErrorDetail(field="max_points", message="required for this range", allowed=f"1..{MAX_RAW_POINTS}")],
+        )
+    return MetricSeries.model_construct(steps=[row[0] for row in rows], values=[row[1] for row in rows], min=None, max=None)
+
+
+def _bucket_width(db: sqlite3.Connection, series_ids: Iterable[int], since_step: int, max_points: int) -> int:
+    """The smallest bucket width (a multiple of a rollup size when above it) giving at most `max_points` buckets."""
+    low, high = math.inf, -math.inf
+    for series_id in series_ids:
+        first, last = db.execute(
+            "SELECT MIN(step), MAX(step) FROM metric_points WHERE series_id = ? AND step >= ?", (series_id, since_step)
+        ).fetchone()
+        if first is not None:
+            low, high = min(low, first), max(high, last)
+    if low > high:
+        return 1
+    span = int(high - low) + 1
+    # Buckets are aligned to multiples of the width, so a span can touch one bucket more than span / width.
+    width = span if max_points == 1 else math.ceil(span / (max_points - 1)) if span > max_points else 1
+    level = max((1 << shift for shift in ROLLUP_LEVELS if (1 << shift) <= width), default=1)
+    return math.ceil(width / level) * level
+
+
+def _bucketed_series(db: sqlite3.Connection, series_id: int, since_step: int, width: int) -> MetricSeries:
+    shifts = [shift for shift in ROLLUP_LEVELS if (1 << shift) <= width]
+    if shifts:
+        shift = max(shifts)
+        per_bucket = width >> shift
+        rows = db.execute(
+            "SELECT MAX(last_step), SUM(total) / SUM(n), MIN(lo), MAX(hi) FROM metric_rollups "
+            "WHERE series_id = ? AND shift = ? AND bucket >= ? GROUP BY bucket / ? ORDER BY 1",
+            (series_id, shift, (since_step // width) * per_bucket, per_bucket),
+        ).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT MAX(step), AVG(value), MIN(value), MAX(value) FROM metric_points "
+            "WHERE series_id = ? AND step >= ? GROUP BY step / ? ORDER BY 1",
+            (series_id, (since_step // width) * width, width),
+        ).fetchall()
+    return MetricSeries.model_construct(
+        steps=[row[0] for row in rows], values=[row[1] for row in rows],
+        min=[row[2] for row in rows], max=[row[3] for row in rows],
+    )

@@ -1,0 +1,95 @@
+"""Checks a command against its run: policy bounds, known domains and groups, and the rate limit."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from control_server.errors import PolicyViolation, RateLimited
+from protocols.commands import Command, SetDataMix, SetHparams
+from protocols.errors import ErrorDetail
+from protocols.policy import Bounds, Policy
+from protocols.records import RunInfo
+
+
+def _range(bounds: Bounds) -> str:
+    low = "-inf" if bounds.min is None else f"{bounds.min:g}"
+    high = "inf" if bounds.max is None else f"{bounds.max:g}"
+    return f"[{low}, {high}] (run policy)"
+
+
+def bound_violations(policy: Policy, command: Command) -> list[ErrorDetail]:
+    """Every numeric field of `command` outside the run policy's bounds."""
+    details: list[ErrorDetail] = []
+    for key, bounds in policy.bounds.items():
+        command_type, field = key.split(".", 1)
+        if command_type != command.type:
+            continue
+        value = getattr(command, field, None)
+        values = value if isinstance(value, tuple) else (value,)
+        for index, item in enumerate(values):
+            if not isinstance(item, int | float) or isinstance(item, bool):
+                continue
+            if (bounds.min is not None and item < bounds.min) or (bounds.max is not None and item > bounds.max):
+                where = f"command.{field}" + (f".{index}" if isinstance(value, tuple) else "")
+                details.append(ErrorDetail(field=where, message=f"{item:g} is outside the allowed range", allowed=_range(bounds)))
+    return details
+
+
+def name_violations(run: RunInfo, command: Command) -> list[ErrorDetail]:
+    """Domains or parameter groups the run does not have."""
+    if isinstance(command, SetDataMix) and run.domains:
+        unknown = sorted(set(command.weights) - set(run.domains))
+        if unknown:
+            return [
+                ErrorDetail(
+                    field=f"command.weights.{name}", message="unknown data domain", allowed=", ".join(run.domains)
+                )
+                for name in unknown
+            ]
+    if isinstance(command, SetHparams) and command.param_groups and run.state and run.state.param_groups:
+        known = run.state.param_groups
+        return [
+            ErrorDetail(field="command.param_groups", message=f"unknown parameter group {name!r}", allowed=", ".join(known))
+            for name in command.param_groups
+            if name not in known
+        ]
+    return []
+
+
+def check_command(run: RunInfo, command: Command) -> None:
+    """Raise `PolicyViolation` naming every field the run's policy or shape refuses."""
+    details = bound_violations(run.policy, command) + name_violations(run, command)
+    if details:
+        raise PolicyViolation(f"{command.type} refused by run {run.run_id}", details=details)
+
+
+class RateLimiter:
+    """A sliding window of accepted commands per run."""
+
+    def __init__(self) -> None:
+        self._accepted: dict[str, deque[float]] = {}
+
+    def check(self, run: RunInfo) -> None:
+        """Raise `RateLimited` if one more command would exceed the run's limit."""
+        limit = run.policy.rate_limit
+        window = self._accepted.setdefault(run.run_id, deque())
+        now = time.monotonic()
+        while window and now - window[0] > limit.per_seconds:
+            window.popleft()
+        if len(window) >= limit.max_commands:
+            retry_after = limit.per_seconds - (now - window[0])
+            raise RateLimited(
+                f"run {run.run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
+                details=[
+                    ErrorDetail(
+                        field="", message="rate limit reached",
+                        allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
+                    )
+                ],
+                retry_after_s=round(retry_after, 3),
+            )
+
+    def note(self, run_id: str) -> None:
+        """Count one accepted command."""
+        self._accepted.setdefault(run_id, deque()).append(time.monotonic())

@@ -1,0 +1,148 @@
+"""`GET /metrics`: server health and each run's latest training values, in Prometheus text format.
+
+Counters and histograms are updated as things happen; per-run training values are read from
+server state at scrape time by a custom collector, so finished runs simply stop appearing once
+`finished_run_ttl_s` has passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from control_server.commands import CommandService
+from control_server.fanout import Broadcaster
+from control_server.metrics import MetricsService
+from control_server.runs import RunRegistry
+from control_server.store import Store
+from protocols.commands import CommandRecord
+from protocols.constants import RUN_STATUSES
+from protocols.records import RunInfo
+
+TRAINING_GAUGES: dict[str, tuple[str, str]] = {
+    "loss": ("runsteer_train_loss", "Latest training loss."),
+    "eval_loss": ("runsteer_eval_loss", "Latest evaluation loss."),
+    "lr": ("runsteer_learning_rate", "Learning rate in force."),
+    "weight_decay": ("runsteer_weight_decay", "Weight decay in force."),
+    "grad_norm": ("runsteer_grad_norm", "Global gradient norm before clipping."),
+    "param_norm": ("runsteer_param_norm", "Global parameter norm."),
+    "update_ratio": ("runsteer_update_ratio", "Update norm over parameter norm."),
+    "logit_max": ("runsteer_output_logit_max", "Largest absolute output logit."),
+    "logit_z": ("runsteer_output_logit_z", "Mean log-sum-exp of the output logits (log Z)."),
+    "tokens_per_s": ("runsteer_throughput_tokens_per_second", "Training throughput."),
+    "nonfinite": ("runsteer_nonfinite", "1 when a metric was NaN or infinite at the latest step."),
+}
+"""Metric key → (Prometheus name, help); other keys stay out of the exposition to keep it bounded."""
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class _LiveState(Collector):
+    """Reads runs and latest values from server state at scrape time."""
+
+    def __init__(self, exposition: Exposition) -> None:
+        self.exposition = exposition
+
+    def collect(self) -> Iterator[Metric]:
+        runs, metrics = self.exposition.runs, self.exposition.metrics
+        by_status = GaugeMetricFamily("runsteer_runs", "Runs by status.", labels=["status"])
+        for status in RUN_STATUSES:
+            by_status.add_metric([status], sum(1 for run in runs.runs.values() if run.status == status))
+        yield by_status
+        labels = ["run_id", "run_name", "branch"]
+        step = GaugeMetricFamily("runsteer_step", "Latest step reported.", labels=labels)
+        heartbeat = GaugeMetricFamily(
+            "runsteer_last_heartbeat_timestamp_seconds", "Unix time of the run's last heartbeat.", labels=["run_id", "run_name"]
+        )
+        families = {key: GaugeMetricFamily(name, text, labels=labels) for key, (name, text) in TRAINING_GAUGES.items()}
+        visible = self.exposition.visible_runs()
+        for (run_id, branch), values in metrics.latest.items():
+            run = visible.get(run_id)
+            if run is None:
+                continue
+            label_values = [run_id, run.name, branch]
+            for key, family in families.items():
+                if key == "nonfinite":
+                    family.add_metric(label_values, 1.0 if metrics.latest_nonfinite.get((run_id, branch)) else 0.0)
+                elif key in values:
+                    family.add_metric(label_values, values[key])
+        for run in visible.values():
+            step.add_metric([run.run_id, run.name, run.branch], run.step)
+            if run.last_heartbeat is not None:
+                heartbeat.add_metric([run.run_id, run.name], run.last_heartbeat)
+        yield step
+        yield heartbeat
+        yield from families.values()
+        yield CounterMetricFamily(
+            "runsteer_metric_values_ingested", "Metric values stored.", value=metrics.values_ingested
+        )
+        yield CounterMetricFamily(
+            "runsteer_store_commits", "Group commits made by the store writer.", value=self.exposition.store.commits
+        )
+
+
+class Exposition:
+    """The app's own Prometheus registry and the instruments the server updates."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        runs: RunRegistry,
+        commands: CommandService,
+        metrics: MetricsService,
+        broadcaster: Broadcaster,
+        finished_run_ttl_s: float,
+    ) -> None:
+        self.store, self.runs, self.metrics, self.broadcaster = store, runs, metrics, broadcaster
+        self.finished_run_ttl_s = finished_run_ttl_s
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "runsteer_http_requests", "HTTP requests served.", ["method", "route", "status"], registry=self.registry
+        )
+        self.request_seconds = Histogram(
+            "runsteer_http_request_duration_seconds", "Time to answer an HTTP request (long-polls included).",
+            ["route"], registry=self.registry,
+        )
+        self.commands = Counter(
+            "runsteer_commands", "Commands by type and status reached.", ["type", "status"], registry=self.registry
+        )
+        self.command_latency = Histogram(
+            "runsteer_command_latency_seconds", "Time from a command's submission to its final status.",
+            ["type", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.websocket_clients = Gauge(
+            "runsteer_websocket_clients", "Connected websocket clients.", registry=self.registry
+        )
+        self.websocket_clients.set_function(lambda: len(broadcaster.subscribers))
+        self.websocket_dropped = Counter(
+            "runsteer_websocket_clients_dropped", "Websocket clients closed for reading too slowly.",
+            registry=self.registry,
+        )
+        self.registry.register(_LiveState(self))
+        commands.listeners.append(self._count_command)
+
+    def visible_runs(self) -> dict[str, RunInfo]:
+        """Runs still shown: live ones, and finished ones for `finished_run_ttl_s` after they ended."""
+        now = time.time()
+        return {
+            run_id: run
+            for run_id, run in self.runs.runs.items()
+            if run.status not in ("finished", "failed")
+            or now - self.runs.status_changed_at.get(run_id, now) <= self.finished_run_ttl_s
+        }
+
+    def _count_command(self, record: CommandRecord, previous: CommandRecord | None) -> None:
+        if previous is not None and previous.status == record.status:
+            return
+        self.commands.labels(record.command.type, record.status).inc()
+        if record.finished:
+            self.command_latency.labels(record.command.type, record.status).observe(record.updated_at - record.created_at)
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

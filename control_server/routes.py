@@ -1,0 +1,292 @@
+"""REST and websocket handlers: parse, call a service, respond."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cache
+
+from aiohttp import WSMsgType, web
+from pydantic import ValidationError
+
+from control_server.auth import Principal, principal_of, requires
+from control_server.errors import ApiError, Forbidden
+from control_server.http import json_response, parse_body, parse_query, validation_details
+from control_server.keys import BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS
+from protocols.commands import CommandDecision, CommandEnvelope, CommandList, CommandResult
+from protocols.constants import API_PREFIX, PROTOCOL_VERSION
+from protocols.errors import ErrorBody, ErrorDetail
+from protocols.events import EventList, StreamReply, StreamSubmit
+from protocols.policy import Policy
+from protocols.queries import (
+    CheckpointQuery,
+    CommandListQuery,
+    CommandWaitQuery,
+    EventQuery,
+    MetricsQuery,
+    NextCommandsQuery,
+)
+from protocols.records import CheckpointList, MetricsBatch, ReportAck, RunList, RunRegistration, RunReportBatch
+from protocols.schema import protocol_schema
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+RUN = API_PREFIX + "/runs/{run_id}"
+COMMAND = RUN + "/commands/{command_id}"
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness for load balancers and compose health checks."""
+    return web.json_response({"status": "ok", "protocol_version": PROTOCOL_VERSION})
+
+
+@routes.get("/metrics")
+@requires("read")
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    body = request.app[EXPOSITION].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+@cache
+def _schema_body() -> bytes:
+    return json.dumps(protocol_schema()).encode()
+
+
+@routes.get(API_PREFIX + "/schema")
+async def schema(request: web.Request) -> web.Response:
+    """The JSON Schema of every wire model."""
+    return web.Response(body=_schema_body(), content_type="application/json")
+
+
+@routes.post(API_PREFIX + "/runs")
+@requires("train")
+async def register_run(request: web.Request) -> web.Response:
+    """Register a run (201) or re-attach a trainer to one (200)."""
+    registration = await parse_body(request, RunRegistration)
+    run, created = await request.app[RUNS].register(registration)
+    return json_response(run, status=201 if created else 200)
+
+
+@routes.get(API_PREFIX + "/runs")
+@requires("read")
+async def list_runs(request: web.Request) -> web.Response:
+    """Every run, newest first."""
+    return json_response(RunList(runs=request.app[RUNS].listing()))
+
+
+@routes.get(RUN)
+@requires("read")
+async def get_run(request: web.Request) -> web.Response:
+    """One run."""
+    return json_response(request.app[RUNS].get(request.match_info["run_id"]))
+
+
+@routes.put(RUN + "/policy")
+@requires("admin")
+async def set_policy(request: web.Request) -> web.Response:
+    """Replace a run's policy."""
+    policy = await parse_body(request, Policy)
+    return json_response(await request.app[RUNS].set_policy(request.match_info["run_id"], policy))
+
+
+def check_source(principal: Principal, envelope: CommandEnvelope) -> None:
+    """A non-admin token may only send commands under its own name (`user:<name>`, `agent:<name>`, ...)."""
+    if principal.may("admin"):
+        return
+    name = envelope.source.split(":", 1)[1]
+    if name != principal.name:
+        raise Forbidden(
+            f"token {principal.name!r} may not send commands as {envelope.source!r}",
+            details=[ErrorDetail(field="source", message="source name must match the token", allowed=f"<kind>:{principal.name}")],
+        )
+
+
+@routes.post(RUN + "/commands")
+@requires("command")
+async def submit_command(request: web.Request) -> web.Response:
+    """Queue a command (202), or return the first record of a resubmitted id (200)."""
+    envelope = await parse_body(request, CommandEnvelope)
+    check_source(principal_of(request), envelope)
+    record, created = await request.app[COMMANDS].submit(request.match_info["run_id"], envelope)
+    return json_response(record, status=202 if created else 200)
+
+
+@routes.get(RUN + "/commands")
+@requires("read")
+async def list_commands(request: web.Request) -> web.Response:
+    """Command history in `seq` order."""
+    query = parse_query(request, CommandListQuery)
+    records = await request.app[COMMANDS].history(
+        request.match_info["run_id"], status=query.status, after_seq=query.after, limit=query.limit
+    )
+    return json_response(CommandList(commands=records))
+
+
+@routes.get(RUN + "/commands/next")
+@requires("train")
+async def next_commands(request: web.Request) -> web.Response:
+    """The trainer's long-poll for commands after `after`."""
+    query = parse_query(request, NextCommandsQuery)
+    wait_s = min(query.wait, request.app[CONFIG].long_poll_max_s)
+    records = await request.app[COMMANDS].next_for_trainer(
+        request.match_info["run_id"], after_seq=query.after, wait_s=wait_s
+    )
+    return json_response(CommandList(commands=records))
+
+
+@routes.get(COMMAND)
+@requires("read")
+async def get_command(request: web.Request) -> web.Response:
+    """One command; `wait` holds the answer until it finishes."""
+    query = parse_query(request, CommandWaitQuery)
+    record = await request.app[COMMANDS].get(
+        request.match_info["run_id"], request.match_info["command_id"], wait_s=query.wait
+    )
+    return json_response(record)
+
+
+async def _decide(request: web.Request, *, approve: bool) -> web.Response:
+    decision = await parse_body(request, CommandDecision)
+    record = await request.app[COMMANDS].decide(
+        request.match_info["run_id"], request.match_info["command_id"], decision, approve=approve
+    )
+    return json_response(record)
+
+
+@routes.post(COMMAND + "/approve")
+@requires("command")
+async def approve_command(request: web.Request) -> web.Response:
+    """Release a command held for approval."""
+    return await _decide(request, approve=True)
+
+
+@routes.post(COMMAND + "/reject")
+@requires("command")
+async def reject_command(request: web.Request) -> web.Response:
+    """Refuse a command held for approval."""
+    return await _decide(request, approve=False)
+
+
+@routes.post(COMMAND + "/result")
+@requires("train")
+async def report_result(request: web.Request) -> web.Response:
+    """The trainer's answer to a delivered command."""
+    result = await parse_body(request, CommandResult)
+    record = await request.app[COMMANDS].report_result(
+        request.match_info["run_id"], request.match_info["command_id"], result
+    )
+    return json_response(record)
+
+
+@routes.post(RUN + "/metrics")
+@requires("train")
+async def push_metrics(request: web.Request) -> web.Response:
+    """Store a batch of metric samples (committed before the answer)."""
+    batch = await parse_body(request, MetricsBatch)
+    return json_response(await request.app[METRICS].ingest(request.match_info["run_id"], batch))
+
+
+@routes.get(RUN + "/metrics")
+@requires("read")
+async def metrics_history(request: web.Request) -> web.Response:
+    """Metric history, downsampled on the server when `max_points` is given."""
+    query = parse_query(request, MetricsQuery)
+    history = await request.app[METRICS].history(
+        request.match_info["run_id"], keys=query.key_list, branch=query.branch,
+        since_step=query.since_step, max_points=query.max_points,
+    )
+    return json_response(history)
+
+
+@routes.post(RUN + "/events")
+@requires("train")
+async def push_reports(request: web.Request) -> web.Response:
+    """Heartbeats, status changes, checkpoints, logs and alerts from the trainer."""
+    batch = await parse_body(request, RunReportBatch)
+    accepted = await request.app[RUNS].apply_reports(request.match_info["run_id"], list(batch.reports))
+    return json_response(ReportAck(accepted=accepted))
+
+
+@routes.get(RUN + "/events")
+@requires("read")
+async def list_events(request: web.Request) -> web.Response:
+    """Stored events: command changes, status changes, checkpoints, alerts and logs."""
+    query = parse_query(request, EventQuery)
+    run_id = request.match_info["run_id"]
+    request.app[RUNS].get(run_id)
+    kinds = frozenset(kind for kind in query.kinds.split(",") if kind)
+    events = await request.app[EVENTS].history(run_id, after=query.after, kinds=kinds, limit=query.limit)
+    return json_response(EventList(events=events))
+
+
+@routes.get(RUN + "/checkpoints")
+@requires("read")
+async def list_checkpoints(request: web.Request) -> web.Response:
+    """The run's checkpoint index."""
+    query = parse_query(request, CheckpointQuery)
+    checkpoints = await request.app[RUNS].checkpoints(request.match_info["run_id"], query.branch)
+    return json_response(CheckpointList(checkpoints=checkpoints))
+
+
+@routes.get(RUN + "/stream")
+@requires("read")
+async def run_stream(request: web.Request) -> web.StreamResponse:
+    """Websocket: one run's events; command envelopes may be submitted over it."""
+    run_id = request.match_info["run_id"]
+    request.app[RUNS].get(run_id)
+    return await _stream(request, run_id)
+
+
+@routes.get(API_PREFIX + "/stream")
+@requires("read")
+async def all_stream(request: web.Request) -> web.StreamResponse:
+    """Websocket: every run's events."""
+    return await _stream(request, None)
+
+
+MAX_STREAM_MESSAGE = 256 * 1024
+"""Largest message a client may send over the stream (a command envelope is far smaller)."""
+
+
+async def _stream(request: web.Request, run_id: str | None) -> web.StreamResponse:
+    socket = web.WebSocketResponse(heartbeat=30.0, max_msg_size=MAX_STREAM_MESSAGE)
+    await socket.prepare(request)
+    principal = principal_of(request)
+    broadcaster = request.app[BROADCASTER]
+    subscriber = broadcaster.subscribe(request, socket, run_id, principal.name)
+    try:
+        async for message in socket:
+            if message.type == WSMsgType.TEXT:
+                reply = await _submit_over_stream(request, principal, run_id, message.data)
+            elif message.type == WSMsgType.BINARY:
+                reply = _stream_error("", "bad_frame", "binary frames are not accepted; send JSON text")
+            else:
+                continue
+            broadcaster.offer(subscriber, reply.model_dump_json())
+    finally:
+        await broadcaster.unsubscribe(subscriber)
+    return socket
+
+
+def _stream_error(ref: str, code: str, message: str, details: list[ErrorDetail] | None = None) -> StreamReply:
+    return StreamReply(ref=ref, error=ErrorBody(error=code, message=message, details=details or []))
+
+
+async def _submit_over_stream(request: web.Request, principal: Principal, run_id: str | None, text: str) -> StreamReply:
+    try:
+        submission = StreamSubmit.model_validate_json(text)
+    except ValidationError as exc:
+        return _stream_error("", "validation_error", "expected a StreamSubmit message", validation_details(exc))
+    if run_id is None:
+        return _stream_error(submission.ref, "bad_request", "submit commands on a run's stream, not the all-runs stream")
+    try:
+        if not principal.may("command"):
+            raise Forbidden(f"token {principal.name!r} lacks the 'command' scope")
+        check_source(principal, submission.envelope)
+        record, _ = await request.app[COMMANDS].submit(run_id, submission.envelope)
+    except ApiError as exc:
+        return _stream_error(submission.ref, exc.code, exc.message, exc.details)
+    return StreamReply(ref=submission.ref, record=record)

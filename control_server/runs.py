@@ -1,0 +1,250 @@
+"""The run registry: runs held in memory (there are few), every change written through to the store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import uuid
+
+from control_server.errors import ConflictError, NotFoundError
+from control_server.events import EventLog
+from control_server.store import Store
+from protocols.constants import RunStatus
+from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent
+from protocols.policy import Policy
+from protocols.records import (
+    AlertReport,
+    CheckpointInfo,
+    CheckpointSaved,
+    Heartbeat,
+    LogReport,
+    RunInfo,
+    RunRegistration,
+    RunReport,
+    StatusReport,
+)
+
+log = logging.getLogger(__name__)
+
+LIVE_STATUSES: frozenset[RunStatus] = frozenset({"running", "paused"})
+
+
+class RunRegistry:
+    """Registers runs, applies trainer reports, and marks runs lost when their heartbeat stops."""
+
+    def __init__(self, store: Store, events: EventLog, *, default_policy: Policy, heartbeat_timeout_s: float) -> None:
+        self.store = store
+        self.events = events
+        self.default_policy = default_policy
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        rows = store.read_now(lambda db: db.execute("SELECT body FROM runs ORDER BY created_at").fetchall())
+        self.runs: dict[str, RunInfo] = {}
+        for (body,) in rows:
+            run = RunInfo.model_validate_json(body, strict=False)
+            self.runs[run.run_id] = run
+        started = time.time()
+        # A restarted server gives every run a full timeout to heartbeat before calling it lost.
+        self._last_seen: dict[str, float] = {run_id: started for run_id in self.runs}
+        self.status_changed_at: dict[str, float] = {run_id: run.updated_at for run_id, run in self.runs.items()}
+
+    def get(self, run_id: str) -> RunInfo:
+        """The run, or a 404 naming it."""
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFoundError(f"no run with run_id {run_id!r}", run_id=run_id)
+        return run
+
+    def listing(self) -> list[RunInfo]:
+        """Every run, newest first."""
+        return sorted(self.runs.values(), key=lambda run: run.created_at, reverse=True)
+
+    async def register(self, registration: RunRegistration) -> tuple[RunInfo, bool]:
+        """Create a run, or re-attach a trainer to an existing one; returns (run, created)."""
+        now = time.time()
+        existing = self.runs.get(registration.run_id) if registration.run_id else None
+        if existing is not None:
+            if existing.name != registration.name:
+                raise ConflictError(
+                    f"run {existing.run_id!r} is named {existing.name!r}, not {registration.name!r}",
+                )
+            run = existing.model_copy(
+                update={
+                    "status": "running",
+                    "updated_at": now,
+                    "last_heartbeat": now,
+                    "config": registration.config or existing.config,
+                    "domains": registration.domains or existing.domains,
+                    "policy": registration.policy or existing.policy,
+                }
+            )
+            created = False
+        else:
+            run_id = registration.run_id or f"{registration.name[:40]}-{uuid.uuid4().hex[:8]}"
+            run = RunInfo(
+                run_id=run_id,
+                name=registration.name,
+                status="running",
+                created_at=now,
+                updated_at=now,
+                last_heartbeat=now,
+                config=registration.config,
+                domains=registration.domains,
+                policy=registration.policy or self.default_policy,
+            )
+            created = True
+        await self._save(run, stored_event=True)
+        return run, created
+
+    async def set_policy(self, run_id: str, policy: Policy) -> RunInfo:
+        """Replace a run's policy."""
+        run = self.get(run_id).model_copy(update={"policy": policy, "updated_at": time.time()})
+        await self._save(run, stored_event=True)
+        return run
+
+    async def apply_reports(self, run_id: str, reports: list[RunReport]) -> int:
+        """Apply a trainer's reports in order; returns how many were taken."""
+        self.get(run_id)
+        for report in reports:
+            if isinstance(report, Heartbeat):
+                await self._heartbeat(run_id, report)
+            elif isinstance(report, StatusReport):
+                await self._set_status(run_id, report.status, report.message)
+            elif isinstance(report, CheckpointSaved):
+                await self._checkpoint(run_id, report)
+            elif isinstance(report, LogReport):
+                await self._log(run_id, report)
+            elif isinstance(report, AlertReport):
+                await self.alert(run_id, report)
+        return len(reports)
+
+    async def alert(self, run_id: str, report: AlertReport) -> None:
+        """Store and publish an alert for people to see."""
+        event = self.events.make(
+            lambda event_id, now: AlertEvent(
+                event_id=event_id, time=now, run_id=run_id, severity=report.severity,
+                message=report.message, source=report.source, step=report.step,
+            )
+        )
+        await self.events.record(event)
+
+    def note_step(self, run_id: str, branch: str, step: int) -> None:
+        """Remember the newest step seen in metrics (the run row is written at the next heartbeat)."""
+        run = self.runs.get(run_id)
+        if run is not None and (step > run.step or branch != run.branch):
+            branches = run.branches if branch in run.branches else [*run.branches, branch]
+            self.runs[run_id] = run.model_copy(update={"step": step, "branch": branch, "branches": branches})
+        self._last_seen[run_id] = time.time()
+
+    async def check_liveness(self) -> None:
+        """Mark runs whose trainer stopped heartbeating as lost."""
+        now = time.time()
+        for run_id, run in list(self.runs.items()):
+            if run.status in LIVE_STATUSES and now - self._last_seen.get(run_id, now) > self.heartbeat_timeout_s:
+                log.warning("run %s lost: no heartbeat for %.0f s", run_id, self.heartbeat_timeout_s)
+                await self._set_status(run_id, "lost", f"no heartbeat for {self.heartbeat_timeout_s:g} s")
+
+    async def watch_liveness(self) -> None:
+        """Background task: check liveness a few times per timeout."""
+        interval = min(1.0, self.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_liveness()
+            except Exception:  # a failed write must not end the liveness watch
+                log.exception("liveness check failed")
+
+    async def _heartbeat(self, run_id: str, heartbeat: Heartbeat) -> None:
+        run = self.get(run_id)
+        now = time.time()
+        self._last_seen[run_id] = now
+        state = heartbeat.state
+        status: RunStatus = run.status
+        if run.status in (*LIVE_STATUSES, "lost"):
+            status = "paused" if state.paused else "running"
+        branches = run.branches if state.branch in run.branches else [*run.branches, state.branch]
+        updated = run.model_copy(
+            update={
+                "state": state, "step": max(state.step, run.step) if state.branch == run.branch else state.step,
+                "branch": state.branch, "branches": branches, "last_heartbeat": now, "updated_at": now,
+                "status": status,
+            }
+        )
+        await self._save(updated, stored_event=status != run.status)
+
+    async def _set_status(self, run_id: str, status: RunStatus, message: str) -> None:
+        run = self.get(run_id)
+        if run.status == status:
+            return
+        now = time.time()
+        if status in LIVE_STATUSES:
+            self._last_seen[run_id] = now
+        await self._save(run.model_copy(update={"status": status, "updated_at": now}), stored_event=True)
+        if message:
+            await self._log(run_id, LogReport(level="warning" if status in ("lost", "failed") else "info", message=message))
+
+    async def _checkpoint(self, run_id: str, report: CheckpointSaved) -> None:
+        checkpoint = report.checkpoint
+        event = self.events.make(
+            lambda event_id, now: CheckpointEvent(
+                event_id=event_id, time=now, run_id=run_id, checkpoint=checkpoint, deleted=report.deleted
+            )
+        )
+
+        def index(db: sqlite3.Connection) -> None:
+            if report.deleted:
+                db.execute(
+                    "DELETE FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?", (run_id, checkpoint.checkpoint_id)
+                )
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                    (run_id, checkpoint.checkpoint_id, checkpoint.branch, checkpoint.step, checkpoint.model_dump_json()),
+                )
+
+        await self.events.record(event, also=index)
+
+    async def checkpoints(self, run_id: str, branch: str | None) -> list[CheckpointInfo]:
+        """The run's indexed checkpoints, oldest first."""
+        self.get(run_id)
+        where, args = ("AND branch = ?", (run_id, branch)) if branch else ("", (run_id,))
+
+        def op(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(f"SELECT body FROM checkpoints WHERE run_id = ? {where} ORDER BY step, checkpoint_id", args)
+            return [body for (body,) in rows]
+
+        return [CheckpointInfo.model_validate_json(body, strict=False) for body in await self.store.read(op)]
+
+    async def _log(self, run_id: str, report: LogReport) -> None:
+        event = self.events.make(
+            lambda event_id, now: LogEvent(
+                event_id=event_id, time=now, run_id=run_id, level=report.level, message=report.message, step=report.step
+            )
+        )
+        await self.events.record(event)
+
+    async def _save(self, run: RunInfo, *, stored_event: bool) -> None:
+        """Write the run row; publish a run event, stored when the change matters beyond the moment."""
+        previous = self.runs.get(run.run_id)
+        event: Event = self.events.make(lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run))
+
+        def write(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET body = excluded.body",
+                (run.run_id, run.created_at, run.model_dump_json()),
+            )
+
+        if stored_event:
+            await self.events.record(event, also=write, before_publish=lambda: self._remember(run, previous))
+        else:
+            await self.store.write(write)
+            self._remember(run, previous)
+            self.events.publish(event)
+
+    def _remember(self, run: RunInfo, previous: RunInfo | None) -> None:
+        self.runs[run.run_id] = run
+        self._last_seen.setdefault(run.run_id, time.time())
+        if previous is None or previous.status != run.status:
+            self.status_changed_at[run.run_id] = run.updated_at

@@ -1,0 +1,79 @@
+"""The command lifecycle end to end, with a client playing the trainer."""
+
+from __future__ import annotations
+
+import threading
+
+from protocols import CommandResult, MetricsBatch, MetricsSample, RunRegistration, SetHparams
+from protocols.client import Client
+
+
+def register(client: Client, name: str = "lifecycle", **fields: object) -> str:
+    return client.register_run(RunRegistration(name=name, **fields)).run_id  # type: ignore[arg-type]
+
+
+def test_command_goes_from_queued_to_applied_with_the_trainers_step(client: Client, server_url: str) -> None:
+    """A submitted command is delivered to the long-poll, answered, and its record shows the result."""
+    run_id = register(client)
+    record = client.submit(run_id, SetHparams(lr=0.001), source="user:alice", reason="too slow")
+    assert record.status == "queued" and record.seq == 1
+    with Client(server_url) as trainer:
+        delivered = trainer.next_commands(run_id, after_seq=0, wait_s=1)
+        assert [c.id for c in delivered] == [record.id]
+        assert delivered[0].status == "delivered"
+        trainer.report_result(run_id, record.id, CommandResult(status="applied", step=17, effective={"lr": 0.001}))
+    final = client.get_command(run_id, record.id)
+    assert final.status == "applied"
+    assert final.applied_step == 17
+    assert final.effective == {"lr": 0.001}
+    assert final.reason == "too slow" and final.source == "user:alice"
+
+
+def test_long_poll_wakes_as_soon_as_a_command_arrives(client: Client, server_url: str) -> None:
+    """A waiting long-poll returns the command submitted while it waits."""
+    run_id = register(client)
+    got: list[str] = []
+
+    def poll() -> None:
+        with Client(server_url) as trainer:
+            got.extend(c.id for c in trainer.next_commands(run_id, after_seq=0, wait_s=10))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    record = client.submit(run_id, {"type": "pause"})
+    poller.join(10)
+    assert got == [record.id]
+
+
+def test_submit_with_wait_returns_the_final_record(client: Client, server_url: str) -> None:
+    """`submit(wait=True)` blocks until the trainer answers."""
+    run_id = register(client)
+
+    def trainer() -> None:
+        with Client(server_url) as t:
+            for command in t.next_commands(run_id, after_seq=0, wait_s=10):
+                t.report_result(run_id, command.id, CommandResult(status="rejected", message="no such group"))
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    record = client.submit(run_id, {"type": "evaluate"}, wait=True, timeout_s=10)
+    thread.join(10)
+    assert record.status == "rejected"
+    assert record.message == "no such group"
+
+
+def test_metrics_round_trip_and_downsample(client: Client) -> None:
+    """Metrics posted are returned by history, and downsampling keeps min and max."""
+    run_id = register(client)
+    samples = [MetricsSample(step=s, time=1000.0 + s, values={"loss": 10.0 - s / 100, "lr": 0.1}) for s in range(1000)]
+    samples[500] = MetricsSample(step=500, time=1500.0, values={"loss": 99.0, "lr": 0.1})
+    ack = client.push_metrics(run_id, MetricsBatch(samples=samples, batch_id="b1"))
+    assert ack.stored_values == 2000
+    again = client.push_metrics(run_id, MetricsBatch(samples=samples, batch_id="b1"))
+    assert again.duplicate and again.stored_values == 0
+    full = client.metrics_history(run_id, keys=["loss"])
+    assert full.series["loss"].steps == list(range(1000))
+    small = client.metrics_history(run_id, keys=["loss", "lr"], max_points=50)
+    assert len(small.series["loss"].steps) <= 50
+    assert max(small.series["loss"].max or []) == 99.0
+    assert small.bucket_steps > 1
