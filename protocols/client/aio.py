@@ -177,6 +177,12 @@ class AsyncClient:
         )
         return await self.send(request)
 
+    async def list_events(
+        self, run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000
+    ) -> list[Event]:
+        """Stored events (commands, status changes, checkpoints, alerts, logs) after event id `after`."""
+        return (await self.send(Requests.list_events(run_id, after=after, kinds=kinds, limit=limit))).events
+
     async def list_checkpoints(self, run_id: str, *, branch: str | None = None) -> list[CheckpointInfo]:
         """The run's checkpoints, oldest first."""
         return (await self.send(Requests.list_checkpoints(run_id, branch=branch))).checkpoints

@@ -20,7 +20,7 @@ from protocols.commands import (
 )
 from protocols.constants import API_PREFIX, CommandStatus
 from protocols.errors import ErrorBody, RunsteerError, ServerUnavailable, error_for_status
-from protocols.events import Event, StreamReply, event_adapter
+from protocols.events import Event, EventList, StreamReply, event_adapter
 from protocols.policy import Policy
 from protocols.records import (
     CheckpointList,
@@ -203,6 +203,14 @@ class Requests:
         if max_points is not None:
             params["max_points"] = str(max_points)
         return HttpRequest("GET", f"{_run(run_id)}/metrics", MetricsHistory, params=params)
+
+    @staticmethod
+    def list_events(run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000) -> HttpRequest[EventList]:
+        params = {"after": str(after), "limit": str(limit)}
+        kind_list = ",".join(kinds)
+        if kind_list:
+            params["kinds"] = kind_list
+        return HttpRequest("GET", f"{_run(run_id)}/events", EventList, params=params)
 
     @staticmethod
     def list_checkpoints(run_id: str, *, branch: str | None = None) -> HttpRequest[CheckpointList]:
