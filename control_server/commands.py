@@ -11,7 +11,8 @@ import asyncio
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 from control_server.errors import ConflictError, NotFoundError
 from control_server.events import EventLog, insert_event
@@ -101,7 +102,7 @@ class CommandService:
         finished = self._finished.setdefault((run_id, command_id), asyncio.Event())
         try:
             await asyncio.wait_for(finished.wait(), wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         return await self._existing(run_id, command_id) or record
 
@@ -136,7 +137,7 @@ class CommandService:
                 return []
             try:
                 await asyncio.wait_for(changed.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return []
 
     async def report_result(self, run_id: str, command_id: str, result: CommandResult) -> CommandRecord:
@@ -221,16 +222,9 @@ class CommandService:
         await self._commit_many([(record, previous)], insert=insert)
 
     async def _commit_many(
-        self, changes: list[tuple[CommandRecord, CommandRecord | None]], *, insert: bool = False
+        self, changes: Sequence[tuple[CommandRecord, CommandRecord | None]], *, insert: bool = False
     ) -> None:
-        events = [
-            self.events.make(
-                lambda event_id, now, record=record: CommandEvent(
-                    event_id=event_id, time=now, run_id=record.run_id, record=record
-                )
-            )
-            for record, _ in changes
-        ]
+        events = [self.events.make(partial(_command_event, record)) for record, _ in changes]
 
         def write(db: sqlite3.Connection) -> None:
             for record, _ in changes:
@@ -262,3 +256,7 @@ class CommandService:
             changed = self._queue_changed.pop(record.run_id, None)
             if changed is not None:
                 changed.set()
+
+
+def _command_event(record: CommandRecord, event_id: int, now: float) -> CommandEvent:
+    return CommandEvent(event_id=event_id, time=now, run_id=record.run_id, record=record)

@@ -30,7 +30,7 @@ class Subscriber:
     run_id: str | None
     queue: asyncio.Queue[str]
     name: str
-    transport: asyncio.BaseTransport | None
+    transport: asyncio.Transport | None
     writer: asyncio.Task[None] | None = None
     dropped: bool = False
     sent: int = field(default=0)
@@ -100,7 +100,7 @@ class Broadcaster:
         reason = f"too slow: more than {self.queue_size} events unread".encode()
         try:
             await asyncio.wait_for(subscriber.socket.close(code=CLOSE_SLOW_CONSUMER, message=reason), CLOSE_TIMEOUT_S)
-        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+        except (TimeoutError, ConnectionError, RuntimeError):
             pass
         # A client that stopped reading cannot take the close handshake either; cut the connection.
         if subscriber.transport is not None and not subscriber.transport.is_closing():

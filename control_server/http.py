@@ -9,7 +9,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, JsonValue, ValidationError
 
 from control_server.errors import ApiError
 from control_server.keys import CONFIG
@@ -122,7 +122,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(status, ErrorBody(error=code, message=summary, details=validation_details(exc)))
     except ApiError as exc:
         headers = {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))} if "retry_after_s" in exc.extra else None
-        extra = {key: value for key, value in exc.extra.items() if isinstance(value, str | int | float | bool)}
+        extra: dict[str, JsonValue] = {
+            key: value for key, value in exc.extra.items() if isinstance(value, str | int | float | bool)
+        }
         body = ErrorBody(error=exc.code, message=exc.message, details=exc.details, extra=extra)
         return error_response(exc.status, body, headers)
     except web.HTTPException as exc:

@@ -15,8 +15,8 @@ from control_server.errors import ApiError
 from control_server.events import EventLog
 from control_server.runs import RunRegistry
 from control_server.store import ROLLUP_LEVELS, Store
-from protocols.events import MetricsEvent
 from protocols.errors import ErrorDetail
+from protocols.events import MetricsEvent
 from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHistory
 
 MAX_RAW_POINTS = 100_000

@@ -100,7 +100,7 @@ class ServerProcess:
             sys.executable, "-m", "control_server", "--port", str(port), "--db", str(self.db),
             "--port-file", str(self.port_file), *self.extra,
         ]
-        log = open(self.db.with_suffix(".log"), "ab")  # noqa: SIM115 - the process owns it
+        log = open(self.db.with_suffix(".log"), "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})})
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -76,7 +75,7 @@ class AsyncClient:
             ) as response:
                 body = await response.read()
                 status = response.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
         return decode(request, status, body)
 
