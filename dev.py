@@ -63,7 +63,8 @@ def setup() -> None:
             say("NVIDIA GPU found: PyTorch with CUDA comes with runsteer's own dependencies")
         else:
             say(f"no GPU: installing the CPU build of PyTorch ({CPU_TORCH}) first")
-            pip(CPU_TORCH, "--index-url", CPU_TORCH_INDEX, "--timeout", "30")
+            # Only torch itself comes from the CPU index; its dependencies follow from PyPI below.
+            pip(CPU_TORCH, "--no-deps", "--index-url", CPU_TORCH_INDEX, "--retries", "1", "--timeout", "30")
     say("installing runsteer and its test dependencies")
     pip("-e", f"{ROOT}[test]")
     STAMP.write_text(wanted)

@@ -21,10 +21,19 @@ from control_server.runs import RunRegistry
 from control_server.store import Store
 from protocols.commands import CommandDecision, CommandEnvelope, CommandRecord, CommandResult
 from protocols.constants import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
+from protocols.errors import ErrorDetail
 from protocols.events import CommandEvent
 
 MAX_DELIVERY = 256
 """Most commands handed to a trainer by one long-poll."""
+
+
+def _unknown_command(run_id: str, command_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"run {run_id} has no command {command_id!r}",
+        details=[ErrorDetail(field="command_id", message=f"unknown command {command_id!r}")],
+        command_id=command_id,
+    )
 
 
 class CommandService:
@@ -96,7 +105,7 @@ class CommandService:
         self.runs.get(run_id)
         record = await self._existing(run_id, command_id)
         if record is None:
-            raise NotFoundError(f"run {run_id} has no command {command_id!r}", command_id=command_id)
+            raise _unknown_command(run_id, command_id)
         if wait_s <= 0 or record.status in FINAL_COMMAND_STATUSES:
             return record
         finished = self._finished.setdefault((run_id, command_id), asyncio.Event())
@@ -145,7 +154,7 @@ class CommandService:
         self.runs.get(run_id)
         record = await self._existing(run_id, command_id)
         if record is None:
-            raise NotFoundError(f"run {run_id} has no command {command_id!r}", command_id=command_id)
+            raise _unknown_command(run_id, command_id)
         if record.status in FINAL_COMMAND_STATUSES:
             if record.status == result.status:
                 return record
@@ -167,7 +176,7 @@ class CommandService:
         self.runs.get(run_id)
         record = await self._existing(run_id, command_id)
         if record is None:
-            raise NotFoundError(f"run {run_id} has no command {command_id!r}", command_id=command_id)
+            raise _unknown_command(run_id, command_id)
         if record.status != "pending_approval":
             raise ConflictError(f"command {command_id} is {record.status}, not pending_approval", status=record.status)
         now = time.time()

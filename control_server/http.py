@@ -84,6 +84,14 @@ def _describe_schema(schema: dict[str, Any]) -> str:
     return ""
 
 
+_BOUND_SYMBOLS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+"""How pydantic's bound errors (e.g. a query's `wait=-1`) state the limit that was broken."""
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def validation_details(error: ValidationError) -> list[ErrorDetail]:
     """One detail per pydantic error: the dotted field, what was wrong, what is allowed."""
     details = []
@@ -102,6 +110,9 @@ def validation_details(error: ValidationError) -> list[ErrorDetail]:
             allowed = str(context["expected_tags"])
         if not allowed and "pattern" in context:
             allowed = f"matching {context['pattern']}"
+        if not allowed:
+            bounds = [f"{symbol} {_number(context[key])}" for key, symbol in _BOUND_SYMBOLS.items() if key in context]
+            allowed = ", ".join(bounds)
         message = problem["msg"]
         if problem["type"] not in ("missing", "json_invalid") and "input" in problem:
             shown = json.dumps(problem["input"], default=str)
@@ -131,10 +142,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         message = exc.reason
+        details: list[ErrorDetail] = []
         if isinstance(exc, web.HTTPRequestEntityTooLarge):
-            message = f"request body too large: at most {request.app[CONFIG].max_body_bytes} bytes"
+            limit = request.app[CONFIG].max_body_bytes
+            message = f"request body too large: at most {limit} bytes"
+            details = [ErrorDetail(field="", message="body too large", allowed=f"at most {limit} bytes")]
         headers = {key: value for key, value in exc.headers.items() if key.lower() == "allow"}
-        return error_response(exc.status, ErrorBody(error=f"http_{exc.status}", message=message), headers)
+        body = ErrorBody(error=f"http_{exc.status}", message=message, details=details)
+        return error_response(exc.status, body, headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, ErrorBody(error="internal_error", message="internal server error; see the server log"))

@@ -12,6 +12,7 @@ from control_server.errors import ConflictError, NotFoundError
 from control_server.events import EventLog
 from control_server.store import Store
 from protocols.constants import RunStatus
+from protocols.errors import ErrorDetail
 from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent
 from protocols.policy import Policy
 from protocols.records import (
@@ -53,7 +54,11 @@ class RunRegistry:
         """The run, or a 404 naming it."""
         run = self.runs.get(run_id)
         if run is None:
-            raise NotFoundError(f"no run with run_id {run_id!r}", run_id=run_id)
+            raise NotFoundError(
+                f"no run with run_id {run_id!r}",
+                details=[ErrorDetail(field="run_id", message=f"unknown run {run_id!r}")],
+                run_id=run_id,
+            )
         return run
 
     def listing(self) -> list[RunInfo]:

@@ -100,8 +100,10 @@ class ServerProcess:
             sys.executable, "-m", "control_server", "--port", str(port), "--db", str(self.db),
             "--port-file", str(self.port_file), *self.extra,
         ]
-        log = open(self.db.with_suffix(".log"), "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})})
+        with open(self.db.with_suffix(".log"), "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}
+            )
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists():
             if self.process.poll() is not None:
