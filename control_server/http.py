@@ -121,13 +121,18 @@ def validation_details(error: ValidationError) -> list[ErrorDetail]:
     return details
 
 
+def is_malformed(error: ValidationError) -> bool:
+    """True when the input was not JSON at all (400), as opposed to JSON of the wrong shape (422)."""
+    return any(problem["type"] == "json_invalid" for problem in error.errors())
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as JSON: field path, what was sent, what is allowed."""
     try:
         return await handler(request)
     except ValidationError as exc:
-        malformed = any(problem["type"] == "json_invalid" for problem in exc.errors())
+        malformed = is_malformed(exc)
         status, code = (400, "malformed_json") if malformed else (422, "validation_error")
         summary = "the body is not valid JSON" if malformed else f"invalid {exc.title}"
         return error_response(status, ErrorBody(error=code, message=summary, details=validation_details(exc)))

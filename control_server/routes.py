@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from control_server.auth import Principal, principal_of, requires
 from control_server.errors import ApiError, Forbidden
-from control_server.http import json_response, parse_body, parse_query, validation_details
+from control_server.http import is_malformed, json_response, parse_body, parse_query, validation_details
 from control_server.keys import BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS
 from protocols.commands import CommandDecision, CommandEnvelope, CommandList, CommandResult
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
@@ -279,7 +279,8 @@ async def _submit_over_stream(request: web.Request, principal: Principal, run_id
     try:
         submission = StreamSubmit.model_validate_json(text)
     except ValidationError as exc:
-        return _stream_error("", "validation_error", "expected a StreamSubmit message", validation_details(exc))
+        message = "the body is not valid JSON" if is_malformed(exc) else "invalid StreamSubmit message"
+        return _stream_error(_ref_of(text), "validation_error", message, validation_details(exc))
     if run_id is None:
         return _stream_error(submission.ref, "bad_request", "submit commands on a run's stream, not the all-runs stream")
     try:
@@ -290,3 +291,13 @@ async def _submit_over_stream(request: web.Request, principal: Principal, run_id
     except ApiError as exc:
         return _stream_error(submission.ref, exc.code, exc.message, exc.details)
     return StreamReply(ref=submission.ref, record=record)
+
+
+def _ref_of(text: str) -> str:
+    """The `ref` of a message that failed validation, when there is one, so the client can match the error."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return ""
+    ref = data.get("ref") if isinstance(data, dict) else None
+    return ref if isinstance(ref, str) and len(ref) <= 64 else ""
