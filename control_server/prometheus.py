@@ -8,19 +8,24 @@ server state at scrape time by a custom collector, so finished runs simply stop 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from control_server.commands import CommandService
+from control_server.events import EventLog
 from control_server.fanout import Broadcaster
 from control_server.metrics import MetricsService
 from control_server.runs import RunRegistry
 from control_server.store import Store
 from protocols.commands import CommandRecord
 from protocols.constants import RUN_STATUSES
+from protocols.events import Event, MetricsEvent
 from protocols.records import RunInfo
 
 TRAINING_GAUGES: dict[str, tuple[str, str]] = {
@@ -39,6 +44,31 @@ TRAINING_GAUGES: dict[str, tuple[str, str]] = {
 """Metric key → (Prometheus name, help); other keys stay out of the exposition to keep it bounded."""
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+STEP_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class StepTimes:
+    """A histogram of one run's step times, fed from its `step_time_ms` metric."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * len(STEP_TIME_BUCKETS))
+    total_s: float = 0.0
+    observed: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one step."""
+        index = bisect_left(STEP_TIME_BUCKETS, seconds)
+        if index < len(self.counts):  # above the largest bound it counts only towards +Inf
+            self.counts[index] += 1
+        self.total_s += seconds
+        self.observed += 1
+
+    def buckets(self) -> Sequence[tuple[str, float]]:
+        """Cumulative (le, count) pairs ending with +Inf, as Prometheus wants them."""
+        cumulative = list(accumulate(self.counts))
+        return [(f"{bound:g}", count) for bound, count in zip(STEP_TIME_BUCKETS, cumulative, strict=True)] + [
+            ("+Inf", self.observed)
+        ]
 
 
 class _LiveState(Collector):
@@ -74,6 +104,14 @@ class _LiveState(Collector):
             step.add_metric([run.run_id, run.name, run.branch], run.step)
             if run.last_heartbeat is not None:
                 heartbeat.add_metric([run.run_id, run.name], run.last_heartbeat)
+        step_times = HistogramMetricFamily(
+            "runsteer_step_duration_seconds", "Training step time reported by the trainer.", labels=["run_id", "run_name"]
+        )
+        for run_id, histogram in self.exposition.step_times.items():
+            run = visible.get(run_id)
+            if run is not None:
+                step_times.add_metric([run_id, run.name], histogram.buckets(), histogram.total_s)
+        yield step_times
         yield step
         yield heartbeat
         yield from families.values()
@@ -92,6 +130,7 @@ class Exposition:
         self,
         *,
         store: Store,
+        events: EventLog,
         runs: RunRegistry,
         commands: CommandService,
         metrics: MetricsService,
@@ -123,8 +162,10 @@ class Exposition:
             "runsteer_websocket_clients_dropped", "Websocket clients closed for reading too slowly.",
             registry=self.registry,
         )
+        self.step_times: dict[str, StepTimes] = {}
         self.registry.register(_LiveState(self))
         commands.listeners.append(self._count_command)
+        events.listeners.append(self._observe_steps)
 
     def visible_runs(self) -> dict[str, RunInfo]:
         """Runs still shown: live ones, and finished ones for `finished_run_ttl_s` after they ended."""
@@ -135,6 +176,13 @@ class Exposition:
             if run.status not in ("finished", "failed")
             or now - self.runs.status_changed_at.get(run_id, now) <= self.finished_run_ttl_s
         }
+
+    def _observe_steps(self, event: Event) -> None:
+        if isinstance(event, MetricsEvent):
+            for sample in event.samples:
+                step_time_ms = sample.values.get("step_time_ms")
+                if step_time_ms is not None:
+                    self.step_times.setdefault(event.run_id, StepTimes()).observe(step_time_ms / 1000.0)
 
     def _count_command(self, record: CommandRecord, previous: CommandRecord | None) -> None:
         if previous is not None and previous.status == record.status:
