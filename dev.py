@@ -70,6 +70,24 @@ def setup() -> None:
     STAMP.write_text(wanted)
 
 
+TEST_SYSTEM_PACKAGES = {"prometheus": "prometheus", "chromium": "chromium"}
+"""Programs the tests drive for real (a Prometheus server, a browser), by Debian package."""
+
+
+def ensure_system_packages() -> None:
+    """Install the test suite's system programs with apt-get when they are missing and we may."""
+    missing = sorted({package for program, package in TEST_SYSTEM_PACKAGES.items() if shutil.which(program) is None})
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        say(f"missing {', '.join(missing)} and cannot apt-get them here: the tests that need them will fail")
+        return
+    say(f"installing {', '.join(missing)} with apt-get for the tests that drive them")
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=environment)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test"):
         print("usage: python3 dev.py demo [options]   run the demo (server, training run, agent, dashboard)")
@@ -80,6 +98,7 @@ def main(argv: list[str]) -> int:
     if task == "demo":
         command = [str(BIN / "runsteer"), "demo", *rest]
     else:
+        ensure_system_packages()
         command = [str(PYTHON), "-m", "pytest", *rest]
     return subprocess.run(command, cwd=ROOT).returncode
 

@@ -43,9 +43,9 @@ def available(module: str) -> bool:
 
 def start(part: Part, log_dir: Path) -> None:
     """Start a part with its output in `log_dir/<name>.log`."""
-    log = open(log_dir / f"{part.name}.log", "ab")
     command = [sys.executable, "-m", "protocols.entry", *part.args]
-    part.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_dir / f"{part.name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+        part.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for_port(port_file: Path, server: Part, timeout_s: float = 30.0) -> int:

@@ -27,16 +27,17 @@ class ScriptedTrainer:
 
     def __init__(
         self, server: str, *, name: str = "scripted", lr: float = 0.01, interval_s: float = 0.02,
-        spikes: dict[int, float] | None = None, registration: RunRegistration | None = None,
+        spikes: dict[int, float] | None = None, registration: RunRegistration | None = None, token: str | None = None,
     ) -> None:
         self.server = server
+        self.token = token
         self.lr = lr
         self.interval_s = interval_s
         self.spikes = spikes or {}
         self.step = 0
         self.paused = False
         self.applied: list[CommandRecord] = []
-        self._control = Client(server)
+        self._control = Client(server, token=token)
         self.run_id = self._control.register_run(registration or RunRegistration(name=name)).run_id
         self._stop = threading.Event()
         self._threads = [
@@ -59,7 +60,7 @@ class ScriptedTrainer:
         return RunState(step=self.step, lr=self.lr, paused=self.paused, optimizer="adamw")
 
     def _train(self) -> None:
-        with Client(self.server) as client:
+        with Client(self.server, token=self.token) as client:
             while not self._stop.is_set():
                 if not self.paused:
                     grad_norm = self.spikes.get(self.step, 1.0 + 0.01 * (self.step % 7))
@@ -73,7 +74,7 @@ class ScriptedTrainer:
 
     def _poll(self) -> None:
         after = 0
-        with Client(self.server) as client:
+        with Client(self.server, token=self.token) as client:
             while not self._stop.is_set():
                 for record in client.next_commands(self.run_id, after_seq=after, wait_s=0.5):
                     after = max(after, record.seq)

@@ -1,0 +1,122 @@
+"""A real Prometheus scrapes a real runsteer server during a run, finds its loss and fires the shipped alerts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from control_server.auth import TokenEntry, TokenTable
+from control_server.config import ServerConfig
+from protocols import MetricsBatch, MetricsSample
+from protocols.client import Client
+from tests.scripted_trainer import ScriptedTrainer
+from tests.serving import ServerThread
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+TRAINER_TOKEN = "trainer-token-0123456789"
+PROMETHEUS_TOKEN = "prometheus-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def secured_server(tmp_path: Path) -> Iterator[ServerThread]:
+    """A server that demands tokens, so Prometheus must send its bearer token."""
+    tokens = TokenTable([
+        TokenEntry(name="trainer", token=TRAINER_TOKEN, scopes=frozenset({"train", "read", "command"})),
+        TokenEntry(name="prometheus", token=PROMETHEUS_TOKEN, scopes=frozenset({"read"})),
+    ])
+    running = ServerThread(ServerConfig(port=0, db=tmp_path / "runsteer.db"), tokens).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path, secured_server: ServerThread) -> Iterator[str]:
+    """Debian's Prometheus with the shipped alert rules, scraping the server every second."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus not found: `python3 dev.py test` installs Debian's prometheus package (as root)"
+    (tmp_path / "token").write_text(PROMETHEUS_TOKEN)
+    shutil.copy(DOCKER / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["alerts.yml"],
+        "scrape_configs": [{
+            "job_name": "runsteer",
+            "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "token")},
+            "static_configs": [{"targets": [f"127.0.0.1:{secured_server.port}"]}],
+        }],
+    }
+    (tmp_path / "prometheus.yml").write_text(json.dumps(config))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url), 60, f"Prometheus did not become ready: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def wait_until(check: Any, timeout_s: float, message: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(message)
+
+
+def query(prometheus: str, expression: str) -> list[dict[str, Any]]:
+    target = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expression})}"
+    answer = json.loads(urllib.request.urlopen(target, timeout=5).read())
+    assert answer["status"] == "success"
+    return list(answer["data"]["result"])
+
+
+def firing_alerts(prometheus: str) -> set[str]:
+    answer = json.loads(urllib.request.urlopen(f"{prometheus}/api/v1/alerts", timeout=5).read())
+    return {alert["labels"]["alertname"] for alert in answer["data"]["alerts"] if alert["state"] == "firing"}
+
+
+def test_prometheus_scrapes_the_runs_loss_and_fires_the_non_finite_alert(secured_server: ServerThread, prometheus: str) -> None:
+    """Prometheus, authenticating with its token, stores the run's loss series; a NaN loss fires the alert."""
+    with ScriptedTrainer(secured_server.url, token=TRAINER_TOKEN, name="scraped") as trainer:
+        series = wait_until(lambda: query(prometheus, f'runsteer_train_loss{{run_id="{trainer.run_id}"}}'), 60, "no loss series")
+        assert series[0]["metric"]["run_name"] == "scraped"
+        assert series[0]["metric"]["branch"] == "main"
+        assert 0 < float(series[0]["value"][1]) <= 3.0
+        assert "RunsteerNonFiniteLoss" not in firing_alerts(prometheus)
+        with Client(secured_server.url, token=TRAINER_TOKEN) as client:
+            sample = MetricsSample(step=10**6, time=time.time(), values={"lr": 0.01}, nonfinite=["loss"])
+            client.push_metrics(trainer.run_id, MetricsBatch(samples=[sample]))
+            trainer.paused = True
+        wait_until(lambda: "RunsteerNonFiniteLoss" in firing_alerts(prometheus), 60, "the non-finite alert never fired")
