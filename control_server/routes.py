@@ -276,28 +276,35 @@ def _stream_error(ref: str, code: str, message: str, details: list[ErrorDetail] 
 
 
 async def _submit_over_stream(request: web.Request, principal: Principal, run_id: str | None, text: str) -> StreamReply:
+    """Accept a `StreamSubmit` (answered with its `ref`) or a bare command envelope (answered with ref "")."""
+    ref, bare = _peek(text)
     try:
-        submission = StreamSubmit.model_validate_json(text)
+        if bare:
+            envelope = CommandEnvelope.model_validate_json(text)
+        else:
+            envelope = StreamSubmit.model_validate_json(text).envelope
     except ValidationError as exc:
-        message = "the body is not valid JSON" if is_malformed(exc) else "invalid StreamSubmit message"
-        return _stream_error(_ref_of(text), "validation_error", message, validation_details(exc))
+        message = "the message is not valid JSON" if is_malformed(exc) else "invalid StreamSubmit message"
+        return _stream_error(ref, "validation_error", message, validation_details(exc))
     if run_id is None:
-        return _stream_error(submission.ref, "bad_request", "submit commands on a run's stream, not the all-runs stream")
+        return _stream_error(ref, "bad_request", "submit commands on a run's stream, not the all-runs stream")
     try:
         if not principal.may("command"):
             raise Forbidden(f"token {principal.name!r} lacks the 'command' scope")
-        check_source(principal, submission.envelope)
-        record, _ = await request.app[COMMANDS].submit(run_id, submission.envelope)
+        check_source(principal, envelope)
+        record, _ = await request.app[COMMANDS].submit(run_id, envelope)
     except ApiError as exc:
-        return _stream_error(submission.ref, exc.code, exc.message, exc.details)
-    return StreamReply(ref=submission.ref, record=record)
+        return _stream_error(ref, exc.code, exc.message, exc.details)
+    return StreamReply(ref=ref, record=record)
 
 
-def _ref_of(text: str) -> str:
-    """The `ref` of a message that failed validation, when there is one, so the client can match the error."""
+def _peek(text: str) -> tuple[str, bool]:
+    """(ref, is a bare envelope) of a message, read before validation so that errors carry the client's ref."""
     try:
         data = json.loads(text)
     except ValueError:
-        return ""
-    ref = data.get("ref") if isinstance(data, dict) else None
-    return ref if isinstance(ref, str) and len(ref) <= 64 else ""
+        return "", False
+    if not isinstance(data, dict):
+        return "", False
+    ref = data.get("ref")
+    return (ref if isinstance(ref, str) and len(ref) <= 64 else ""), ("op" not in data and "command" in data)
