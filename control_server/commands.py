@@ -86,7 +86,8 @@ class CommandService:
         check_command(run, envelope.command)
         self.rate_limiter.check(run)
         command_id = envelope.id or f"c-{uuid.uuid4().hex[:16]}"
-        status: CommandStatus = "pending_approval" if run.policy.needs_approval(envelope.source) else "queued"
+        held = envelope.hold or run.policy.needs_approval(envelope.source)
+        status: CommandStatus = "pending_approval" if held else "queued"
         now = time.time()
         record = CommandRecord(
             id=command_id, run_id=run_id, seq=self._take_seq(run_id), command=envelope.command,

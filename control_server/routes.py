@@ -26,7 +26,7 @@ from protocols.queries import (
     MetricsQuery,
     NextCommandsQuery,
 )
-from protocols.records import CheckpointList, MetricsBatch, ReportAck, RunList, RunRegistration, RunReportBatch
+from protocols.records import AlertReport, CheckpointList, MetricsBatch, ReportAck, RunList, RunRegistration, RunReportBatch
 from protocols.schema import protocol_schema
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,15 @@ async def push_reports(request: web.Request) -> web.Response:
     batch = await parse_body(request, RunReportBatch)
     accepted = await request.app[RUNS].apply_reports(request.match_info["run_id"], list(batch.reports))
     return json_response(ReportAck(accepted=accepted))
+
+
+@routes.post(RUN + "/alerts")
+@requires("command")
+async def raise_alert(request: web.Request) -> web.Response:
+    """An alert from an agent or a script, for the run's feed."""
+    alert = await parse_body(request, AlertReport)
+    await request.app[RUNS].alert(request.match_info["run_id"], alert)
+    return json_response(ReportAck(accepted=1))
 
 
 @routes.get(RUN + "/events")

@@ -183,6 +183,11 @@ class CommandEnvelope(WireModel):
     """Who sends it, e.g. `user:alice` or `agent:rules`; the run's policy may hold some sources for approval."""
     reason: Text = ""
     """Why, in a sentence a person can read."""
+    hold: bool = False
+    """Hold the command in `pending_approval` until a person approves it (agents propose this way).
+
+    A sender may ask to be held; it can never skip the hold that the run's policy puts on its source.
+    """
 
 
 class CommandResult(WireModel):

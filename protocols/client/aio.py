@@ -26,6 +26,7 @@ from protocols.errors import ServerUnavailable, StreamClosed, error_for_status
 from protocols.events import Event, StreamReply, StreamSubmit
 from protocols.policy import Policy
 from protocols.records import (
+    AlertReport,
     CheckpointInfo,
     MetricsAck,
     MetricsBatch,
@@ -103,11 +104,12 @@ class AsyncClient:
         source: str | None = None,
         reason: str | None = None,
         command_id: str | None = None,
+        hold: bool = False,
         wait: bool = False,
         timeout_s: float = 60.0,
     ) -> CommandRecord:
-        """Submit a command; with `wait`, return once it is applied, rejected or failed (or `timeout_s`)."""
-        envelope = envelope_of(command, source=source, reason=reason, command_id=command_id)
+        """Submit a command (held for a person's approval with `hold`); with `wait`, return once it is applied, rejected or failed (or `timeout_s`)."""
+        envelope = envelope_of(command, source=source, reason=reason, command_id=command_id, hold=hold)
         record = await self.send(Requests.submit(run_id, envelope))
         return await self.wait_for(run_id, record.id, timeout_s=timeout_s) if wait else record
 
@@ -175,6 +177,10 @@ class AsyncClient:
             run_id, keys=keys, branch=branch, since_step=since_step, max_points=max_points
         )
         return await self.send(request)
+
+    async def raise_alert(self, run_id: str, alert: AlertReport) -> None:
+        """Put an alert on the run's feed (agents and scripts; needs the `command` scope)."""
+        await self.send(Requests.raise_alert(run_id, alert))
 
     async def list_events(
         self, run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000

@@ -23,6 +23,7 @@ from protocols.errors import ErrorBody, RunsteerError, ServerUnavailable, error_
 from protocols.events import Event, EventList, StreamReply, event_adapter
 from protocols.policy import Policy
 from protocols.records import (
+    AlertReport,
     CheckpointList,
     MetricsAck,
     MetricsBatch,
@@ -205,6 +206,10 @@ class Requests:
         return HttpRequest("GET", f"{_run(run_id)}/metrics", MetricsHistory, params=params)
 
     @staticmethod
+    def raise_alert(run_id: str, alert: AlertReport) -> HttpRequest[ReportAck]:
+        return HttpRequest("POST", f"{_run(run_id)}/alerts", ReportAck, body=_json(alert))
+
+    @staticmethod
     def list_events(run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000) -> HttpRequest[EventList]:
         params = {"after": str(after), "limit": str(limit)}
         kind_list = ",".join(kinds)
@@ -224,6 +229,7 @@ def envelope_of(
     source: str | None = None,
     reason: str | None = None,
     command_id: str | None = None,
+    hold: bool = False,
 ) -> CommandEnvelope:
     """Wrap a command (a model, or a dict with a `type`) in an envelope; validation errors name the field."""
     if isinstance(command, CommandEnvelope):
@@ -239,6 +245,8 @@ def envelope_of(
         changes["reason"] = reason
     if command_id is not None:
         changes["id"] = command_id
+    if hold:
+        changes["hold"] = True
     if not changes:
         return envelope
     return CommandEnvelope.model_validate({**envelope.model_dump(), **changes}, strict=False)

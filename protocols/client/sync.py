@@ -32,6 +32,7 @@ from protocols.errors import ServerUnavailable, StreamClosed, error_for_status
 from protocols.events import Event, StreamReply, StreamSubmit
 from protocols.policy import Policy
 from protocols.records import (
+    AlertReport,
     CheckpointInfo,
     MetricsAck,
     MetricsBatch,
@@ -72,12 +73,12 @@ class Client:
         with self._lock:
             for attempt in (1, 2):
                 reused = self._connection is not None
-                connection = self._connection or self._connect()
-                self._connection = connection
-                connection.timeout = request.timeout_s
-                if connection.sock is not None:
-                    connection.sock.settimeout(request.timeout_s)
                 try:
+                    connection = self._connection or self._connect()
+                    self._connection = connection
+                    connection.timeout = request.timeout_s
+                    if connection.sock is not None:
+                        connection.sock.settimeout(request.timeout_s)
                     headers = {"Content-Type": "application/json", **auth_headers(self.token)}
                     connection.request(request.method, request.target, body=request.body, headers=headers)
                     response = connection.getresponse()
@@ -135,11 +136,12 @@ class Client:
         source: str | None = None,
         reason: str | None = None,
         command_id: str | None = None,
+        hold: bool = False,
         wait: bool = False,
         timeout_s: float = 60.0,
     ) -> CommandRecord:
-        """Submit a command; with `wait`, block until it is applied, rejected or failed (or `timeout_s`)."""
-        envelope = envelope_of(command, source=source, reason=reason, command_id=command_id)
+        """Submit a command (held for a person's approval with `hold`); with `wait`, block until it is applied, rejected or failed (or `timeout_s`)."""
+        envelope = envelope_of(command, source=source, reason=reason, command_id=command_id, hold=hold)
         record = self.send(Requests.submit(run_id, envelope))
         return self.wait_for(run_id, record.id, timeout_s=timeout_s) if wait else record
 
@@ -207,6 +209,10 @@ class Client:
         )
         return self.send(request)
 
+    def raise_alert(self, run_id: str, alert: AlertReport) -> None:
+        """Put an alert on the run's feed (agents and scripts; needs the `command` scope)."""
+        self.send(Requests.raise_alert(run_id, alert))
+
     def list_events(
         self, run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000
     ) -> list[Event]:
@@ -227,9 +233,11 @@ class EventStream:
 
     def __init__(self, url: str, token: str | None, open_timeout_s: float) -> None:
         try:
-            self._socket: ClientConnection = connect(
+            connection = connect(
                 url, additional_headers=auth_headers(token), open_timeout=open_timeout_s, max_size=16 * 2**20
             )
+            # Entered like a context manager (websockets >= 17.1 warns on a bare `connect()`); `close()` ends it.
+            self._socket: ClientConnection = connection.__enter__()
         except ConnectionClosed as exc:
             raise _closed_error(exc) from exc
         except Exception as exc:  # websockets raises several unrelated types when the handshake fails
