@@ -17,6 +17,8 @@ from urllib.parse import urlencode
 
 from benchmarks._common import Server, base_parser, format_ms, load_average, percentiles_ms, register, write_summary
 from benchmarks.ingest import build_batches
+from control_server.metrics import insert_points
+from control_server.store import BATCH_TABLE
 from protocols.client.sync import Client
 
 MARKS = (10_000, 25_000, 50_000)
@@ -49,11 +51,12 @@ def fill_direct(
 ) -> float:
     """Write steps [first_step, last_step) into the live server's SQLite file with the SQL of its ingest path.
 
-    The server's own schema (created by the server) keeps the rollup tables through its triggers; the
-    running server sees the rows at its next read, as it would after its own writes.
+    Rows go through the server's own `insert_points` (points and rollups in one transaction); the running
+    server sees them at its next read, as it would after its own writes.
     """
     started = time.perf_counter()
     db = sqlite3.connect(server.db, isolation_level=None, timeout=30.0)
+    db.executescript(BATCH_TABLE)
     keys = [f"metric_{i:02d}" for i in range(values)]
     series = []
     for key in keys:
@@ -71,7 +74,7 @@ def fill_direct(
             for j, series_id in enumerate(series)
         ]
         db.execute("BEGIN IMMEDIATE")
-        db.executemany("INSERT OR IGNORE INTO metric_points VALUES (?, ?, ?, ?)", rows)
+        insert_points(db, rows)
         db.execute("COMMIT")
     db.close()
     return time.perf_counter() - started

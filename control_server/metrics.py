@@ -1,8 +1,9 @@
 """Metric ingest (a row per value, de-duplicated per batch id) and history with server-side downsampling.
 
 History lives in the store, not in memory: the server keeps only each run's latest values
-(for Prometheus) and a map of series ids. Downsampling reads the rollup tables that triggers
-keep at insert (buckets of 16 and 256 steps), so a long run answers as fast as a short one.
+(for Prometheus) and a map of series ids. Each batch also updates rollups (count, sum, min,
+max per bucket of 8 to 2048 steps) in the same transaction, aggregated in SQL; downsampling
+reads those, so a long run answers as fast as a short one.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ class MetricsService:
                 for key, value in sample.values.items():
                     series_id = self._series_id(db, run_id, sample.branch, key)
                     rows.append((series_id, sample.step, sample.time, value))
-            db.executemany("INSERT OR IGNORE INTO metric_points VALUES (?, ?, ?, ?)", rows)
-            return len(rows)
+            return insert_points(db, rows)
 
         stored = await self.store.write(write)
         if stored is None:
@@ -111,6 +111,30 @@ class MetricsService:
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
 
 
+ROLLUP_UPSERT = """
+INSERT INTO metric_rollups
+SELECT series_id, ?1, step >> ?1, COUNT(*), SUM(value), MIN(value), MAX(value), MAX(step)
+FROM temp.batch_points WHERE true GROUP BY series_id, step >> ?1
+ON CONFLICT DO UPDATE SET
+    n = n + excluded.n, total = total + excluded.total, lo = min(lo, excluded.lo), hi = max(hi, excluded.hi),
+    last_step = max(last_step, excluded.last_step)
+"""
+
+
+def insert_points(db: sqlite3.Connection, rows: list[tuple[int, int, float, float]]) -> int:
+    """Store the points not stored yet (first value wins) and fold exactly those into every rollup level."""
+    db.executemany("INSERT OR IGNORE INTO temp.batch_points VALUES (?, ?, ?, ?)", rows)
+    db.execute(
+        "DELETE FROM temp.batch_points WHERE EXISTS (SELECT 1 FROM main.metric_points AS stored "
+        "WHERE stored.series_id = batch_points.series_id AND stored.step = batch_points.step)"
+    )
+    stored = db.execute("INSERT INTO main.metric_points SELECT * FROM temp.batch_points").rowcount
+    for shift in ROLLUP_LEVELS:
+        db.execute(ROLLUP_UPSERT, (shift,))
+    db.execute("DELETE FROM temp.batch_points")
+    return stored
+
+
 def _raw_series(db: sqlite3.Connection, series_id: int, since_step: int) -> MetricSeries:
     rows = db.execute(
         "SELECT step, value FROM metric_points WHERE series_id = ? AND step >= ? ORDER BY step LIMIT ?",
@@ -125,26 +149,42 @@ def _raw_series(db: sqlite3.Connection, series_id: int, since_step: int) -> Metr
 
 
 def _bucket_width(db: sqlite3.Connection, series_ids: Iterable[int], since_step: int, max_points: int) -> int:
-    """The smallest bucket width (a multiple of a rollup size when above it) giving at most `max_points` buckets."""
+    """Steps per bucket so that no series has more than `max_points` buckets (1: no downsampling).
+
+    Widths the rollups can serve are powers of two of at least the smallest rollup; below that the
+    raw points are grouped, which reads at most that many points per bucket.
+    """
     low, high = math.inf, -math.inf
     for series_id in series_ids:
+        # Two single-aggregate subqueries, so SQLite answers each from the primary key without a scan.
         first, last = db.execute(
-            "SELECT MIN(step), MAX(step) FROM metric_points WHERE series_id = ? AND step >= ?", (series_id, since_step)
+            "SELECT (SELECT MIN(step) FROM metric_points WHERE series_id = ?1 AND step >= ?2), "
+            "(SELECT MAX(step) FROM metric_points WHERE series_id = ?1 AND step >= ?2)",
+            (series_id, since_step),
         ).fetchone()
         if first is not None:
             low, high = min(low, first), max(high, last)
     if low > high:
         return 1
     span = int(high - low) + 1
+    if span <= max_points:
+        return 1
     # Buckets are aligned to multiples of the width, so a span can touch one bucket more than span / width.
-    width = span if max_points == 1 else math.ceil(span / (max_points - 1)) if span > max_points else 1
-    level = max((1 << shift for shift in ROLLUP_LEVELS if (1 << shift) <= width), default=1)
-    return math.ceil(width / level) * level
+    needed = span if max_points == 1 else math.ceil(span / (max_points - 1))
+    smallest_rollup = 1 << ROLLUP_LEVELS[0]
+    return needed if needed < smallest_rollup else 1 << (needed - 1).bit_length()
 
 
 def _bucketed_series(db: sqlite3.Connection, series_id: int, since_step: int, width: int) -> MetricSeries:
-    shifts = [shift for shift in ROLLUP_LEVELS if (1 << shift) <= width]
-    if shifts:
+    shifts = [shift for shift in ROLLUP_LEVELS if width % (1 << shift) == 0]
+    if shifts and width == 1 << max(shifts):
+        shift = max(shifts)
+        rows = db.execute(
+            "SELECT last_step, total / n, lo, hi FROM metric_rollups "
+            "WHERE series_id = ? AND shift = ? AND bucket >= ? ORDER BY bucket",
+            (series_id, shift, since_step >> shift),
+        ).fetchall()
+    elif shifts:
         shift = max(shifts)
         per_bucket = width >> shift
         rows = db.execute(

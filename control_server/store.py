@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 Result = TypeVar("Result")
 WriteOp = Callable[[sqlite3.Connection], Result]
 
-ROLLUP_LEVELS = (4, 8)
-"""Rollup bucket sizes as bit shifts: buckets of 16 and 256 steps, kept by triggers at insert."""
+ROLLUP_LEVELS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
+"""Rollup bucket sizes as bit shifts (every power of two from 8 to 2048 steps), so a downsampled read takes
+one rollup row per point it returns up to buckets of 2048 steps, and a few beyond."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -87,14 +88,14 @@ CREATE TABLE IF NOT EXISTS metric_batches (
 ) WITHOUT ROWID;
 """
 
-ROLLUP_TRIGGER = """
-CREATE TRIGGER IF NOT EXISTS metric_rollup_{shift} AFTER INSERT ON metric_points BEGIN
-    INSERT INTO metric_rollups VALUES
-        (new.series_id, {shift}, new.step >> {shift}, 1, new.value, new.value, new.value, new.step)
-    ON CONFLICT DO UPDATE SET
-        n = n + 1, total = total + excluded.total, lo = min(lo, excluded.lo), hi = max(hi, excluded.hi),
-        last_step = max(last_step, excluded.last_step);
-END;
+BATCH_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS batch_points (
+    series_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    time REAL NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (series_id, step)
+) WITHOUT ROWID;
 """
 
 
@@ -117,6 +118,7 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         connection.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
         connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA temp_store = MEMORY")
     return connection
 
 
@@ -140,8 +142,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = _connect(self.path, readonly=False)
         connection.executescript(SCHEMA)
-        for shift in ROLLUP_LEVELS:
-            connection.executescript(ROLLUP_TRIGGER.format(shift=shift))
+        connection.executescript(BATCH_TABLE)
         self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="runsteer-store-writer")
         self._writer.start()
 

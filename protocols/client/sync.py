@@ -54,9 +54,17 @@ class Client:
         self._scheme, self._host, self._port = normalise_base_url(server)
         self._connection: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self._closings = 0
 
     def close(self) -> None:
-        """Close the keep-alive connection."""
+        """Close the connection; a call in flight on another thread (a long-poll) fails at once with ServerUnavailable."""
+        self._closings += 1
+        connection = self._connection
+        if connection is not None and connection.sock is not None:
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         with self._lock:
             if self._connection is not None:
                 self._connection.close()
@@ -70,6 +78,7 @@ class Client:
 
     def send(self, request: HttpRequest[Model]) -> Model:
         """Send one request and decode its answer; a stale keep-alive connection is retried once."""
+        closings = self._closings
         with self._lock:
             for attempt in (1, 2):
                 reused = self._connection is not None
@@ -85,7 +94,7 @@ class Client:
                     body = response.read()
                 except _STALE_CONNECTION_ERRORS as exc:
                     self._drop_connection()
-                    if reused and attempt == 1:
+                    if reused and attempt == 1 and closings == self._closings:
                         continue
                     raise ServerUnavailable(f"{self.server} closed the connection: {exc}") from exc
                 except (OSError, http.client.HTTPException) as exc:

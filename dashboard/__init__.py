@@ -1,0 +1,1 @@
+"""The Streamlit dashboard: watch and steer runs through the server's public API only."""
