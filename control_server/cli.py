@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from control_server.app import create_app
 from control_server.config import ServerConfig
@@ -38,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)"
     )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes,
+        help="refuse request bodies larger than this (default %(default)s)",
+    )
+    parser.add_argument(
+        "--subscriber-queue", type=int, default=defaults.subscriber_queue,
+        help="events buffered per websocket client before it is closed as too slow (default %(default)s)",
+    )
+    parser.add_argument(
+        "--long-poll-max", type=float, default=defaults.long_poll_max_s,
+        help="longest wait a long-poll may ask for, in seconds (default %(default)s)",
+    )
     return parser
 
 
@@ -46,7 +59,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, db=args.db, tokens_file=args.tokens_file, port_file=args.port_file,
         heartbeat_timeout_s=args.heartbeat_timeout, finished_run_ttl_s=args.finished_run_ttl,
-        cors_origins=tuple(args.cors_origin),
+        cors_origins=tuple(args.cors_origin), max_body_bytes=args.max_body_bytes,
+        subscriber_queue=args.subscriber_queue, long_poll_max_s=args.long_poll_max,
     )
 
 
@@ -80,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         app = create_app(config)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ValidationError) as exc:
         print(f"runsteer server: {exc}", file=sys.stderr)
         return 2
     asyncio.run(serve(app, config))

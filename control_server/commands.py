@@ -47,7 +47,8 @@ class CommandService:
         self.listeners: list[Callable[[CommandRecord, CommandRecord | None], None]] = []
         """Called with (new, previous) after every committed change (e.g. Prometheus latency)."""
         self._open: dict[str, dict[str, CommandRecord]] = {}
-        self._reserved: set[tuple[str, str]] = set()
+        self._in_flight: dict[tuple[str, str], asyncio.Future[CommandRecord | None]] = {}
+        """Client-chosen ids being stored right now; a concurrent resubmission waits for the first."""
         self._next_seq: dict[str, int] = {}
         self._queue_changed: dict[str, asyncio.Event] = {}
         self._finished: dict[tuple[str, str], asyncio.Event] = {}
@@ -77,10 +78,11 @@ class CommandService:
         run = self.runs.get(run_id)
         if envelope.id is not None:
             existing = await self._existing(run_id, envelope.id)
+            first = self._in_flight.get((run_id, envelope.id))
+            if existing is None and first is not None:
+                existing = await asyncio.shield(first)
             if existing is not None:
                 return self._same_or_conflict(existing, envelope), False
-            if (run_id, envelope.id) in self._reserved:
-                raise ConflictError(f"command id {envelope.id!r} is being submitted concurrently", field="id")
         if run.status == "finished" or run.status == "failed":
             raise ConflictError(f"run {run_id} is {run.status} and takes no more commands")
         check_command(run, envelope.command)
@@ -93,11 +95,15 @@ class CommandService:
             id=command_id, run_id=run_id, seq=self._take_seq(run_id), command=envelope.command,
             source=envelope.source, reason=envelope.reason, status=status, created_at=now, updated_at=now,
         )
-        self._reserved.add((run_id, command_id))
+        stored: asyncio.Future[CommandRecord | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[(run_id, command_id)] = stored
         try:
             await self._commit(record, None, insert=True)
+            stored.set_result(record)
         finally:
-            self._reserved.discard((run_id, command_id))
+            if not stored.done():
+                stored.set_result(None)
+            del self._in_flight[(run_id, command_id)]
         self.rate_limiter.note(run_id)
         return record, True
 

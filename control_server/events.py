@@ -21,7 +21,9 @@ class EventLog:
         self.store = store
         self.broadcaster = broadcaster
         last_id = store.read_now(lambda db: db.execute("SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()[0])
-        self._next_id = int(last_id) + 1
+        # Events that are only streamed (metrics, heartbeats) are not stored, so the stored maximum alone could
+        # hand out an id again after a restart; starting at the clock in microseconds keeps ids increasing.
+        self._next_id = max(int(last_id) + 1, time.time_ns() // 1000)
         self.listeners: list[Callable[[Event], None]] = []
         """Called with every published event (e.g. the Prometheus counters)."""
 

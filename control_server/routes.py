@@ -92,14 +92,14 @@ async def set_policy(request: web.Request) -> web.Response:
     return json_response(await request.app[RUNS].set_policy(request.match_info["run_id"], policy))
 
 
-def check_source(principal: Principal, envelope: CommandEnvelope) -> None:
-    """A non-admin token may only send commands under its own name (`user:<name>`, `agent:<name>`, ...)."""
+def check_source(principal: Principal, source: str) -> None:
+    """A non-admin token acts only under its own name (`user:<name>`, `agent:<name>`, ...)."""
     if principal.may("admin"):
         return
-    name = envelope.source.split(":", 1)[1]
+    name = source.split(":", 1)[1]
     if name != principal.name:
         raise Forbidden(
-            f"token {principal.name!r} may not send commands as {envelope.source!r}",
+            f"token {principal.name!r} may not act as {source!r}",
             details=[ErrorDetail(field="source", message="source name must match the token", allowed=f"<kind>:{principal.name}")],
         )
 
@@ -109,7 +109,7 @@ def check_source(principal: Principal, envelope: CommandEnvelope) -> None:
 async def submit_command(request: web.Request) -> web.Response:
     """Queue a command (202), or return the first record of a resubmitted id (200)."""
     envelope = await parse_body(request, CommandEnvelope)
-    check_source(principal_of(request), envelope)
+    check_source(principal_of(request), envelope.source)
     record, created = await request.app[COMMANDS].submit(request.match_info["run_id"], envelope)
     return json_response(record, status=202 if created else 200)
 
@@ -150,6 +150,7 @@ async def get_command(request: web.Request) -> web.Response:
 
 async def _decide(request: web.Request, *, approve: bool) -> web.Response:
     decision = await parse_body(request, CommandDecision)
+    check_source(principal_of(request), decision.source)
     record = await request.app[COMMANDS].decide(
         request.match_info["run_id"], request.match_info["command_id"], decision, approve=approve
     )
@@ -300,7 +301,7 @@ async def _submit_over_stream(request: web.Request, principal: Principal, run_id
     try:
         if not principal.may("command"):
             raise Forbidden(f"token {principal.name!r} lacks the 'command' scope")
-        check_source(principal, envelope)
+        check_source(principal, envelope.source)
         record, _ = await request.app[COMMANDS].submit(run_id, envelope)
     except ApiError as exc:
         return _stream_error(ref, exc.code, exc.message, exc.details)

@@ -16,7 +16,7 @@ class EventBase(WireModel):
     """Fields every event has."""
 
     event_id: Annotated[int, Field(ge=0)]
-    """Increases by one per event the server emits; a gap tells a subscriber it missed some."""
+    """Increases with every event the server emits, across restarts too (a restarted server starts higher)."""
     time: UnixTime
     run_id: Name
 

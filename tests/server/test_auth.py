@@ -132,11 +132,11 @@ ROUTES: dict[str, tuple[Scope | None, Call]] = {
     "GET /api/v1/runs/{run_id}/commands/{command_id}": ("read", lambda c, f, n: c.get_command(f.run_id, f.delivered)),
     "POST /api/v1/runs/{run_id}/commands/{command_id}/approve": (
         "command",
-        lambda c, f, n: c.approve(f.run_id, f.pending),
+        lambda c, f, n: c.approve(f.run_id, f.pending, source=f"user:{n}"),
     ),
     "POST /api/v1/runs/{run_id}/commands/{command_id}/reject": (
         "command",
-        lambda c, f, n: c.reject(f.run_id, f.pending),
+        lambda c, f, n: c.reject(f.run_id, f.pending, source=f"user:{n}"),
     ),
     "POST /api/v1/runs/{run_id}/commands/{command_id}/result": (
         "train",
@@ -218,6 +218,19 @@ def test_a_non_admin_token_may_only_submit_under_its_own_name(secured: ServerThr
             "agent:commander",
             "user:alice",
         ]
+
+
+def test_a_non_admin_token_may_only_approve_under_its_own_name(secured: ServerThread) -> None:
+    """A person's approval is recorded under the token's own name; approving as someone else is 403 naming `source`."""
+    fixture = prepare(secured)
+    with client_for(secured, "commander") as commander:
+        with pytest.raises(Unauthorized) as refused:
+            commander.approve(fixture.run_id, fixture.pending, source="user:alice")
+        assert refused.value.status == 403
+        assert [d.field for d in refused.value.details] == ["source"]
+        approved = commander.approve(fixture.run_id, fixture.pending, source="user:commander")
+    assert approved.status == "queued"
+    assert approved.message.startswith("approved by user:commander")
 
 
 def test_the_stream_handshake_needs_a_read_token(secured: ServerThread) -> None:
