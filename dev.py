@@ -85,7 +85,9 @@ def ensure_system_packages() -> None:
     say(f"installing {', '.join(missing)} with apt-get for the tests that drive them")
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=environment)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=environment)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], check=True, env=environment
+    )
 
 
 def main(argv: list[str]) -> int:

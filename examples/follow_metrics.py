@@ -1,6 +1,6 @@
 """Follow a run's metrics in the terminal, using only the `websockets` library and runsteer's documented protocol.
 
-    python examples/follow_metrics.py RUN_ID [--server ws://127.0.0.1:8765] [--token TOKEN] [--count N]
+python examples/follow_metrics.py RUN_ID [--server ws://127.0.0.1:8765] [--token TOKEN] [--count N]
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Send a command over the websocket and wait for its result, using only `websockets` and the documented protocol.
 
-    python examples/send_command.py RUN_ID '{"type": "set_hparams", "lr": 0.0003}' [--reason WHY] [--server ws://...]
+python examples/send_command.py RUN_ID '{"type": "set_hparams", "lr": 0.0003}' [--reason WHY] [--server ws://...]
 """
 
 import argparse
@@ -13,7 +13,9 @@ import websockets
 FINAL = {"applied", "rejected", "failed"}
 
 
-async def send(server: str, run_id: str, command: dict[str, object], reason: str, token: str | None) -> dict[str, object]:
+async def send(
+    server: str, run_id: str, command: dict[str, object], reason: str, token: str | None
+) -> dict[str, object]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with websockets.connect(f"{server}/api/v1/runs/{run_id}/stream", additional_headers=headers) as stream:
         envelope = {"command": command, "source": "script:send_command", "reason": reason}

@@ -26,8 +26,15 @@ class ScriptedTrainer:
     """Steps every `interval_s`, emitting loss/lr/grad_norm; `spikes` maps step → grad_norm to emit."""
 
     def __init__(
-        self, server: str, *, name: str = "scripted", lr: float = 0.01, interval_s: float = 0.02,
-        spikes: dict[int, float] | None = None, registration: RunRegistration | None = None, token: str | None = None,
+        self,
+        server: str,
+        *,
+        name: str = "scripted",
+        lr: float = 0.01,
+        interval_s: float = 0.02,
+        spikes: dict[int, float] | None = None,
+        registration: RunRegistration | None = None,
+        token: str | None = None,
     ) -> None:
         self.server = server
         self.token = token

@@ -17,9 +17,24 @@ def free_port() -> int:
 def test_demo_starts_server_trainer_agent_and_dashboard_and_finishes_the_run(tmp_path: Path) -> None:
     """The demo starts all four parts, the run trains to its last step, and everything stops cleanly."""
     result = subprocess.run(
-        [sys.executable, "-m", "protocols.entry", "demo", "--data-dir", str(tmp_path), "--port", "0",
-         "--dashboard-port", str(free_port()), "--steps", "40", "--exit-when-done"],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "protocols.entry",
+            "demo",
+            "--data-dir",
+            str(tmp_path),
+            "--port",
+            "0",
+            "--dashboard-port",
+            str(free_port()),
+            "--steps",
+            "40",
+            "--exit-when-done",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for line in ("control server at", "training run", "started the agent", "started the dashboard"):

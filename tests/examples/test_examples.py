@@ -37,8 +37,13 @@ def test_send_command_waits_for_the_trainer_to_apply_it(server_url: str) -> None
     """send_command.py submits over the websocket and exits 0 once the trainer applied the command."""
     with ScriptedTrainer(server_url, lr=0.01) as trainer:
         result = run_example(
-            "send_command.py", trainer.run_id, '{"type": "set_hparams", "lr": 0.002}',
-            "--reason", "test", "--server", ws(server_url),
+            "send_command.py",
+            trainer.run_id,
+            '{"type": "set_hparams", "lr": 0.002}',
+            "--reason",
+            "test",
+            "--server",
+            ws(server_url),
         )
         assert result.returncode == 0, result.stdout + result.stderr
         assert '"status": "applied"' in result.stdout
@@ -48,7 +53,9 @@ def test_send_command_waits_for_the_trainer_to_apply_it(server_url: str) -> None
 def test_send_command_reports_a_refused_command(server_url: str) -> None:
     """An out-of-range command is refused with the field named, and the script exits non-zero."""
     with ScriptedTrainer(server_url) as trainer:
-        result = run_example("send_command.py", trainer.run_id, '{"type": "set_hparams", "lr": -1}', "--server", ws(server_url))
+        result = run_example(
+            "send_command.py", trainer.run_id, '{"type": "set_hparams", "lr": -1}', "--server", ws(server_url)
+        )
     assert result.returncode == 1
     assert "refused" in result.stdout and "command.lr" in result.stdout
 
@@ -58,7 +65,8 @@ def test_grad_spike_agent_halves_the_lr_when_the_grad_norm_spikes(server_url: st
     with ScriptedTrainer(server_url, lr=0.01, spikes={60: 50.0}) as trainer:
         agent = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "grad_spike_agent.py"), trainer.run_id, ws(server_url)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             deadline = time.monotonic() + 60

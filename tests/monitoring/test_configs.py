@@ -29,7 +29,9 @@ def exposed_sample_names(server_url: str) -> set[str]:
     """Every sample name the server exposes once a run has reported every training metric."""
     with ScriptedTrainer(server_url) as trainer, Client(server_url) as client:
         values = {key: 1.0 for key in TRAINING_GAUGES if key != "nonfinite"} | {"step_time_ms": 20.0}
-        client.push_metrics(trainer.run_id, MetricsBatch(samples=[MetricsSample(step=10**6, time=time.time(), values=values)]))
+        client.push_metrics(
+            trainer.run_id, MetricsBatch(samples=[MetricsSample(step=10**6, time=time.time(), values=values)])
+        )
         client.submit(trainer.run_id, {"type": "pause"}, wait=True, timeout_s=10)
         text = urllib.request.urlopen(f"{server_url}/metrics").read().decode()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
@@ -99,7 +101,9 @@ def promtool() -> str:
 
 def test_promtool_accepts_the_alert_rules() -> None:
     """promtool checks the rules file."""
-    result = subprocess.run([promtool(), "check", "rules", str(DOCKER / "prometheus/alerts.yml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool(), "check", "rules", str(DOCKER / "prometheus/alerts.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -110,7 +114,9 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
     token.write_text("x")
     (tmp_path / "prometheus.yml").write_text(config.replace("/etc/prometheus/secrets/token", str(token)))
     shutil.copy(DOCKER / "prometheus/alerts.yml", tmp_path / "alerts.yml")
-    result = subprocess.run([promtool(), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [promtool(), "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

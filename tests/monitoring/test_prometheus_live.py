@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -17,9 +18,7 @@ import pytest
 
 from control_server.auth import TokenEntry, TokenTable
 from control_server.config import ServerConfig
-from protocols import MetricsBatch, MetricsSample
 from protocols.client import Client
-from tests.scripted_trainer import ScriptedTrainer
 from tests.serving import ServerThread
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -36,10 +35,12 @@ def free_port() -> int:
 @pytest.fixture
 def secured_server(tmp_path: Path) -> Iterator[ServerThread]:
     """A server that demands tokens, so Prometheus must send its bearer token."""
-    tokens = TokenTable([
-        TokenEntry(name="trainer", token=TRAINER_TOKEN, scopes=frozenset({"train", "read", "command"})),
-        TokenEntry(name="prometheus", token=PROMETHEUS_TOKEN, scopes=frozenset({"read"})),
-    ])
+    tokens = TokenTable(
+        [
+            TokenEntry(name="trainer", token=TRAINER_TOKEN, scopes=frozenset({"train", "read", "command"})),
+            TokenEntry(name="prometheus", token=PROMETHEUS_TOKEN, scopes=frozenset({"read"})),
+        ]
+    )
     running = ServerThread(ServerConfig(port=0, db=tmp_path / "runsteer.db"), tokens).start()
     yield running
     running.stop()
@@ -55,23 +56,34 @@ def prometheus(tmp_path: Path, secured_server: ServerThread) -> Iterator[str]:
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": ["alerts.yml"],
-        "scrape_configs": [{
-            "job_name": "runsteer",
-            "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "token")},
-            "static_configs": [{"targets": [f"127.0.0.1:{secured_server.port}"]}],
-        }],
+        "scrape_configs": [
+            {
+                "job_name": "runsteer",
+                "authorization": {"type": "Bearer", "credentials_file": str(tmp_path / "token")},
+                "static_configs": [{"targets": [f"127.0.0.1:{secured_server.port}"]}],
+            }
+        ],
     }
     (tmp_path / "prometheus.yml").write_text(json.dumps(config))
     port = free_port()
     with open(tmp_path / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=log,
+            [
+                binary,
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _ready(url), 60, f"Prometheus did not become ready: {(tmp_path / 'prometheus.log').read_text()[-2000:]}")
+        wait_until(
+            lambda: _ready(url),
+            60,
+            f"Prometheus did not become ready: {(tmp_path / 'prometheus.log').read_text()[-2000:]}",
+        )
         yield url
     finally:
         process.terminate()
@@ -107,16 +119,43 @@ def firing_alerts(prometheus: str) -> set[str]:
     return {alert["labels"]["alertname"] for alert in answer["data"]["alerts"] if alert["state"] == "firing"}
 
 
-def test_prometheus_scrapes_the_runs_loss_and_fires_the_non_finite_alert(secured_server: ServerThread, prometheus: str) -> None:
-    """Prometheus, authenticating with its token, stores the run's loss series; a NaN loss fires the alert."""
-    with ScriptedTrainer(secured_server.url, token=TRAINER_TOKEN, name="scraped") as trainer:
-        series = wait_until(lambda: query(prometheus, f'runsteer_train_loss{{run_id="{trainer.run_id}"}}'), 60, "no loss series")
-        assert series[0]["metric"]["run_name"] == "scraped"
+def test_prometheus_scrapes_a_training_runs_loss_and_fires_the_non_finite_alert(
+    secured_server: ServerThread, prometheus: str, tmp_path: Path
+) -> None:
+    """During a real training run Prometheus, authenticating with its token, stores the run's loss series;
+    a poisoned batch that drives the run non-finite fires the shipped alert."""
+    command = [
+        sys.executable,
+        "-m",
+        "protocols.entry",
+        "train",
+        "--server",
+        secured_server.url,
+        "--token",
+        TRAINER_TOKEN,
+        "--run-name",
+        "scraped",
+        "--steps",
+        "80",
+        "--inject-spike",
+        "30",
+        "--spike-factor",
+        "1e6",
+        "--quiet",
+        "--checkpoint-dir",
+        str(tmp_path / "checkpoints"),
+    ]
+    with open(tmp_path / "trainer.log", "wb") as log:
+        trainer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        series = wait_until(lambda: query(prometheus, 'runsteer_train_loss{run_name="scraped"}'), 90, "no loss series")
         assert series[0]["metric"]["branch"] == "main"
-        assert 0 < float(series[0]["value"][1]) <= 3.0
-        assert "RunsteerNonFiniteLoss" not in firing_alerts(prometheus)
-        with Client(secured_server.url, token=TRAINER_TOKEN) as client:
-            sample = MetricsSample(step=10**6, time=time.time(), values={"lr": 0.01}, nonfinite=["loss"])
-            client.push_metrics(trainer.run_id, MetricsBatch(samples=[sample]))
-            trainer.paused = True
-        wait_until(lambda: "RunsteerNonFiniteLoss" in firing_alerts(prometheus), 60, "the non-finite alert never fired")
+        assert series[0]["metric"]["run_id"].startswith("scraped")
+        wait_until(lambda: "RunsteerNonFiniteLoss" in firing_alerts(prometheus), 90, "the non-finite alert never fired")
+    finally:
+        trainer.terminate()
+        trainer.wait(30)
+    with Client(secured_server.url, token=TRAINER_TOKEN) as client:
+        run = next(run for run in client.list_runs() if run.name == "scraped")
+        history = client.metrics_history(run.run_id, keys=["loss"])
+    assert history.series["loss"].steps[0] == 0
