@@ -17,8 +17,20 @@ from control_server.config import ServerConfig
 from control_server.events import EventLog
 from control_server.fanout import Broadcaster
 from control_server.http import Handler, error_middleware
-from control_server.keys import AUTH, BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS, STORE
+from control_server.keys import (
+    AUTH,
+    BROADCASTER,
+    COMMANDS,
+    CONFIG,
+    EVENTS,
+    EXPOSITION,
+    METRICS,
+    RUNS,
+    STORE,
+    TOKEN_BUDGET,
+)
 from control_server.metrics import MetricsService
+from control_server.policy import TokenBudget
 from control_server.prometheus import Exposition
 from control_server.routes import routes
 from control_server.runs import RunRegistry
@@ -115,6 +127,7 @@ def create_app(config: ServerConfig, tokens: TokenTable | None = None) -> web.Ap
     )
     app[CONFIG] = config
     app[AUTH] = tokens
+    app[TOKEN_BUDGET] = TokenBudget(config.token_rate_limit) if config.token_rate_limit else None
     app.cleanup_ctx.append(_services)
     app.add_routes(routes)
     return app

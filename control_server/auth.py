@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from control_server.errors import Forbidden, Unauthenticated
 from control_server.http import Handler
-from control_server.keys import AUTH, PRINCIPAL
+from control_server.keys import AUTH, PRINCIPAL, TOKEN_BUDGET
 from protocols.constants import Scope
 
 TOKENS_ENV = "RUNSTEER_TOKENS"
@@ -106,7 +106,7 @@ def principal_of(request: web.Request) -> Principal:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse requests without a token holding the route's scope; public routes have none."""
+    """Refuse requests without a token holding the route's scope (public routes need none) or past its budget."""
     route_handler = request.match_info.handler
     scope: Scope | None = getattr(route_handler, "required_scope", None)
     tokens = request.app[AUTH]
@@ -125,5 +125,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Unauthenticated("unknown token", scope=scope)
     if not principal.may(scope):
         raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope this route needs", scope=scope)
+    budget = request.app[TOKEN_BUDGET]
+    if budget is not None:
+        budget.spend(principal.name)
     request[PRINCIPAL] = principal
     return await handler(request)

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--long-poll-max", type=float, default=defaults.long_poll_max_s,
         help="longest wait a long-poll may ask for, in seconds (default %(default)s)",
     )
+    parser.add_argument(
+        "--token-rate-limit", type=int, default=defaults.token_rate_limit,
+        help="requests a minute each token may make, 0 for no limit (default %(default)s)",
+    )
     return parser
 
 
@@ -61,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         heartbeat_timeout_s=args.heartbeat_timeout, finished_run_ttl_s=args.finished_run_ttl,
         cors_origins=tuple(args.cors_origin), max_body_bytes=args.max_body_bytes,
         subscriber_queue=args.subscriber_queue, long_poll_max_s=args.long_poll_max,
+        token_rate_limit=args.token_rate_limit,
     )
 
 

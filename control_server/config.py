@@ -36,3 +36,5 @@ class ServerConfig(BaseModel):
     """How long a finished run's series stay in the Prometheus exposition."""
     cors_origins: tuple[str, ...] = ()
     """Origins allowed to call the API from a browser; none by default."""
+    token_rate_limit: int = Field(default=0, ge=0)
+    """Requests a minute each token may make (bursts up to this many); past it, 429 with Retry-After. 0: no limit."""

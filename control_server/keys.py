@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from control_server.events import EventLog
     from control_server.fanout import Broadcaster
     from control_server.metrics import MetricsService
+    from control_server.policy import TokenBudget
     from control_server.prometheus import Exposition
     from control_server.runs import RunRegistry
     from control_server.store import Store
@@ -27,6 +28,8 @@ RUNS: web.AppKey[RunRegistry] = web.AppKey("runs")
 COMMANDS: web.AppKey[CommandService] = web.AppKey("commands")
 METRICS: web.AppKey[MetricsService] = web.AppKey("metrics")
 EXPOSITION: web.AppKey[Exposition] = web.AppKey("exposition")
+TOKEN_BUDGET: web.AppKey[TokenBudget | None] = web.AppKey("token_budget")
+"""Per-token request budgets; None when `token_rate_limit` is 0."""
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")
 """The authenticated caller of a request."""

@@ -93,3 +93,28 @@ class RateLimiter:
     def note(self, run_id: str) -> None:
         """Count one accepted command."""
         self._accepted.setdefault(run_id, deque()).append(time.monotonic())
+
+
+class TokenBudget:
+    """A token bucket per token name: `per_minute` requests a minute, in bursts of at most `per_minute`."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def spend(self, name: str) -> None:
+        """Take one request from `name`'s budget; raise `RateLimited` (with the wait) when it is empty."""
+        now = time.monotonic()
+        rate = self.per_minute / 60.0
+        level, then = self._buckets.get(name, (float(self.per_minute), now))
+        level = min(float(self.per_minute), level + (now - then) * rate)
+        if level < 1.0:
+            self._buckets[name] = (level, now)
+            raise RateLimited(
+                f"token {name!r} may make at most {self.per_minute} requests a minute",
+                details=[
+                    ErrorDetail(field="", message="token rate limit reached", allowed=f"{self.per_minute} per minute")
+                ],
+                retry_after_s=round((1.0 - level) / rate, 3),
+            )
+        self._buckets[name] = (level - 1.0, now)

@@ -17,6 +17,7 @@ from protocols.commands import CommandDecision, CommandEnvelope, CommandList, Co
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
 from protocols.errors import ErrorBody, ErrorDetail
 from protocols.events import EventList, StreamReply, StreamSubmit
+from protocols.openapi import openapi_document
 from protocols.policy import Policy
 from protocols.queries import (
     CheckpointQuery,
@@ -59,6 +60,17 @@ def _schema_body() -> bytes:
 async def schema(request: web.Request) -> web.Response:
     """The JSON Schema of every wire model."""
     return web.Response(body=_schema_body(), content_type="application/json")
+
+
+@cache
+def _openapi_body() -> bytes:
+    return json.dumps(openapi_document()).encode()
+
+
+@routes.get(API_PREFIX + "/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of the REST API, generated from `protocols`."""
+    return web.Response(body=_openapi_body(), content_type="application/json")
 
 
 @routes.post(API_PREFIX + "/runs")

@@ -8,10 +8,10 @@ import sqlite3
 import time
 import uuid
 
-from control_server.errors import ConflictError, NotFoundError
+from control_server.errors import ConflictError, NotFoundError, PolicyViolation
 from control_server.events import EventLog
 from control_server.store import Store
-from protocols.constants import RunStatus
+from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.errors import ErrorDetail
 from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent
 from protocols.policy import Policy
@@ -30,6 +30,16 @@ from protocols.records import (
 log = logging.getLogger(__name__)
 
 LIVE_STATUSES: frozenset[RunStatus] = frozenset({"running", "paused"})
+
+
+def check_protocol_version(version: str) -> None:
+    """Refuse a trainer speaking another major version of the protocol, before it misreads a command."""
+    if version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        raise PolicyViolation(
+            f"this server speaks protocol {PROTOCOL_VERSION}; the trainer speaks {version}",
+            details=[ErrorDetail(field="protocol_version", message="incompatible major version",
+                                 allowed=f"{PROTOCOL_VERSION.split('.')[0]}.x")],
+        )
 
 
 class RunRegistry:
@@ -67,6 +77,7 @@ class RunRegistry:
 
     async def register(self, registration: RunRegistration) -> tuple[RunInfo, bool]:
         """Create a run, or re-attach a trainer to an existing one; returns (run, created)."""
+        check_protocol_version(registration.protocol_version)
         now = time.time()
         existing = self.runs.get(registration.run_id) if registration.run_id else None
         if existing is not None:

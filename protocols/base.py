@@ -6,7 +6,10 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""No slash and no leading dot: a `Name` can never leave the directory it is joined to."""
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """An identifier safe in a URL and a file name: run ids, branches, tags, checkpoint ids, domains."""
 
 MetricName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_./:-]{0,127}$")]

@@ -71,7 +71,7 @@ def set_lr(steer: Steer, indices: list[int], lr: float) -> None:
         for index in indices:
             steer.schedule = steer.schedule.rescaled(steer.step, index, lr)
     elif steer.scheduler is not None:
-        base_lrs: list[float] = steer.scheduler.base_lrs
+        base_lrs = steer.scheduler.base_lrs
         for index in indices:
             current = float(steer.optimizer.param_groups[index]["lr"])
             if current > 0.0:

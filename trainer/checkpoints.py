@@ -111,7 +111,8 @@ class CheckpointStore:
         if entry is None:
             raise CheckpointError(f"no checkpoint {checkpoint_id!r}")
         if entry.state is not None:
-            return detached_copy(entry.state)
+            state: dict[str, Any] = detached_copy(entry.state)
+            return state
         return self.load_file(entry.info)
 
     def load_file(self, info: CheckpointInfo) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class MixtureSampler:
         blocks = max(1, min(max_batches * self.batch_size, (len(data) - 1) // span))
         stride = (len(data) - span) // max(1, blocks - 1) if blocks > 1 else 0
         rows = torch.stack([data[i * stride : i * stride + span] for i in range(blocks)])
-        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in rows.split(self.batch_size)]
+        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in torch.split(rows, self.batch_size)]
 
     def state_dict(self) -> dict[str, Any]:
         """Index, weights and seed."""

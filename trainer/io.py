@@ -8,9 +8,12 @@ takes commands from `inbox`; it never waits on the network.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import math
+import os
 import queue
 import tempfile
 import threading
@@ -25,6 +28,7 @@ from uuid import uuid4
 from protocols.commands import CommandRecord, CommandResult
 from protocols.errors import RunsteerError, ServerUnavailable
 from protocols.records import (
+    AlertReport,
     Heartbeat,
     MetricsAck,
     MetricsBatch,
@@ -117,6 +121,7 @@ class SpillBuffer:
 
     While the file holds samples every new one goes to the file too, so memory always holds the oldest
     ones and the file the newest: draining memory first and then the file keeps the original order.
+    A sample the file cannot take (disk full, file too large) is dropped and counted in `lost`, never silently.
     """
 
     def __init__(self, path: Path, memory_max: int) -> None:
@@ -124,8 +129,13 @@ class SpillBuffer:
         self.memory_max = memory_max
         self.memory: deque[MetricsSample] = deque()
         self.spilled = 0
-        self._writer: IO[str] | None = None
+        self.lost = 0
+        """Samples dropped because the spill file could not take them."""
+        self.spill_error = ""
+        """Why the latest sample was dropped."""
+        self._writer: IO[bytes] | None = None
         self._read_offset = 0
+        self._write_offset = 0
 
     def __len__(self) -> int:
         return len(self.memory) + self.spilled
@@ -135,12 +145,30 @@ class SpillBuffer:
         if self.spilled == 0 and len(self.memory) < self.memory_max:
             self.memory.append(sample)
             return
-        if self._writer is None:
-            self._writer = open(self.path, "a", encoding="utf-8")
-            if self.spilled == 0:
-                log.warning("server unreachable: spilling metrics to %s", self.path)
-        self._writer.write(sample.model_dump_json() + "\n")
+        line = (sample.model_dump_json() + "\n").encode()
+        try:
+            if self._writer is None:
+                self._writer = open(self.path, "ab", buffering=0)
+                if self.spilled == 0:
+                    log.warning("server unreachable: spilling metrics to %s", self.path)
+            written = self._writer.write(line)
+            if written != len(line):
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        except OSError as exc:
+            self._drop(exc)
+            return
+        self._write_offset += len(line)
         self.spilled += 1
+
+    def _drop(self, error: OSError) -> None:
+        """Count a sample the file could not take, and cut off any part of it that was written."""
+        if self._writer is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._writer.fileno(), self._write_offset)
+        if not self.lost or self.spill_error != str(error):
+            log.error("runsteer: cannot spill metrics to %s (%s): dropping samples and counting them", self.path, error)
+        self.lost += 1
+        self.spill_error = str(error)
 
     def head(self, count: int) -> list[MetricsSample]:
         """The oldest `count` samples (fewer if there are fewer), without removing them."""
@@ -155,10 +183,8 @@ class SpillBuffer:
 
     def _refill(self) -> None:
         """Move the oldest spilled samples back into memory; remove the file once it is read through."""
-        if self._writer is not None:
-            self._writer.flush()
         loaded = 0
-        with open(self.path, encoding="utf-8") as reader:
+        with open(self.path, "rb") as reader:
             reader.seek(self._read_offset)
             while loaded < max(1, self.memory_max // 2):
                 line = reader.readline()
@@ -174,6 +200,7 @@ class SpillBuffer:
                 self._writer = None
             self.path.unlink(missing_ok=True)
             self._read_offset = 0
+            self._write_offset = 0
 
 
 class IOWorker:
@@ -210,6 +237,7 @@ class IOWorker:
         self._oldest_unsent: float | None = None
         self.connected = False
         self.sent_samples = 0
+        self._lost_reported = 0
         self.registration_error: RunsteerError | None = None
         """Set when the server refused the registration (not merely unreachable); the sender then stops."""
         self._sender = threading.Thread(target=self._send_loop, name="runsteer-sender", daemon=True)
@@ -225,6 +253,8 @@ class IOWorker:
         item = StopItem(deadline=time.monotonic() + timeout_s)
         self.outbox.put(item)
         self._stopping.set()
+        # Closing from here aborts a long poll in flight, so the poller ends now instead of after `poll_wait_s`.
+        self._poll_transport.close()
         if self._sender.is_alive():
             item.done.wait(timeout_s + 1.0)
         self._send_transport.close()
@@ -355,6 +385,8 @@ class IOWorker:
             state = self._state.model_copy(update={"step": self._last_step})
             self._reports.append(Heartbeat(state=state))
             self._last_heartbeat = now
+        if self.buffer.lost > self._lost_reported:
+            self._reports.append(self._loss_alert())
         while self._reports:
             reports = list(itertools.islice(self._reports, 1000))
             self._call(self._send_transport.push_reports, run_id, reports)
@@ -375,6 +407,16 @@ class IOWorker:
             self.sent_samples += len(batch.samples)
             self._inflight = None
             self._oldest_unsent = time.monotonic() if len(self.buffer) else None
+
+    def _loss_alert(self) -> AlertReport:
+        """A critical alert counting the samples lost since the last one, so no loss goes unreported."""
+        lost, total = self.buffer.lost - self._lost_reported, self.buffer.lost
+        self._lost_reported = total
+        message = (
+            f"{lost} metric samples lost ({total} in all): the spill file {self.buffer.path} could not take them "
+            f"while the server was unreachable: {self.buffer.spill_error}"
+        )
+        return AlertReport(severity="critical", message=message[:2000], step=self._last_step)
 
     def _call(self, send: Callable[..., object], *args: Any) -> None:
         """Send one request; a refusal other than unavailability is logged and the item dropped."""

@@ -7,10 +7,11 @@ step, so that on CUDA the training thread waits on the device once, not once per
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass
@@ -52,7 +53,7 @@ class GradientStats:
     allocated once, and the update is formed in place in those same buffers after the step.
     """
 
-    def __init__(self, blocks: list[tuple[str, list[nn.Parameter]]]) -> None:
+    def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
         self.names = [name for name, _ in blocks]
         self.params: list[Tensor] = [param for _, params in blocks for param in params if param.requires_grad]
         device = self.params[0].device

@@ -8,6 +8,7 @@ since it needs the explicit q·k product that scaled-dot-product attention other
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,8 @@ class CausalSelfAttention(nn.Module):
                 causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
                 self.logit_max = logits.masked_fill(~causal, float("-inf")).amax().float()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        return out
 
 
 class Block(nn.Module):
@@ -71,7 +73,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, measure: bool = False) -> Tensor:
         x = x + self.attn(self.ln1(x), measure)
-        return x + self.mlp(self.ln2(x))
+        out: Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class GPT(nn.Module):
@@ -104,7 +107,7 @@ class GPT(nn.Module):
 
     def attention_logit_max(self) -> list[Tensor]:
         """Each layer's last measured max attention logit."""
-        return [block.attn.logit_max for block in self.blocks if block.attn.logit_max is not None]
+        return [m.logit_max for m in self.modules() if isinstance(m, CausalSelfAttention) and m.logit_max is not None]
 
     def param_groups(self, weight_decay: float) -> list[dict[str, object]]:
         """Two named groups: matrices decay; vectors (norm weights and biases) do not."""
@@ -115,7 +118,7 @@ class GPT(nn.Module):
             {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
         ]
 
-    def blocks_of_parameters(self) -> list[tuple[str, list[nn.Parameter]]]:
+    def blocks_of_parameters(self) -> list[tuple[str, Sequence[Tensor]]]:
         """Parameters split per block for `grad_norm/<module>`: embeddings, each block, the final norm."""
         return [
             ("embed", [self.wte.weight, self.wpe.weight]),

@@ -59,7 +59,7 @@ class SwapPlan:
 
 def _hparams_for(name: OptimizerName, old: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """The constructor settings of `name` for one group: the old group's values where they still mean the same."""
-    merged = {key: old[key] for key in ("lr", "weight_decay") if key in old}
+    merged: dict[str, Any] = {key: old[key] for key in ("lr", "weight_decay") if key in old}
     for key in ("lr", "weight_decay"):
         if overrides.get(key) is not None:
             merged[key] = overrides[key]
@@ -234,7 +234,7 @@ def _complete_state(name: OptimizerName, state: dict[str, Any], group: dict[str,
 def swap_optimizer(optimizer: torch.optim.Optimizer, plan: SwapPlan) -> None:
     """Turn `optimizer` into `plan.cls` in place, carrying the planned state."""
     old_name = optimizer_name(optimizer)
-    fresh = plan.cls(plan.groups)
+    fresh = plan.cls(plan.groups)  # type: ignore[call-arg]
     carry = bool(plan.carried)
     new_state: dict[Tensor, dict[str, Any]] = {}
     if carry:
@@ -249,7 +249,7 @@ def swap_optimizer(optimizer: torch.optim.Optimizer, plan: SwapPlan) -> None:
     optimizer.param_groups = fresh.param_groups
     optimizer.state.clear()
     optimizer.state.update(new_state)
-    optimizer._zero_grad_profile_name = fresh._zero_grad_profile_name  # type: ignore[attr-defined]
+    optimizer._zero_grad_profile_name = fresh._zero_grad_profile_name
     _rewrap_scheduler_step(optimizer)
 
 

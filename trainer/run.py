@@ -165,7 +165,7 @@ class BuiltinRun:
         with self.autocast():
             logits = self.model(inputs, measure_attention=measure)
         out = lm_loss(logits, targets, domain_ids, self.sampler.names, self.z_loss)
-        out.loss.backward()
+        torch.autograd.backward(out.loss)
         self.stats.before_step(self.steer.grad_clip)
         if spike:
             saved = [group["lr"] for group in self.optimizer.param_groups]

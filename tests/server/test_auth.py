@@ -118,6 +118,7 @@ checkpoint = CheckpointInfo(checkpoint_id="ck-1", branch="main", step=1, time=1.
 ROUTES: dict[str, tuple[Scope | None, Call]] = {
     "GET /healthz": (None, raw_get("/healthz")),
     "GET /api/v1/schema": (None, raw_get("/api/v1/schema")),
+    "GET /api/v1/openapi.json": (None, raw_get("/api/v1/openapi.json")),
     "GET /metrics": ("read", raw_get("/metrics")),
     "POST /api/v1/runs": ("train", lambda c, f, n: c.register_run(RunRegistration(name="another"))),
     "GET /api/v1/runs": ("read", lambda c, f, n: c.list_runs()),
