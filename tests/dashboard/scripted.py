@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from protocols.client import Client
-from protocols.commands import CommandRecord, CommandResult
+from protocols.commands import CommandRecord, CommandResult, SetSchedule
 from protocols.policy import Policy
 from protocols.records import (
     AlertReport,
@@ -39,6 +39,7 @@ class ScriptedTrainer(threading.Thread):
         self.weight_decay = 0.1
         self.grad_clip = 1.0
         self.optimizer = "adamw"
+        self.schedule: SetSchedule | None = None
         self.mix = {domain: 1 / len(DOMAINS) for domain in DOMAINS}
         self.step = 0
         self.branch = "main"
@@ -119,6 +120,9 @@ class ScriptedTrainer(threading.Thread):
             self.weight_decay = command.weight_decay if command.weight_decay is not None else self.weight_decay
             self.grad_clip = command.grad_clip if command.grad_clip is not None else self.grad_clip
             effective = {"lr": self.lr, "weight_decay": self.weight_decay, "grad_clip": self.grad_clip}
+        elif command.type == "set_schedule":
+            self.schedule = command
+            effective = {"schedule": command.kind, "horizon_steps": command.horizon_steps}
         elif command.type == "set_optimizer":
             self.optimizer = command.name
             effective = {"optimizer": self.optimizer, "carried": ["exp_avg"] if command.carry_state else []}

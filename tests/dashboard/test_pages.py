@@ -336,3 +336,46 @@ def test_the_cli_runs_streamlit_on_the_app_with_the_server_url_passed_through() 
     assert command[1:5] == ["-m", "streamlit", "run", str(APP)] and "8600" in command
     script_args = command[command.index("--") + 1:]
     assert configured_server(script_args) == "http://10.0.0.5:9000"
+
+
+def test_the_schedule_form_sends_the_schedule_and_a_missing_horizon_is_refused(
+    trainer: ScriptedTrainer, server_url: str, client: Client
+) -> None:
+    """A cosine schedule without a horizon is refused on the page; with one, the trainer applies it."""
+    app = open_app(server_url, CONTROL)
+    app.selectbox(key="sched_kind").set_value("cosine")
+    click(app, "Set schedule")
+    assert "horizon_steps is required" in texts(app)
+    assert client.list_commands(trainer.run_id) == []
+    app.number_input(key="sched_horizon").set_value(500)
+    app.number_input(key="sched_warmup").set_value(20)
+    click(app, "Set schedule")
+    record = finished(client, trainer.run_id, "set_schedule")
+    assert record.status == "applied"
+    assert trainer.schedule is not None and trainer.schedule.kind == "cosine"
+    assert (trainer.schedule.horizon_steps, trainer.schedule.warmup_steps) == (500, 20)
+
+
+def test_the_optimizer_form_swaps_the_optimizer(trainer: ScriptedTrainer, server_url: str, client: Client) -> None:
+    """Choosing SGD and swapping sends set_optimizer; the trainer switches and the page shows it applied."""
+    app = open_app(server_url, CONTROL)
+    app.selectbox(key="opt_name").set_value("sgd")
+    click(app, "Swap optimizer")
+    record = finished(client, trainer.run_id, "set_optimizer")
+    assert record.status == "applied" and trainer.optimizer == "sgd"
+    assert record.command.type == "set_optimizer" and record.command.carry_state
+    app.run()
+    assert f"applied at step {record.applied_step}" in texts(app)
+
+
+def test_pause_and_resume_buttons_pause_and_resume_the_trainer(
+    trainer: ScriptedTrainer, server_url: str, client: Client
+) -> None:
+    """Pause holds the trainer; Resume lets it go on."""
+    app = open_app(server_url, CONTROL)
+    click(app, "Pause")
+    assert finished(client, trainer.run_id, "pause").status == "applied"
+    assert trainer.paused
+    click(app, "Resume")
+    assert finished(client, trainer.run_id, "resume").status == "applied"
+    assert not trainer.paused
