@@ -34,5 +34,11 @@ def test_readme_python_example_runs(index: int, client: Client, server_url: str)
     source = python_examples()[index].replace(DEFAULT_URL, server_url)
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         exec(compile(source, f"README example {index}", "exec"), {"__name__": "__readme__"})
-    assert printed.getvalue().strip()
-    assert "readme" in printed.getvalue() or "queued" in printed.getvalue()
+    output = printed.getvalue()
+    assert output.strip()
+    if "Steer(" not in source:
+        assert "readme" in output or "queued" in output
+        return
+    (run,) = [run for run in client.list_runs() if run.run_id in output]  # a steered loop prints its run id
+    steps = client.metrics_history(run.run_id, keys=["loss"]).series["loss"].steps
+    assert run.status == "finished" and steps == list(range(len(steps))) and f"{len(steps)} steps" in output
