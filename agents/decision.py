@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -88,11 +88,11 @@ class AsyncPolicy(Protocol):
     def decide(self, window: RunWindow) -> Awaitable[Decision | None]: ...
 
 
-def changes_of(command: Command, window: RunWindow) -> tuple[Change, ...]:
-    """The settings `command` changes, each with the value in force now."""
+def changes_of(command: Command, window: RunWindow, before: Sequence[Command] = ()) -> tuple[Change, ...]:
+    """The settings `command` changes, each with the value in force once the commands `before` it are applied."""
     if isinstance(command, SetHparams | SetOptimizer):
         changes = [
-            Change(name, window.current(name), value)
+            Change(name, window.base_after(name, before), value)
             for name in ("lr", "weight_decay", "grad_clip")
             if isinstance(value := getattr(command, name, None), float)
         ]

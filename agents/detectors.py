@@ -92,16 +92,6 @@ def evaluations_without_improvement(values: Sequence[float], min_delta: float) -
     return since
 
 
-def trailing_run(flags: Sequence[bool]) -> int:
-    """How many of the last flags in a row are True."""
-    count = 0
-    for flag in reversed(flags):
-        if not flag:
-            break
-        count += 1
-    return count
-
-
 @dataclass(frozen=True)
 class Finding:
     """A detector fired: the step it concerns, the step the problem began, and a sentence."""
@@ -173,8 +163,8 @@ class Spike(Spec):
 class Ratio(Spec):
     """Fires when the value is at least `factor` times a baseline for `for_steps` steps in a row.
 
-    Baselines: `mean` of the `window` steps before each point, `ema` of them with span `window`, or `max` of
-    every point before it in the window.
+    Baselines, all taken before the first of those steps: `mean` of the `window` steps before it, `ema` of them
+    with span `window`, or `max` of every point before it in the window.
     """
 
     kind: Literal["ratio"] = "ratio"
@@ -193,16 +183,18 @@ class Ratio(Spec):
             if len(points) < self.min_points + self.for_steps or points[-1][0] != window.step:
                 continue
             values = [v for _, v in points]
-            ratios: list[float] = []
-            for index in range(len(points) - self.for_steps, len(points)):
-                before = values[max(0, index - self.window):index] if self.baseline != "max" else values[:index]
-                ratio = self._ratio(before, values[index])
-                ratios.append(math.nan if ratio is None else ratio)
-            if trailing_run([r >= self.factor for r in ratios]) >= self.for_steps:
-                onset = points[len(points) - self.for_steps][0]
+            first = len(points) - self.for_steps
+            # Every point of the run is measured against the window before the run began: a spike must not raise
+            # its own baseline (a 5-step spike would otherwise fall below the factor by its last step).
+            before = values[max(0, first - self.window):first] if self.baseline != "max" else values[:first]
+            ratios = [self._ratio(before, value) for value in values[first:]]
+            if all(r is not None and r >= self.factor for r in ratios):
+                onset = points[first][0]
                 run = f" for {self.for_steps} steps since step {onset}" if self.for_steps > 1 else ""
-                summary = f"{name} {ratios[-1]:.1f}x its {self._baseline_words()}{run} (now {values[-1]:.4g})"
-                return Finding(window.step, onset, summary, ratios[-1])
+                ratio = ratios[-1]
+                assert ratio is not None
+                summary = f"{name} {ratio:.1f}x its {self._baseline_words()}{run} (now {values[-1]:.4g})"
+                return Finding(window.step, onset, summary, ratio)
         return None
 
     def _ratio(self, before: Sequence[float], value: float) -> float | None:

@@ -3,6 +3,7 @@ one unanswered command at a time, and a cap on rollbacks after which the run is 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -64,8 +65,8 @@ class Guardrails:
         recent = [i for i in acted if window.now - i.time < HOUR_S]
         if len(recent) >= self.config.max_interventions_per_hour:
             return Review(None, f"hourly budget of {self.config.max_interventions_per_hour} interventions spent")
-        for command in decision.commands:
-            problem = self._too_far(command, window) or _out_of_bounds(command, window)
+        for index, command in enumerate(decision.commands):
+            problem = self._too_far(command, window, decision.commands[:index]) or _out_of_bounds(command, window)
             if problem:
                 return Review(None, problem)
         rollbacks = sum(t == "rollback" for i in acted for t in i.command_types)
@@ -86,16 +87,18 @@ class Guardrails:
         )
         return Review(replaced)
 
-    def _too_far(self, command: Command, window: RunWindow) -> str:
-        """Why a command moves a setting by more than the change factor, or ''."""
+    def _too_far(self, command: Command, window: RunWindow, before: Sequence[Command] = ()) -> str:
+        """Why a command moves a setting by more than the change factor (from its value once the commands `before`
+        it are applied: after a rollback, the checkpoint's), or ''."""
         limit = self.config.max_change_factor
         moves: list[tuple[str, float | None, float | None]] = []
         if isinstance(command, SetHparams | SetOptimizer):
-            moves += [(name, window.current(name), getattr(command, name)) for name in ("lr", "weight_decay")]
+            moves += [(name, window.base_after(name, before), getattr(command, name))
+                      for name in ("lr", "weight_decay")]
         if isinstance(command, SetHparams):
-            moves.append(("grad_clip", window.current("grad_clip"), command.grad_clip))
+            moves.append(("grad_clip", window.base_after("grad_clip", before), command.grad_clip))
         if isinstance(command, SetSchedule):
-            moves.append(("lr", window.current("lr"), command.peak_lr))
+            moves.append(("lr", window.base_after("lr", before), command.peak_lr))
         if isinstance(command, SetDataMix) and window.state is not None and window.state.data_mix:
             moves += _mix_moves(window.state.data_mix, command.weights)
         for name, old, new in moves:

@@ -176,11 +176,11 @@ def respond(rule: Rule, finding: Finding, window: RunWindow) -> Decision:
     changes: list[Change] = []
     words: list[str] = []
     for action in actions:
-        command, said = build(action, finding, window)
+        command, said = build(action, finding, window, commands)
         words.append(said)
         if command is not None:
             commands.append(command)
-            changes += changes_of(command, window)
+            changes += changes_of(command, window, commands[:-1])
     reason = finding.summary
     if escalated:
         reason += f"; fired {repeats + 1} times in a row"
@@ -194,8 +194,11 @@ def respond(rule: Rule, finding: Finding, window: RunWindow) -> Decision:
     )
 
 
-def build(action: Action, finding: Finding, window: RunWindow) -> tuple[Command | None, str]:
-    """One action as a command, and how it reads in the reason."""
+def build(
+    action: Action, finding: Finding, window: RunWindow, before: Sequence[Command] = ()
+) -> tuple[Command | None, str]:
+    """One action as a command, and how it reads in the reason; relative values are taken of the settings in
+    force once the commands `before` it are applied (after a rollback: those of the checkpoint's step)."""
     if action.type == "rollback":
         return _rollback(action, finding, window)
     values: dict[str, Any] = {"type": action.type}
@@ -206,7 +209,7 @@ def build(action: Action, finding: Finding, window: RunWindow) -> tuple[Command 
             values[name] = value
             words.append(f"{name}={value}")
             continue
-        base = window.current(RELATIVE_BASES[name])
+        base = window.base_after(RELATIVE_BASES[name], before)
         if base is None:
             return None, f"could not set {name} x{factor:g}: its current value is unknown"
         values[name] = base * factor

@@ -117,8 +117,7 @@ class AgentRuntime:
                     return False
                 if isinstance(item, Exception):
                     raise item
-                for _ in range(self._take(item)):
-                    await self._evaluate()
+                await self._take(item)
                 if self._ended():
                     return True
         finally:
@@ -135,17 +134,19 @@ class AgentRuntime:
         except RunsteerError as exc:
             events.put_nowait(exc)
 
-    def _take(self, event: Event) -> int:
-        """Take in one event; returns how many new steps it brought."""
+    async def _take(self, event: Event) -> None:
+        """Take in one event; the policy judges each new step in turn, as if the steps had streamed in one by one
+        (a batch of steps judged only at its last step would hide metrics measured every N steps)."""
         if isinstance(event, MetricsEvent):
-            return sum(self.tracker.add_sample(sample) for sample in event.samples)
-        if isinstance(event, CommandEvent):
+            for sample in event.samples:
+                if self.tracker.add_sample(sample):
+                    await self._evaluate()
+        elif isinstance(event, CommandEvent):
             self.tracker.set_command(event.record)
         elif isinstance(event, RunEvent):
             self.tracker.set_run(event.run)
         elif isinstance(event, CheckpointEvent):
             self.tracker.set_checkpoint(event.checkpoint, deleted=event.deleted)
-        return 0
 
     async def _catch_up(self) -> None:
         """Read what the stream may have missed: the run, commands, checkpoints and metrics since the last step."""

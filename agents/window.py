@@ -5,14 +5,14 @@ from __future__ import annotations
 import fnmatch
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
 from pydantic import JsonValue
 
 from agents.decision import Intervention
-from protocols.commands import CommandRecord
+from protocols.commands import Command, CommandRecord, Rollback
 from protocols.constants import OPEN_COMMAND_STATUSES, RunStatus
 from protocols.policy import Policy
 from protocols.records import CheckpointInfo, MetricsHistory, MetricsSample, RunInfo, RunState
@@ -100,13 +100,35 @@ class RunWindow:
         return sorted(name for name in self.metrics if fnmatch.fnmatchcase(name, pattern))
 
     def current(self, name: str) -> float | None:
-        """The value in force of a setting (`lr`, `weight_decay`, `grad_clip`): from the run state, else the metric."""
+        """The value in force of a setting (`lr`, `weight_decay`, `grad_clip`): the newer of the run state and the
+        metric of that name (a schedule moves `lr` every step, while the state comes with heartbeats and commands)."""
+        series = self.metrics.get(name)
+        latest = series.latest if series is not None else None
         if self.state is not None:
             value = getattr(self.state, name, None)
-            if isinstance(value, int | float):
+            if isinstance(value, int | float) and (latest is None or self.state.step > latest[0]):
                 return float(value)
+        return latest[1] if latest is not None else None
+
+    def value_at(self, name: str, step: int) -> float | None:
+        """A metric's value at `step` (its newest point at or before it) on the current lineage."""
         series = self.metrics.get(name)
-        return series.latest[1] if series is not None and series.latest is not None else None
+        points = [value for at, value in series.last_points() if at <= step] if series is not None else []
+        return points[-1] if points else None
+
+    def base_after(self, name: str, commands: Sequence[Command]) -> float | None:
+        """The setting `name` in force once `commands` are applied: as it was at the checkpoint's step when one of
+        them rolls back to a known checkpoint (a schedule moves `lr` with the step), else as it is now."""
+        rollback = next((c for c in reversed(commands) if isinstance(c, Rollback)), None)
+        if rollback is None or rollback.checkpoint_id is None:
+            return self.current(name)
+        target = next((c for c in self.checkpoints if c.checkpoint_id == rollback.checkpoint_id), None)
+        if target is None:
+            return self.current(name)
+        value = self.value_at(name, target.step)
+        if value is None:
+            value = target.metrics.get(name)
+        return value if value is not None else self.current(name)
 
     def open_commands(self, source: str) -> list[CommandRecord]:
         """Commands from `source` not yet applied, rejected or failed."""
@@ -147,20 +169,25 @@ class WindowTracker:
     """Branches the run moved away from; late samples of theirs are ignored."""
 
     def add_sample(self, sample: MetricsSample, *, received_at: float | None = None) -> bool:
-        """Take in one sample; True when it is a new step of the current branch."""
+        """Take in one sample; True when it is a new step of the current branch.
+
+        A second sample of the newest step (an evaluation recorded beside the step's training metrics) is merged
+        into it; an older step means the run went back there, and what came after it is forgotten."""
         if sample.branch != self.branch:
             if sample.branch in self.left_branches:
                 return False
             self._switch_branch(sample.branch, sample.step)
-        elif sample.step <= self.step:
+        elif sample.step < self.step:
             self._truncate(sample.step)
         for name, value in sample.values.items():
             self.metrics.setdefault(name, Series(self.capacity)).add(sample.step, value)
         flagged = tuple(sample.nonfinite) or (("nonfinite",) if sample.values.get("nonfinite", 0.0) >= 1.0 else ())
         if flagged:
-            self.nonfinite[sample.step] = flagged
+            self.nonfinite[sample.step] = (*self.nonfinite.get(sample.step, ()), *flagged)
             while len(self.nonfinite) > self.capacity:
                 del self.nonfinite[min(self.nonfinite)]
+        if sample.step == self.step:
+            return False
         self.step = sample.step
         self.tick += 1
         self.last_step_at = time.time() if received_at is None else received_at

@@ -20,10 +20,9 @@ from agents.detectors import (
     ratio_to_mean,
     robust_z,
     slope,
-    trailing_run,
 )
 from agents.window import WindowTracker
-from protocols import MetricsSample
+from protocols import MetricsSample, RunState
 from tests.agents.helpers import window_of
 
 NOISY = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(200)]
@@ -65,12 +64,6 @@ def test_plateau_counts_reports_since_the_last_real_improvement():
     assert evaluations_without_improvement([3.0, 2.5, 2.0], min_delta=0.01) == 0
 
 
-def test_trailing_run_counts_true_flags_at_the_end():
-    """Only the flags after the last False count."""
-    assert trailing_run([True, False, True, True]) == 2
-    assert trailing_run([]) == 0
-
-
 def test_spike_fires_on_a_jump_but_not_on_noise_or_before_it_is_armed():
     """z > 6 against 128 steps fires; the same jump with too little history does not."""
     spike = Spike(metric="loss", window=128, min_points=64, z=6.0)
@@ -94,6 +87,15 @@ def test_ratio_to_mean_fires_after_the_run_of_high_values_and_names_its_onset():
     assert rule.check(window_of({"loss": [*NOISY[:100], 9.0, 9.0, 9.0, 9.0]})) is None
     finding = rule.check(window_of({"loss": [*NOISY[:100], 9.0, 9.0, 9.0, 9.0, 9.0]}))
     assert finding is not None and finding.onset == 100 and finding.step == 104
+
+
+def test_a_decaying_spike_is_measured_against_the_mean_before_it_not_a_mean_it_raised():
+    """A spike from ~2.0 decaying 4.4, 3.9, 3.5, 3.3, 3.1 stays above 1.5x the pre-spike mean for 5 steps and
+    fires, though its last step is below 1.5x a 50-step mean that counted the spike's first four steps."""
+    rule = Ratio(metric="loss", baseline="mean", window=50, factor=1.5, for_steps=5)
+    finding = rule.check(window_of({"loss": [*NOISY[:100], 4.4, 3.9, 3.5, 3.3, 3.1]}))
+    assert finding is not None and finding.onset == 100
+    assert 3.1 / ((46 * 2.0 + 4.4 + 3.9 + 3.5 + 3.3) / 50) < 1.5
 
 
 def test_ratio_to_max_is_megatrons_catastrophic_loss():
@@ -148,3 +150,22 @@ def test_stall_fires_only_for_a_running_run_that_went_quiet():
     assert finding is not None and finding.value == pytest.approx(1.0)
     assert Stall(seconds=5.0).check(window) is None
     assert Stall(seconds=0.5).check(dataclasses.replace(window, status="paused")) is None
+
+
+def test_the_lr_in_force_is_the_newer_of_the_run_state_and_the_lr_metric():
+    """A schedule moves lr every step while the state comes with heartbeats: the metric wins when it is newer."""
+    window = window_of({"lr": [0.001, 0.002, 0.003]})
+    assert dataclasses.replace(window, state=RunState(step=1, lr=0.01)).current("lr") == 0.003
+    assert dataclasses.replace(window, state=RunState(step=3, lr=0.01)).current("lr") == 0.01
+
+
+def test_an_evaluation_at_the_newest_step_is_merged_into_it_and_keeps_its_training_metrics():
+    """The trainer records eval_loss as a second sample of a step; the step's loss stays and no new step counts."""
+    tracker = WindowTracker("run-1")
+    assert tracker.add_sample(MetricsSample(step=0, time=1.0, values={"loss": 3.0}))
+    assert tracker.add_sample(MetricsSample(step=1, time=1.0, values={"loss": 2.0}))
+    assert not tracker.add_sample(MetricsSample(step=1, time=1.0, values={"eval_loss": 2.5}))
+    window = tracker.window()
+    assert window.metrics["loss"].last_points() == [(0, 3.0), (1, 2.0)]
+    assert window.metrics["eval_loss"].last_points() == [(1, 2.5)]
+    assert (window.step, window.tick) == (1, 2)

@@ -7,7 +7,7 @@ import time
 
 from agents.decision import Decision, Intervention
 from agents.guardrails import GuardrailConfig, Guardrails
-from protocols import Bounds, CommandRecord, Policy, Rollback, RunState, SetDataMix, SetHparams
+from protocols import Bounds, CheckpointInfo, CommandRecord, Policy, Rollback, RunState, SetDataMix, SetHparams
 from tests.agents.helpers import window_of
 
 SOURCE = "agent:test"
@@ -93,3 +93,14 @@ def test_alerts_are_not_interventions_but_do_not_repeat_within_the_cooldown():
     assert guard.review(alert, _window(120, [_done(tick=100)])).decision is not None
     said = Intervention(rule="watch", decided_tick=110, time=time.time(), answered_tick=110)
     assert guard.review(alert, _window(120, [said])).decision is None
+
+
+def test_an_lr_cut_after_a_rollback_is_measured_from_the_checkpoints_lr():
+    """Rolled back to step 0 of a warm-up (lr 0.0003), lr 0.00015 is x0.5 and passes though it is x20 below now."""
+    window = window_of({"loss": [2.0] * 5, "lr": [0.0003, 0.001, 0.002, 0.003, 0.003]})
+    start = CheckpointInfo(checkpoint_id="start", branch="main", step=0, time=1.0)
+    window = dataclasses.replace(window, checkpoints=(start,), now=time.time())
+    decision = _decision(Rollback(checkpoint_id="start"), SetHparams(lr=0.00015))
+    assert Guardrails(CONFIG, SOURCE).review(decision, window).decision == decision
+    blocked = Guardrails(CONFIG, SOURCE).review(_decision(SetHparams(lr=0.00015)), window)
+    assert blocked.decision is None and "x20" in blocked.blocked

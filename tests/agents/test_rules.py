@@ -127,3 +127,17 @@ def test_an_invalid_rule_file_is_refused_naming_the_problem(tmp_path: Path, text
     path.write_text(text)
     with pytest.raises(ValueError, match=problem):
         load_rules(path)
+
+
+def test_after_a_rollback_a_relative_lr_is_taken_of_the_lr_at_the_checkpoint_step(tmp_path: Path):
+    """With a warming-up lr, lr x0.5 after rolling back to step 90 halves step 90's lr, not the newer, higher one."""
+    path = tmp_path / "rules.toml"
+    path.write_text(SPIKE_RULES)
+    lrs = [0.001 * (1 + step / 10) for step in range(105)]
+    window = window_of({"loss": [*STEADY, 9.0, 9.0, 9.0, 9.0, 9.0], "lr": lrs}, checkpoints=_checkpoints(90))
+    decision = RulePolicy(load_rules(path)).decide(window)
+    assert decision is not None
+    rollback, cut = decision.commands
+    assert rollback == Rollback(checkpoint_id="main-90", skip_batches=20)
+    assert isinstance(cut, SetHparams) and cut.lr == pytest.approx(0.5 * lrs[90])
+    assert f"lr {lrs[90]:.4g} -> {0.5 * lrs[90]:.4g}" in decision.describe()

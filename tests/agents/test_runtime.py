@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.guardrails import Guardrails
+from agents.guardrails import GuardrailConfig, Guardrails
 from agents.rules import RulePolicy, load_rules
 from agents.runtime import AgentRuntime, Mode
+from protocols import MetricsEvent, MetricsSample
 from protocols.client import AsyncClient, Client
 from tests.agents.helpers import ScriptedTrainer, spike_on_main, wait_until
 from tests.serving import ServerProcess
@@ -142,3 +143,26 @@ async def test_after_a_dropped_stream_the_agent_reconnects_catches_up_and_acts_o
     finally:
         trainer.stop()
         server.stop()
+
+
+class _Recorder:
+    """A policy that only notes the step of every window it is shown."""
+
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def decide(self, window):
+        self.steps.append(window.step)
+
+
+async def test_each_step_of_a_streamed_metrics_batch_is_judged_in_turn():
+    """A batch of 15 steps is judged 15 times, once at each step, so a metric measured every 10 steps (attention
+    logits) is seen at its own step rather than missed because the batch ended at step 14."""
+    policy = _Recorder()
+    agent = AgentRuntime(None, "run-1", policy, Guardrails(GuardrailConfig(), "agent:rules"))
+    samples = [MetricsSample(step=step, time=1.0, values={"loss": 2.0, **({"attn_logit_max/0": 9.0} if step % 10 == 0
+                                                                        else {})}) for step in range(15)]
+    await agent._take(MetricsEvent(event_id=1, time=1.0, run_id="run-1", samples=samples))
+    assert policy.steps == list(range(15))
