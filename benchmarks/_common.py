@@ -61,8 +61,8 @@ class Server:
             "--port-file",
             str(self.port_file),
         ]
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists():
             if self.process.poll() is not None:
