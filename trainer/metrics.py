@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -31,17 +33,30 @@ def lm_loss(
     logits: Tensor, targets: Tensor, domain_ids: Tensor | None = None, domains: list[str] | None = None,
     z_loss: float = 0.0,
 ) -> LossOutput:
-    """Cross-entropy with the log-sum-exp computed once and reused for the loss, `logit_z` and the z-loss."""
-    flat = logits.float()
-    lse = torch.logsumexp(flat, dim=-1)
-    nll = lse - flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Cross-entropy with the log-sum-exp computed once and reused for the loss, `logit_z` and the z-loss.
+
+    The loss goes through fused `F.cross_entropy`; its log-sum-exp per token is recovered exactly as the
+    per-token loss plus the target logit (a gather of one value per token), instead of a second pass over
+    the logits and a second backward through them.
+    """
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    nll = F.cross_entropy(flat, flat_targets, reduction="none")
     ce = nll.mean()
-    loss = ce + z_loss * lse.square().mean() if z_loss > 0.0 else ce
+    if z_loss > 0.0:
+        lse = nll + flat.gather(1, flat_targets.unsqueeze(1)).squeeze(1)
+        loss = ce + z_loss * lse.square().mean()
+    else:
+        loss = ce
     with torch.no_grad():
-        scalars = {"loss": ce.detach(), "logit_max": flat.abs().amax(), "logit_z": lse.mean()}
+        if z_loss <= 0.0:
+            lse = nll + flat.gather(1, flat_targets.unsqueeze(1)).squeeze(1)
+        low, high = torch.aminmax(flat)
+        scalars = {"loss": ce.detach(), "logit_max": torch.maximum(high, low.neg()), "logit_z": lse.mean()}
         if domain_ids is None or not domains:
             return LossOutput(loss, scalars)
-        sums = torch.zeros(len(domains), device=logits.device).index_add_(0, domain_ids, nll.detach().mean(dim=1))
+        rows = nll.detach().view(targets.shape).mean(dim=1)
+        sums = torch.zeros(len(domains), device=logits.device).index_add_(0, domain_ids, rows)
         counts = torch.bincount(domain_ids, minlength=len(domains)).float()
     return LossOutput(loss, scalars, sums, counts)
 
@@ -49,8 +64,9 @@ def lm_loss(
 class GradientStats:
     """Gradient norms (global and per block), clipping, parameter norm and update ratio for fixed parameters.
 
-    The update ratio needs the parameters from before the optimizer step; they are copied into buffers
-    allocated once, and the update is formed in place in those same buffers after the step.
+    The update ratio needs the parameters from before the optimizer step; they are copied into views of one
+    flat buffer allocated once, the update is formed in place there after the step, and its norm is a single
+    reduction over that buffer.
     """
 
     def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
@@ -59,32 +75,39 @@ class GradientStats:
         device = self.params[0].device
         block_of = [index for index, (_, params) in enumerate(blocks) for param in params if param.requires_grad]
         self._block_index = torch.tensor(block_of, device=device)
-        self._before = [torch.empty_like(param) for param in self.params]
+        self._block_keys = [f"grad_norm/{name}" for name in self.names]
+        self._per_block = torch.zeros(len(self.names), device=device)
+        dtypes = {param.dtype for param in self.params}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        sizes = [param.numel() for param in self.params]
+        self._flat_before = torch.empty(sum(sizes), dtype=dtype, device=device)
+        self._before = [
+            self._flat_before[end - size : end].view_as(param)
+            for end, size, param in zip(accumulate(sizes), sizes, self.params, strict=True)
+        ]
         self._scalars: dict[str, Tensor] = {}
 
+    @torch.no_grad()
     def before_step(self, max_norm: float) -> Tensor:
         """After backward, before the optimizer: measure gradient norms and clip; returns the pre-clip norm."""
         grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self.params]
-        norms = torch.stack(torch._foreach_norm(grads)).float()
-        squares = norms.square()
-        per_block = torch.zeros(len(self.names), device=norms.device).index_add_(0, self._block_index, squares)
+        squares = torch.stack(torch._foreach_norm(grads)).float().square_()
+        per_block = self._per_block.zero_().index_add_(0, self._block_index, squares).sqrt()
         total = squares.sum().sqrt()
         if max_norm > 0.0:
             # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again.
             scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
         torch._foreach_copy_(self._before, self.params)
-        blocks = zip(self.names, per_block.sqrt(), strict=True)
-        self._scalars = {"grad_norm": total, **{f"grad_norm/{name}": norm for name, norm in blocks}}
+        self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block.unbind(), strict=True))}
         return total
 
+    @torch.no_grad()
     def after_step(self) -> dict[str, Tensor]:
         """After the optimizer step: parameter norm and update ratio, plus the gradient norms of `before_step`."""
         torch._foreach_sub_(self._before, self.params)
-        updates = torch.stack(torch._foreach_norm(self._before)).float()
-        params = torch.stack(torch._foreach_norm(self.params)).float()
-        param_norm = params.square().sum().sqrt()
-        update_norm = updates.square().sum().sqrt()
+        update_norm = torch.linalg.vector_norm(self._flat_before)
+        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.params)))
         return {**self._scalars, "param_norm": param_norm, "update_ratio": update_norm / (param_norm + 1e-12)}
 
 
@@ -93,7 +116,7 @@ def read_scalars(
     domain_sums: Tensor | None = None, domain_counts: Tensor | None = None,
 ) -> dict[str, float]:
     """Bring every device value to the host at once (one sync); `loss/<domain>` for domains in the batch."""
-    parts = [torch.stack([value.detach().float().reshape(()) for value in scalars.values()])]
+    parts = [torch.stack([_as_scalar(value) for value in scalars.values()])]
     if domains and domain_sums is not None and domain_counts is not None:
         parts += [domain_sums.float(), domain_counts.float()]
     flat = torch.cat(parts).tolist()
@@ -102,6 +125,13 @@ def read_scalars(
         sums, counts = flat[len(scalars) : len(scalars) + len(domains)], flat[len(scalars) + len(domains) :]
         values.update({f"loss/{name}": s / c for name, s, c in zip(domains, sums, counts, strict=True) if c > 0})
     return values
+
+
+def _as_scalar(value: Tensor) -> Tensor:
+    """A 0-d float32 tensor without autograd history; the value itself when it already is one (most are)."""
+    if value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad:
+        return value
+    return value.detach().float().reshape(())
 
 
 def split_nonfinite(values: dict[str, float]) -> tuple[dict[str, float], list[str]]:

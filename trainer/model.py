@@ -41,6 +41,15 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if config.qk_layernorm else None
         self.logit_max: Tensor | None = None
         """The max pre-softmax logit of the last forward that measured it (a 0-d tensor, not synced)."""
+        self._future_mask: Tensor | None = None
+
+    def _future(self, length: int, device: torch.device) -> Tensor:
+        """The (T, T) mask of future positions, built once per length and device and kept (not in the state dict)."""
+        mask = self._future_mask
+        if mask is None or mask.shape[0] != length or mask.device != device:
+            mask = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+            self._future_mask = mask
+        return mask
 
     def forward(self, x: Tensor, measure: bool = False) -> Tensor:
         batch, length, width = x.shape
@@ -50,9 +59,10 @@ class CausalSelfAttention(nn.Module):
         self.logit_max = None
         if measure:
             with torch.no_grad():
-                logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
-                causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-                self.logit_max = logits.masked_fill(~causal, float("-inf")).amax().float()
+                # Masked in place and scaled after the max: dividing by a positive constant is monotone, so
+                # this equals the max of the scaled logits, without two more passes over the (B, H, T, T) product.
+                raw = (q @ k.transpose(-2, -1)).masked_fill_(self._future(length, x.device), float("-inf"))
+                self.logit_max = (raw.amax() / math.sqrt(self.head_dim)).float()
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         out: Tensor = self.proj(y.transpose(1, 2).reshape(batch, length, width))
         return out

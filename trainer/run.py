@@ -42,7 +42,7 @@ class Preset:
     eval_every: int = 250
     eval_batches: int = 4
     attn_every: int = 10
-    """Measure `attn_logit_max/<layer>` every N steps (it needs an extra q·k product)."""
+    """Measure `attn_logit_max/<layer>` every N steps: it needs an extra q·k product (~3 ms on a `cpu-tiny` step)."""
     snapshot_every: int = 25
     checkpoint_every: int = 250
 
