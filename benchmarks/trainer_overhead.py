@@ -49,6 +49,7 @@ def main() -> int:
         run = BuiltinRun(RunConfig(server=server.url, steps=10**9, run_name="overhead"))
         steer = run.steer
         times: dict[str, list[float]] = {"loss only": [], "full metrics": [], "steered": []}
+        cpu_times: dict[str, list[float]] = {kind: [] for kind in times}
         hook: list[float] = []
         iteration = 0
         for _ in range(3):  # warm-up: allocator, autograd graph, first checkpoint snapshots
@@ -62,7 +63,7 @@ def main() -> int:
             kinds = kinds[block % 3 :] + kinds[: block % 3]  # rotate the order so no kind always follows another
             for kind in kinds:
                 for _ in range(args.block):
-                    started = time.perf_counter()
+                    started, cpu_started = time.perf_counter(), time.thread_time()
                     if kind == "loss only":
                         loss_only_step(run)
                     elif kind == "full metrics":
@@ -76,18 +77,22 @@ def main() -> int:
                         steer.record(step, **values)
                         hook.append(hook_time + time.perf_counter() - hook_started)
                     times[kind].append(time.perf_counter() - started)
+                    cpu_times[kind].append(time.thread_time() - cpu_started)
                     iteration += 1
         wall = time.perf_counter() - started_all
         io_cpu = sum(thread_cpu_s(tid) for tid in io_threads) - io_cpu_before
         steer.close()
     median = {kind: statistics.median(samples) * 1e3 for kind, samples in times.items()}
+    cpu_median = {kind: statistics.median(samples) * 1e3 for kind, samples in cpu_times.items()}
     steered_steps = len(times["steered"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {run.device}, "
           f"{steered_steps} steps of each kind in blocks of {args.block}, load average {load_average()}")
     for kind, value in median.items():
-        print(f"  {kind:<13} median {value:7.2f} ms/step")
+        print(f"  {kind:<13} median {value:7.2f} ms/step wall, {cpu_median[kind]:7.2f} ms/step training-thread CPU")
     full_cost = 100 * (median["full metrics"] / median["loss only"] - 1)
-    print(f"full metric set vs loss only: {full_cost:+.2f}% of step time")
+    full_cpu_cost = 100 * (cpu_median["full metrics"] / cpu_median["loss only"] - 1)
+    print(f"full metric set vs loss only: {full_cost:+.2f}% of step time (wall), {full_cpu_cost:+.2f}% (thread CPU time,"
+          " which other processes on a shared machine disturb less)")
     print(f"steered vs full metrics, unsteered: {100 * (median['steered'] / median['full metrics'] - 1):+.2f}% "
           "of step time (the hook, I/O threads included, as the loop sees it)")
     hook_ms, hook_p99 = statistics.median(hook) * 1e3, sorted(hook)[int(0.99 * len(hook))] * 1e3
