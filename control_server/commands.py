@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 
-from control_server.errors import ConflictError, NotFoundError
+from control_server.errors import ConflictError, Forbidden, NotFoundError
 from control_server.events import EventLog, insert_event
 from control_server.policy import RateLimiter, check_command
 from control_server.runs import RunRegistry
@@ -179,8 +179,17 @@ class CommandService:
         return finished
 
     async def decide(self, run_id: str, command_id: str, decision: CommandDecision, *, approve: bool) -> CommandRecord:
-        """Approve (the command joins the end of the queue with a new `seq`) or reject a held command."""
-        self.runs.get(run_id)
+        """Approve (the command joins the end of the queue with a new `seq`) or reject a held command.
+
+        A source the run's policy holds for approval may do neither, or an agent could approve its own proposals.
+        """
+        run = self.runs.get(run_id)
+        if run.policy.needs_approval(decision.source):
+            raise Forbidden(
+                f"{decision.source} may not decide held commands: the run's policy holds its own commands for approval",
+                details=[ErrorDetail(field="source", message="this source needs approval itself",
+                                     allowed="a source the run's policy does not hold")],
+            )
         record = await self._existing(run_id, command_id)
         if record is None:
             raise _unknown_command(run_id, command_id)

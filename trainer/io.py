@@ -136,6 +136,7 @@ class SpillBuffer:
         self._writer: IO[bytes] | None = None
         self._read_offset = 0
         self._write_offset = 0
+        self._dropping = False
 
     def __len__(self) -> int:
         return len(self.memory) + self.spilled
@@ -153,20 +154,22 @@ class SpillBuffer:
                     log.warning("server unreachable: spilling metrics to %s", self.path)
             written = self._writer.write(line)
             if written != len(line):
-                raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+                raise OSError(errno.ENOSPC, "short write: no space left for the spill file")
         except OSError as exc:
             self._drop(exc)
             return
         self._write_offset += len(line)
         self.spilled += 1
+        self._dropping = False
 
     def _drop(self, error: OSError) -> None:
         """Count a sample the file could not take, and cut off any part of it that was written."""
         if self._writer is not None:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._writer.fileno(), self._write_offset)
-        if not self.lost or self.spill_error != str(error):
+        if not self._dropping:
             log.error("runsteer: cannot spill metrics to %s (%s): dropping samples and counting them", self.path, error)
+        self._dropping = True
         self.lost += 1
         self.spill_error = str(error)
 
