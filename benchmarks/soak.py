@@ -51,10 +51,16 @@ class SoakResult:
     def summary(self) -> dict[str, Any]:
         """The headline figures."""
         return {
-            "seconds": round(self.seconds, 1), "pushed": self.pushed, "delivered": self.delivered,
-            "errors": len(self.errors), "lost": self.lost, "closed_watchers": self.closed_watchers,
-            "rss_first_mib": round(self.rss_mib[0][1], 1), "rss_start_mib": round(self.rss_start_mib, 1),
-            "rss_end_mib": round(self.rss_end_mib, 1), "rss_max_mib": round(max(rss for _, rss in self.rss_mib), 1),
+            "seconds": round(self.seconds, 1),
+            "pushed": self.pushed,
+            "delivered": self.delivered,
+            "errors": len(self.errors),
+            "lost": self.lost,
+            "closed_watchers": self.closed_watchers,
+            "rss_first_mib": round(self.rss_mib[0][1], 1),
+            "rss_start_mib": round(self.rss_start_mib, 1),
+            "rss_end_mib": round(self.rss_end_mib, 1),
+            "rss_max_mib": round(max(rss for _, rss in self.rss_mib), 1),
             "latency_ms": percentiles_ms(self.latency_s),
         }
 
@@ -165,14 +171,19 @@ def main() -> None:
     with Server() as server:
         result = asyncio.run(
             soak(
-                server.url, server.pid, minutes=args.minutes, runs=args.runs, watchers=args.watchers,
+                server.url,
+                server.pid,
+                minutes=args.minutes,
+                runs=args.runs,
+                watchers=args.watchers,
                 interval_s=args.interval,
             )
         )
     summary = result.summary()
     print(f"load average after:  {load_average()}")
-    print(f"{args.runs} runs x 1 sample / {args.interval * 1000:.0f} ms, "
-          f"{args.watchers} watchers, {summary['seconds']} s")
+    print(
+        f"{args.runs} runs x 1 sample / {args.interval * 1000:.0f} ms, {args.watchers} watchers, {summary['seconds']} s"
+    )
     print(f"pushed {summary['pushed']} samples, delivered {summary['delivered']} to watchers")
     print(f"errors {summary['errors']}, lost {summary['lost']}, watchers closed {summary['closed_watchers']}")
     for line in result.errors[:10]:

@@ -70,8 +70,9 @@ def main() -> int:
         steps = {record.id: result.step for record, result in steer.results}
         typical = statistics.median(step_times)
 
-        records = [client.submit(steer.run_id, {"type": "set_hparams", "weight_decay": i / 10_000})
-                   for i in range(args.burst)]
+        records = [
+            client.submit(steer.run_id, {"type": "set_hparams", "weight_decay": i / 10_000}) for i in range(args.burst)
+        ]
         while steer.io.inbox.qsize() < len(records):
             time.sleep(0.01)
         boundaries: list[float] = []
@@ -90,22 +91,32 @@ def main() -> int:
         ordered = [record.seq for record, _ in steer.results][args.commands :] == [r.seq for r in records]
         steer.close()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
-          f"median step {typical * 1e3:.1f} ms")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
+        f"median step {typical * 1e3:.1f} ms"
+    )
     delivered = [applied[c] - submitted[c][1] for c in submitted]
     print(f"submit returned -> applied at a boundary: {format_ms(percentiles_ms(delivered))}")
-    print(f"submit called   -> applied at a boundary: "
-          f"{format_ms(percentiles_ms([applied[c] - submitted[c][0] for c in submitted]))}")
+    print(
+        f"submit called   -> applied at a boundary: "
+        f"{format_ms(percentiles_ms([applied[c] - submitted[c][0] for c in submitted]))}"
+    )
     next_boundary = sum(steps[c] <= submitted[c][2] + 1 for c in submitted)
-    print(f"applied at the boundary right after the step it was accepted in: {next_boundary}/{len(submitted)} "
-          f"({100 * next_boundary / len(submitted):.1f}%)")
+    print(
+        f"applied at the boundary right after the step it was accepted in: {next_boundary}/{len(submitted)} "
+        f"({100 * next_boundary / len(submitted):.1f}%)"
+    )
     bound = steer.config.max_commands_per_step
-    print(f"burst of {args.burst} commands, at most {bound} per boundary: drained in "
-          f"{sum(1 for count in counts if count)} boundaries (most in one: {max(counts)}), in seq order: {ordered}")
+    print(
+        f"burst of {args.burst} commands, at most {bound} per boundary: drained in "
+        f"{sum(1 for count in counts if count)} boundaries (most in one: {max(counts)}), in seq order: {ordered}"
+    )
     draining = [b for b, count in zip(boundaries, counts, strict=True) if count]
-    print(f"  boundary (poll) while draining: median {statistics.median(draining) * 1e3:.2f} ms, "
-          f"max {max(draining) * 1e3:.2f} ms; step incl. poll: median {statistics.median(burst_steps) * 1e3:.1f} ms, "
-          f"max {max(burst_steps) * 1e3:.1f} ms = {max(burst_steps) / typical:.2f}x the usual step")
+    print(
+        f"  boundary (poll) while draining: median {statistics.median(draining) * 1e3:.2f} ms, "
+        f"max {max(draining) * 1e3:.2f} ms; step incl. poll: median {statistics.median(burst_steps) * 1e3:.1f} ms, "
+        f"max {max(burst_steps) * 1e3:.1f} ms = {max(burst_steps) / typical:.2f}x the usual step"
+    )
     return 0
 
 

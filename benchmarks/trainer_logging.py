@@ -33,14 +33,24 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="runsteer-logging-") as tmp:
-        os.environ.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": tmp,
-                           "WANDB_CACHE_DIR": tmp, "WANDB_CONFIG_DIR": tmp, "WANDB_DISABLE_GIT": "true"})
+        os.environ.update(
+            {
+                "WANDB_MODE": "offline",
+                "WANDB_SILENT": "true",
+                "WANDB_DIR": tmp,
+                "WANDB_CACHE_DIR": tmp,
+                "WANDB_CONFIG_DIR": tmp,
+                "WANDB_DISABLE_GIT": "true",
+            }
+        )
         try:
             import wandb
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as exc:
-            print(f"missing optional dependency ({exc}); run: "
-                  ".venv/bin/python -m pip install -r benchmarks/requirements-trainer.txt")
+            print(
+                f"missing optional dependency ({exc}); run: "
+                ".venv/bin/python -m pip install -r benchmarks/requirements-trainer.txt"
+            )
             return 2
         with Server() as server:
             run = BuiltinRun(RunConfig(server=server.url, steps=10**9, run_name="logging"))
@@ -61,7 +71,8 @@ def main() -> int:
                     writer.add_scalar(name, value, step)
 
             loggers: dict[str, Callable[[dict[str, float]], None]] = {
-                "runsteer poll + record": runsteer, "wandb.log (offline)": wandb_log,
+                "runsteer poll + record": runsteer,
+                "wandb.log (offline)": wandb_log,
                 "SummaryWriter.add_scalar x40": tensorboard,
             }
             times: dict[str, list[float]] = {name: [] for name in loggers}
@@ -77,14 +88,18 @@ def main() -> int:
             wandb_run.finish()
             writer.close()
             steer.close()
-    print(f"torch {torch.__version__}, wandb {wandb.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {load_average()}; {args.steps} steps, {VALUES} values each")
+    print(
+        f"torch {torch.__version__}, wandb {wandb.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {load_average()}; {args.steps} steps, {VALUES} values each"
+    )
     ours = statistics.median(times["runsteer poll + record"])
     for name, samples in times.items():
         ordered = sorted(samples)
         median = statistics.median(samples)
-        print(f"  {name:<30} median {median * 1e6:8.1f} us  p90 {ordered[int(0.9 * len(ordered))] * 1e6:8.1f} us  "
-              f"p99 {ordered[int(0.99 * len(ordered))] * 1e6:8.1f} us  ({median / ours:.1f}x runsteer)")
+        print(
+            f"  {name:<30} median {median * 1e6:8.1f} us  p90 {ordered[int(0.9 * len(ordered))] * 1e6:8.1f} us  "
+            f"p99 {ordered[int(0.99 * len(ordered))] * 1e6:8.1f} us  ({median / ours:.1f}x runsteer)"
+        )
     return 0
 
 

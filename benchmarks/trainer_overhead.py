@@ -85,23 +85,33 @@ def main() -> int:
     median = {kind: statistics.median(samples) * 1e3 for kind, samples in times.items()}
     cpu_median = {kind: statistics.median(samples) * 1e3 for kind, samples in cpu_times.items()}
     steered_steps = len(times["steered"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {run.device}, "
-          f"{steered_steps} steps of each kind in blocks of {args.block}, load average {load_average()}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {run.device}, "
+        f"{steered_steps} steps of each kind in blocks of {args.block}, load average {load_average()}"
+    )
     for kind, value in median.items():
         print(f"  {kind:<13} median {value:7.2f} ms/step wall, {cpu_median[kind]:7.2f} ms/step training-thread CPU")
     full_cost = 100 * (median["full metrics"] / median["loss only"] - 1)
     full_cpu_cost = 100 * (cpu_median["full metrics"] / cpu_median["loss only"] - 1)
-    print(f"full metric set vs loss only: {full_cost:+.2f}% of step time (wall), {full_cpu_cost:+.2f}% (thread CPU time,"
-          " which other processes on a shared machine disturb less)")
-    print(f"steered vs full metrics, unsteered: {100 * (median['steered'] / median['full metrics'] - 1):+.2f}% "
-          "of step time (the hook, I/O threads included, as the loop sees it)")
+    print(
+        f"full metric set vs loss only: {full_cost:+.2f}% of step time (wall), {full_cpu_cost:+.2f}% (thread CPU time,"
+        " which other processes on a shared machine disturb less)"
+    )
+    print(
+        f"steered vs full metrics, unsteered: {100 * (median['steered'] / median['full metrics'] - 1):+.2f}% "
+        "of step time (the hook, I/O threads included, as the loop sees it)"
+    )
     hook_ms, hook_p99 = statistics.median(hook) * 1e3, sorted(hook)[int(0.99 * len(hook))] * 1e3
-    print(f"poll + record on the training thread: median {hook_ms * 1e3:.1f} us "
-          f"({100 * hook_ms / median['full metrics']:.3f}% of a step), p99 {hook_p99 * 1e3:.1f} us, "
-          f"mean {statistics.fmean(hook) * 1e6:.1f} us (in-memory snapshots every 25 steps included)")
-    print(f"I/O threads' CPU time: {io_cpu / steered_steps * 1e3:.3f} ms per steered step "
-          f"({100 * io_cpu / steered_steps * 1e3 / median['full metrics']:.2f}% of a step; "
-          f"{io_cpu:.2f} s over the {wall:.0f} s run, 10 ms clock ticks)")
+    print(
+        f"poll + record on the training thread: median {hook_ms * 1e3:.1f} us "
+        f"({100 * hook_ms / median['full metrics']:.3f}% of a step), p99 {hook_p99 * 1e3:.1f} us, "
+        f"mean {statistics.fmean(hook) * 1e6:.1f} us (in-memory snapshots every 25 steps included)"
+    )
+    print(
+        f"I/O threads' CPU time: {io_cpu / steered_steps * 1e3:.3f} ms per steered step "
+        f"({100 * io_cpu / steered_steps * 1e3 / median['full metrics']:.2f}% of a step; "
+        f"{io_cpu:.2f} s over the {wall:.0f} s run, 10 ms clock ticks)"
+    )
     return 0
 
 

@@ -52,8 +52,10 @@ def main() -> int:
         parameters = sum(p.numel() for p in run.model.parameters())
         size_mib = Path(info.path).stat().st_size / 2**20
         steer.close()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
-          f"{parameters / 1e6:.2f}M parameters, checkpoint file {size_mib:.1f} MiB (model, AdamW moments, the rest)")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
+        f"{parameters / 1e6:.2f}M parameters, checkpoint file {size_mib:.1f} MiB (model, AdamW moments, the rest)"
+    )
     labels = {
         "memory": "rollback from the in-memory ring",
         "disk": "rollback from the file (sha256 + torch.load + restore)",

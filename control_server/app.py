@@ -100,7 +100,12 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     commands = CommandService(store, events, runs)
     metrics = MetricsService(store, events, runs)
     exposition = Exposition(
-        store=store, events=events, runs=runs, commands=commands, metrics=metrics, broadcaster=broadcaster,
+        store=store,
+        events=events,
+        runs=runs,
+        commands=commands,
+        metrics=metrics,
+        broadcaster=broadcaster,
         finished_run_ttl_s=config.finished_run_ttl_s,
     )
     broadcaster.on_drop = lambda subscriber: exposition.websocket_dropped.inc()

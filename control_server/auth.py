@@ -85,7 +85,9 @@ class TokenTable:
             try:
                 entries.extend(_entries.validate_python(json.loads(text)))
             except (json.JSONDecodeError, ValidationError) as exc:
-                raise ValueError(f"bad tokens in {where}: expected a JSON list of {{name, token, scopes}}: {exc}") from exc
+                raise ValueError(
+                    f"bad tokens in {where}: expected a JSON list of {{name, token, scopes}}: {exc}"
+                ) from exc
         return cls(entries)
 
 

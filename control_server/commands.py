@@ -52,7 +52,9 @@ class CommandService:
         self._next_seq: dict[str, int] = {}
         self._queue_changed: dict[str, asyncio.Event] = {}
         self._finished: dict[tuple[str, str], asyncio.Event] = {}
-        for run_id, seq in store.read_now(lambda db: db.execute("SELECT run_id, MAX(seq) FROM commands GROUP BY run_id").fetchall()):
+        for run_id, seq in store.read_now(
+            lambda db: db.execute("SELECT run_id, MAX(seq) FROM commands GROUP BY run_id").fetchall()
+        ):
             self._next_seq[run_id] = int(seq) + 1
         statuses = tuple(OPEN_COMMAND_STATUSES)
         rows = store.read_now(
@@ -78,6 +80,8 @@ class CommandService:
         run = self.runs.get(run_id)
         if envelope.id is not None:
             existing = await self._existing(run_id, envelope.id)
+            # Looked up again after the read: a submission of the same id may have started or finished meanwhile.
+            existing = existing or self._open.get(run_id, {}).get(envelope.id)
             first = self._in_flight.get((run_id, envelope.id))
             if existing is None and first is not None:
                 existing = await asyncio.shield(first)
@@ -92,8 +96,15 @@ class CommandService:
         status: CommandStatus = "pending_approval" if held else "queued"
         now = time.time()
         record = CommandRecord(
-            id=command_id, run_id=run_id, seq=self._take_seq(run_id), command=envelope.command,
-            source=envelope.source, reason=envelope.reason, status=status, created_at=now, updated_at=now,
+            id=command_id,
+            run_id=run_id,
+            seq=self._take_seq(run_id),
+            command=envelope.command,
+            source=envelope.source,
+            reason=envelope.reason,
+            status=status,
+            created_at=now,
+            updated_at=now,
         )
         stored: asyncio.Future[CommandRecord | None] = asyncio.get_running_loop().create_future()
         self._in_flight[(run_id, command_id)] = stored
@@ -122,7 +133,9 @@ class CommandService:
             pass
         return await self._existing(run_id, command_id) or record
 
-    async def history(self, run_id: str, *, status: CommandStatus | None, after_seq: int, limit: int) -> list[CommandRecord]:
+    async def history(
+        self, run_id: str, *, status: CommandStatus | None, after_seq: int, limit: int
+    ) -> list[CommandRecord]:
         """Records in `seq` order, optionally of one status."""
         self.runs.get(run_id)
         where, args = ("AND status = ?", (status,)) if status else ("", ())
@@ -143,7 +156,8 @@ class CommandService:
         while True:
             changed = self._queue_changed.setdefault(run_id, asyncio.Event())
             ready = [
-                record for record in self.open_commands(run_id)
+                record
+                for record in self.open_commands(run_id)
                 if record.seq > after_seq and record.status in ("queued", "delivered")
             ][:MAX_DELIVERY]
             if ready:
@@ -171,8 +185,12 @@ class CommandService:
         now = time.time()
         finished = record.model_copy(
             update={
-                "status": result.status, "updated_at": now, "finished_at": now, "applied_step": result.step,
-                "effective": result.effective, "message": result.message,
+                "status": result.status,
+                "updated_at": now,
+                "finished_at": now,
+                "applied_step": result.step,
+                "effective": result.effective,
+                "message": result.message,
             }
         )
         await self._commit(finished, record)
@@ -187,8 +205,13 @@ class CommandService:
         if run.policy.needs_approval(decision.source):
             raise Forbidden(
                 f"{decision.source} may not decide held commands: the run's policy holds its own commands for approval",
-                details=[ErrorDetail(field="source", message="this source needs approval itself",
-                                     allowed="a source the run's policy does not hold")],
+                details=[
+                    ErrorDetail(
+                        field="source",
+                        message="this source needs approval itself",
+                        allowed="a source the run's policy does not hold",
+                    )
+                ],
             )
         record = await self._existing(run_id, command_id)
         if record is None:
@@ -226,15 +249,14 @@ class CommandService:
     @staticmethod
     def _same_or_conflict(existing: CommandRecord, envelope: CommandEnvelope) -> CommandRecord:
         if existing.command != envelope.command or existing.source != envelope.source:
-            raise ConflictError(
-                f"command id {existing.id!r} was already used for a different command", field="id"
-            )
+            raise ConflictError(f"command id {existing.id!r} was already used for a different command", field="id")
         return existing
 
     async def _mark_delivered(self, ready: list[CommandRecord]) -> list[CommandRecord]:
         now = time.time()
         delivered = [
-            record if record.status == "delivered"
+            record
+            if record.status == "delivered"
             else record.model_copy(update={"status": "delivered", "delivered_at": now, "updated_at": now})
             for record in ready
         ]

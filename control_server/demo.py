@@ -102,31 +102,61 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = data_dir / "server.port"
     port_file.unlink(missing_ok=True)
-    server = Part("server", "control_server.cli", [
-        "server", "--port", str(args.port), "--db", str(data_dir / "runsteer.db"), "--port-file", str(port_file),
-    ])
+    server = Part(
+        "server",
+        "control_server.cli",
+        [
+            "server",
+            "--port",
+            str(args.port),
+            "--db",
+            str(data_dir / "runsteer.db"),
+            "--port-file",
+            str(port_file),
+        ],
+    )
     parts = [server]
     try:
         start(server, log_dir)
         port = wait_for_port(port_file, server)
         url = f"http://127.0.0.1:{port}"
         print(f"runsteer demo: control server at {url} (logs in {log_dir})", flush=True)
-        trainer = Part("trainer", "trainer.cli", [
-            "train", "--server", url, "--run-name", RUN_NAME, "--checkpoint-dir", str(data_dir / "checkpoints"),
-            *(["--steps", str(args.steps)] if args.steps else []),
-        ])
+        trainer = Part(
+            "trainer",
+            "trainer.cli",
+            [
+                "train",
+                "--server",
+                url,
+                "--run-name",
+                RUN_NAME,
+                "--checkpoint-dir",
+                str(data_dir / "checkpoints"),
+                *(["--steps", str(args.steps)] if args.steps else []),
+            ],
+        )
         training = available(trainer.module)
         if training:
             start(trainer, log_dir)
             parts.append(trainer)
             run_id = wait_for_run(url)
-            print(f"runsteer demo: training run {run_id} (follow it: runsteer watch {run_id} --server {url})", flush=True)
+            print(
+                f"runsteer demo: training run {run_id} (follow it: runsteer watch {run_id} --server {url})", flush=True
+            )
             if run_id is not None:
                 for part in (
                     Part("agent", "agents.cli", ["agent", "rules", "--run", run_id, "--server", url, "--mode", "act"]),
-                    Part("dashboard", "dashboard.cli", [
-                        "dashboard", "--server", url, "--port", str(args.dashboard_port),
-                    ]),
+                    Part(
+                        "dashboard",
+                        "dashboard.cli",
+                        [
+                            "dashboard",
+                            "--server",
+                            url,
+                            "--port",
+                            str(args.dashboard_port),
+                        ],
+                    ),
                 ):
                     if available(part.module):
                         start(part, log_dir)

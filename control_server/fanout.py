@@ -124,7 +124,10 @@ class Broadcaster:
             if subscriber.writer is not None:
                 subscriber.writer.cancel()
         await asyncio.gather(
-            *(asyncio.wait_for(s.socket.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S) for s in subscribers),
+            *(
+                asyncio.wait_for(s.socket.close(code=code, message=reason.encode()), CLOSE_TIMEOUT_S)
+                for s in subscribers
+            ),
             return_exceptions=True,
         )
         await asyncio.gather(*self._closing, return_exceptions=True)

@@ -137,7 +137,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         summary = "the body is not valid JSON" if malformed else f"invalid {exc.title}"
         return error_response(status, ErrorBody(error=code, message=summary, details=validation_details(exc)))
     except ApiError as exc:
-        headers = {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))} if "retry_after_s" in exc.extra else None
+        headers = (
+            {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))}
+            if "retry_after_s" in exc.extra
+            else None
+        )
         extra: dict[str, JsonValue] = {
             key: value for key, value in exc.extra.items() if isinstance(value, str | int | float | bool)
         }
@@ -157,4 +161,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, body, headers)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, ErrorBody(error="internal_error", message="internal server error; see the server log"))
+        return error_response(
+            500, ErrorBody(error="internal_error", message="internal server error; see the server log")
+        )

@@ -105,7 +105,9 @@ class MetricsService:
             width = _bucket_width(db, series_ids.values(), since_step, max_points)
             if width == 1:
                 return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
-            return width, {key: _bucketed_series(db, series_id, since_step, width) for key, series_id in series_ids.items()}
+            return width, {
+                key: _bucketed_series(db, series_id, since_step, width) for key, series_id in series_ids.items()
+            }
 
         width, series = await self.store.read(op)
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
@@ -143,9 +145,13 @@ def _raw_series(db: sqlite3.Connection, series_id: int, since_step: int) -> Metr
     if len(rows) > MAX_RAW_POINTS:
         raise TooManyPoints(
             f"more than {MAX_RAW_POINTS} points per series; pass max_points to downsample or a later since_step",
-            details=[ErrorDetail(field="max_points", message="required for this range", allowed=f"1..{MAX_RAW_POINTS}")],
+            details=[
+                ErrorDetail(field="max_points", message="required for this range", allowed=f"1..{MAX_RAW_POINTS}")
+            ],
         )
-    return MetricSeries.model_construct(steps=[row[0] for row in rows], values=[row[1] for row in rows], min=None, max=None)
+    return MetricSeries.model_construct(
+        steps=[row[0] for row in rows], values=[row[1] for row in rows], min=None, max=None
+    )
 
 
 def _bucket_width(db: sqlite3.Connection, series_ids: Iterable[int], since_step: int, max_points: int) -> int:
@@ -199,6 +205,8 @@ def _bucketed_series(db: sqlite3.Connection, series_id: int, since_step: int, wi
             (series_id, (since_step // width) * width, width),
         ).fetchall()
     return MetricSeries.model_construct(
-        steps=[row[0] for row in rows], values=[row[1] for row in rows],
-        min=[row[2] for row in rows], max=[row[3] for row in rows],
+        steps=[row[0] for row in rows],
+        values=[row[1] for row in rows],
+        min=[row[2] for row in rows],
+        max=[row[3] for row in rows],
     )

@@ -32,7 +32,9 @@ def bound_violations(policy: Policy, command: Command) -> list[ErrorDetail]:
                 continue
             if (bounds.min is not None and item < bounds.min) or (bounds.max is not None and item > bounds.max):
                 where = f"command.{field}" + (f".{index}" if isinstance(value, tuple) else "")
-                details.append(ErrorDetail(field=where, message=f"{item:g} is outside the allowed range", allowed=_range(bounds)))
+                details.append(
+                    ErrorDetail(field=where, message=f"{item:g} is outside the allowed range", allowed=_range(bounds))
+                )
     return details
 
 
@@ -50,7 +52,9 @@ def name_violations(run: RunInfo, command: Command) -> list[ErrorDetail]:
     if isinstance(command, SetHparams) and command.param_groups and run.state and run.state.param_groups:
         known = run.state.param_groups
         return [
-            ErrorDetail(field="command.param_groups", message=f"unknown parameter group {name!r}", allowed=", ".join(known))
+            ErrorDetail(
+                field="command.param_groups", message=f"unknown parameter group {name!r}", allowed=", ".join(known)
+            )
             for name in command.param_groups
             if name not in known
         ]
@@ -83,7 +87,8 @@ class RateLimiter:
                 f"run {run.run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
                 details=[
                     ErrorDetail(
-                        field="", message="rate limit reached",
+                        field="",
+                        message="rate limit reached",
                         allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
                     )
                 ],

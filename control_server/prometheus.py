@@ -86,7 +86,9 @@ class _LiveState(Collector):
         labels = ["run_id", "run_name", "branch"]
         step = GaugeMetricFamily("runsteer_step", "Latest step reported.", labels=labels)
         heartbeat = GaugeMetricFamily(
-            "runsteer_last_heartbeat_timestamp_seconds", "Unix time of the run's last heartbeat.", labels=["run_id", "run_name"]
+            "runsteer_last_heartbeat_timestamp_seconds",
+            "Unix time of the run's last heartbeat.",
+            labels=["run_id", "run_name"],
         )
         families = {key: GaugeMetricFamily(name, text, labels=labels) for key, (name, text) in TRAINING_GAUGES.items()}
         visible = self.exposition.visible_runs()
@@ -105,7 +107,9 @@ class _LiveState(Collector):
             if run.last_heartbeat is not None:
                 heartbeat.add_metric([run.run_id, run.name], run.last_heartbeat)
         step_times = HistogramMetricFamily(
-            "runsteer_step_duration_seconds", "Training step time reported by the trainer.", labels=["run_id", "run_name"]
+            "runsteer_step_duration_seconds",
+            "Training step time reported by the trainer.",
+            labels=["run_id", "run_name"],
         )
         for run_id, histogram in self.exposition.step_times.items():
             run = visible.get(run_id)
@@ -144,22 +148,28 @@ class Exposition:
             "runsteer_http_requests", "HTTP requests served.", ["method", "route", "status"], registry=self.registry
         )
         self.request_seconds = Histogram(
-            "runsteer_http_request_duration_seconds", "Time to answer an HTTP request (long-polls included).",
-            ["route"], registry=self.registry,
+            "runsteer_http_request_duration_seconds",
+            "Time to answer an HTTP request (long-polls included).",
+            ["route"],
+            registry=self.registry,
         )
         self.commands = Counter(
             "runsteer_commands", "Commands by type and status reached.", ["type", "status"], registry=self.registry
         )
         self.command_latency = Histogram(
-            "runsteer_command_latency_seconds", "Time from a command's submission to its final status.",
-            ["type", "status"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "runsteer_command_latency_seconds",
+            "Time from a command's submission to its final status.",
+            ["type", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.websocket_clients = Gauge(
             "runsteer_websocket_clients", "Connected websocket clients.", registry=self.registry
         )
         self.websocket_clients.set_function(lambda: len(broadcaster.subscribers))
         self.websocket_dropped = Counter(
-            "runsteer_websocket_clients_dropped", "Websocket clients closed for reading too slowly.",
+            "runsteer_websocket_clients_dropped",
+            "Websocket clients closed for reading too slowly.",
             registry=self.registry,
         )
         self.step_times: dict[str, StepTimes] = {}
@@ -189,7 +199,9 @@ class Exposition:
             return
         self.commands.labels(record.command.type, record.status).inc()
         if record.finished:
-            self.command_latency.labels(record.command.type, record.status).observe(record.updated_at - record.created_at)
+            self.command_latency.labels(record.command.type, record.status).observe(
+                record.updated_at - record.created_at
+            )
 
     def render(self) -> bytes:
         """The exposition text."""

@@ -27,7 +27,15 @@ from protocols.queries import (
     MetricsQuery,
     NextCommandsQuery,
 )
-from protocols.records import AlertReport, CheckpointList, MetricsBatch, ReportAck, RunList, RunRegistration, RunReportBatch
+from protocols.records import (
+    AlertReport,
+    CheckpointList,
+    MetricsBatch,
+    ReportAck,
+    RunList,
+    RunRegistration,
+    RunReportBatch,
+)
 from protocols.schema import protocol_schema
 
 log = logging.getLogger(__name__)
@@ -112,7 +120,11 @@ def check_source(principal: Principal, source: str) -> None:
     if name != principal.name:
         raise Forbidden(
             f"token {principal.name!r} may not act as {source!r}",
-            details=[ErrorDetail(field="source", message="source name must match the token", allowed=f"<kind>:{principal.name}")],
+            details=[
+                ErrorDetail(
+                    field="source", message="source name must match the token", allowed=f"<kind>:{principal.name}"
+                )
+            ],
         )
 
 
@@ -208,8 +220,11 @@ async def metrics_history(request: web.Request) -> web.Response:
     """Metric history, downsampled on the server when `max_points` is given."""
     query = parse_query(request, MetricsQuery)
     history = await request.app[METRICS].history(
-        request.match_info["run_id"], keys=query.key_list, branch=query.branch,
-        since_step=query.since_step, max_points=query.max_points,
+        request.match_info["run_id"],
+        keys=query.key_list,
+        branch=query.branch,
+        since_step=query.since_step,
+        max_points=query.max_points,
     )
     return json_response(history)
 

@@ -37,8 +37,13 @@ def check_protocol_version(version: str) -> None:
     if version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
         raise PolicyViolation(
             f"this server speaks protocol {PROTOCOL_VERSION}; the trainer speaks {version}",
-            details=[ErrorDetail(field="protocol_version", message="incompatible major version",
-                                 allowed=f"{PROTOCOL_VERSION.split('.')[0]}.x")],
+            details=[
+                ErrorDetail(
+                    field="protocol_version",
+                    message="incompatible major version",
+                    allowed=f"{PROTOCOL_VERSION.split('.')[0]}.x",
+                )
+            ],
         )
 
 
@@ -139,8 +144,13 @@ class RunRegistry:
         """Store and publish an alert for people to see."""
         event = self.events.make(
             lambda event_id, now: AlertEvent(
-                event_id=event_id, time=now, run_id=run_id, severity=report.severity,
-                message=report.message, source=report.source, step=report.step,
+                event_id=event_id,
+                time=now,
+                run_id=run_id,
+                severity=report.severity,
+                message=report.message,
+                source=report.source,
+                step=report.step,
             )
         )
         await self.events.record(event)
@@ -182,8 +192,12 @@ class RunRegistry:
         branches = run.branches if state.branch in run.branches else [*run.branches, state.branch]
         updated = run.model_copy(
             update={
-                "state": state, "step": max(state.step, run.step) if state.branch == run.branch else state.step,
-                "branch": state.branch, "branches": branches, "last_heartbeat": now, "updated_at": now,
+                "state": state,
+                "step": max(state.step, run.step) if state.branch == run.branch else state.step,
+                "branch": state.branch,
+                "branches": branches,
+                "last_heartbeat": now,
+                "updated_at": now,
                 "status": status,
             }
         )
@@ -198,7 +212,9 @@ class RunRegistry:
             self._last_seen[run_id] = now
         await self._save(run.model_copy(update={"status": status, "updated_at": now}), stored_event=True)
         if message:
-            await self._log(run_id, LogReport(level="warning" if status in ("lost", "failed") else "info", message=message))
+            await self._log(
+                run_id, LogReport(level="warning" if status in ("lost", "failed") else "info", message=message)
+            )
 
     async def _checkpoint(self, run_id: str, report: CheckpointSaved) -> None:
         checkpoint = report.checkpoint
@@ -216,7 +232,13 @@ class RunRegistry:
             else:
                 db.execute(
                     "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                    (run_id, checkpoint.checkpoint_id, checkpoint.branch, checkpoint.step, checkpoint.model_dump_json()),
+                    (
+                        run_id,
+                        checkpoint.checkpoint_id,
+                        checkpoint.branch,
+                        checkpoint.step,
+                        checkpoint.model_dump_json(),
+                    ),
                 )
 
         await self.events.record(event, also=index)
@@ -227,7 +249,9 @@ class RunRegistry:
         where, args = ("AND branch = ?", (run_id, branch)) if branch else ("", (run_id,))
 
         def op(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute(f"SELECT body FROM checkpoints WHERE run_id = ? {where} ORDER BY step, checkpoint_id", args)
+            rows = db.execute(
+                f"SELECT body FROM checkpoints WHERE run_id = ? {where} ORDER BY step, checkpoint_id", args
+            )
             return [body for (body,) in rows]
 
         return [CheckpointInfo.model_validate_json(body, strict=False) for body in await self.store.read(op)]
@@ -243,7 +267,9 @@ class RunRegistry:
     async def _save(self, run: RunInfo, *, stored_event: bool) -> None:
         """Write the run row; publish a run event, stored when the change matters beyond the moment."""
         previous = self.runs.get(run.run_id)
-        event: Event = self.events.make(lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run))
+        event: Event = self.events.make(
+            lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run)
+        )
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(

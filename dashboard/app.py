@@ -28,8 +28,9 @@ def pick_run(runs: list[RunInfo]) -> RunInfo | None:
         chosen = (running or runs)[0].run_id
     st.session_state["run_id"] = chosen
     st.session_state["run_picker"] = chosen
-    st.selectbox("Run", list(by_id), format_func=lambda run_id: label(by_id[run_id]), key="run_picker",
-                 on_change=_picked)
+    st.selectbox(
+        "Run", list(by_id), format_func=lambda run_id: label(by_id[run_id]), key="run_picker", on_change=_picked
+    )
     return by_id[chosen]
 
 
@@ -41,12 +42,14 @@ def main() -> None:
     """Render one pass of the app."""
     st.set_page_config(page_title="runsteer", page_icon=":material/explore:", layout="wide")
     init_state()
-    pages = st.navigation([
-        st.Page(VIEWS / "health.py", title="Health", icon=":material/monitoring:", default=True),
-        st.Page(VIEWS / "control.py", title="Control", icon=":material/tune:"),
-        st.Page(VIEWS / "activity.py", title="Commands & agents", icon=":material/smart_toy:"),
-        st.Page(VIEWS / "runs.py", title="Runs", icon=":material/list:"),
-    ])
+    pages = st.navigation(
+        [
+            st.Page(VIEWS / "health.py", title="Health", icon=":material/monitoring:", default=True),
+            st.Page(VIEWS / "control.py", title="Control", icon=":material/tune:"),
+            st.Page(VIEWS / "activity.py", title="Commands & agents", icon=":material/smart_toy:"),
+            st.Page(VIEWS / "runs.py", title="Runs", icon=":material/list:"),
+        ]
+    )
     runs: list[RunInfo] = []
     with guarded():
         runs = client().list_runs()

@@ -10,8 +10,11 @@ from protocols.constants import OPEN_COMMAND_STATUSES
 from protocols.events import AlertEvent
 
 STATUS_ICONS = {
-    "queued": ":material/schedule:", "pending_approval": ":material/front_hand:", "delivered": ":material/send:",
-    "applied": ":green[:material/check_circle:]", "rejected": ":red[:material/block:]",
+    "queued": ":material/schedule:",
+    "pending_approval": ":material/front_hand:",
+    "delivered": ":material/send:",
+    "applied": ":green[:material/check_circle:]",
+    "rejected": ":red[:material/block:]",
     "failed": ":red[:material/error:]",
 }
 """A Material icon per command status, for Markdown."""
@@ -42,14 +45,20 @@ def _short(value: object) -> str:
 def lifecycle(record: CommandRecord) -> str:
     """Where a command stands, in words: `applied at step 120 (lr=0.001)`, `rejected: <reason>`, ..."""
     if record.status == "applied":
-        shown = {key: value for key, value in (record.effective or {}).items()
-                 if isinstance(value, int | float | str | bool) and key not in HIDDEN_EFFECTIVE}
+        shown = {
+            key: value
+            for key, value in (record.effective or {}).items()
+            if isinstance(value, int | float | str | bool) and key not in HIDDEN_EFFECTIVE
+        }
         effective = f" ({_short(shown)[1:-1]})" if shown else ""
         return f"applied at step {record.applied_step}{effective}"
     if record.status in ("rejected", "failed"):
         return f"{record.status}: {record.message or 'no reason given'}"
-    words = {"queued": "queued, waiting for the trainer", "pending_approval": "waiting for approval",
-             "delivered": "delivered, applying at the next step"}
+    words = {
+        "queued": "queued, waiting for the trainer",
+        "pending_approval": "waiting for approval",
+        "delivered": "delivered, applying at the next step",
+    }
     return words[record.status]
 
 

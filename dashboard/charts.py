@@ -46,7 +46,7 @@ def draw_charts(series: RunSeries, specs: tuple[ChartSpec, ...]) -> None:
         st.info("No metrics yet: the charts appear with the trainer's first batch.")
         return
     for start in range(0, len(drawn), 2):
-        for column, found in zip(st.columns(2), drawn[start:start + 2], strict=False):
+        for column, found in zip(st.columns(2), drawn[start : start + 2], strict=False):
             column.altair_chart(found, width="stretch", height=CHART_HEIGHT)
 
 
@@ -54,19 +54,28 @@ def health_banner(series: RunSeries, branch: str, alerts: AlertBook) -> None:
     """A banner for non-finite metrics on the current branch and for recent alerts not yet dismissed."""
     bad_steps = series.nonfinite_steps(branch)
     if bad_steps:
-        st.error(f"Non-finite metrics on branch {branch}: {len(bad_steps)} step(s), the latest at step "
-                 f"{bad_steps[-1]}. Consider a rollback to the latest healthy checkpoint (Control).",
-                 icon=":material/emergency_home:")
-    recent = [alert for alert in alerts.newest_first()
-              if alert.event_id > st.session_state["dismissed_alert"] and alert.time > time.time() - RECENT_ALERT_S
-              and alert.severity != "info"]
+        st.error(
+            f"Non-finite metrics on branch {branch}: {len(bad_steps)} step(s), the latest at step "
+            f"{bad_steps[-1]}. Consider a rollback to the latest healthy checkpoint (Control).",
+            icon=":material/emergency_home:",
+        )
+    recent = [
+        alert
+        for alert in alerts.newest_first()
+        if alert.event_id > st.session_state["dismissed_alert"]
+        and alert.time > time.time() - RECENT_ALERT_S
+        and alert.severity != "info"
+    ]
     if recent:
         newest = recent[0]
         icon = ":material/emergency_home:" if newest.severity == "critical" else ":material/warning:"
         where = f" at step {newest.step}" if newest.step is not None else ""
         left, right = st.columns([6, 1])
-        left.error(f"Alert from {newest.source}{where}: {newest.message}"
-                   + (f" (and {len(recent) - 1} more)" if len(recent) > 1 else ""), icon=icon)
+        left.error(
+            f"Alert from {newest.source}{where}: {newest.message}"
+            + (f" (and {len(recent) - 1} more)" if len(recent) > 1 else ""),
+            icon=icon,
+        )
         if right.button("Dismiss", key="dismiss_alert"):
             st.session_state["dismissed_alert"] = newest.event_id
             st.rerun(scope="fragment")

@@ -25,8 +25,9 @@ def send(run_id: str, command: dict[str, Any]) -> CommandRecord | None:
             {"command": command, "source": source(), "reason": reason or "from the dashboard"}, strict=False
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'][2:]) or 'command'}: {error['msg']}"
-                             for error in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'][2:]) or 'command'}: {error['msg']}" for error in exc.errors()
+        )
         st.error(f"Not sent: {problems}", icon=":material/block:")
         return None
     with guarded(recover=False):
@@ -50,5 +51,7 @@ def tracked_commands(run_id: str) -> None:
             record = records.get(command_id)
             if record is None or record.status not in FINAL_COMMAND_STATUSES:
                 record = records[command_id] = client().get_command(run_id, command_id)
-            st.markdown(f"{STATUS_ICONS[record.status]} `#{record.seq}` {describe_command(record.command)} — "
-                        f"**{lifecycle(record)}**")
+            st.markdown(
+                f"{STATUS_ICONS[record.status]} `#{record.seq}` {describe_command(record.command)} — "
+                f"**{lifecycle(record)}**"
+            )

@@ -27,17 +27,23 @@ def guarded(*, recover: bool = True) -> Iterator[None]:
     try:
         yield
     except OFFLINE as exc:
-        st.error(f"The control server at {st.session_state['server']} is not answering ({exc}). "
-                 f"This page retries every {RETRY_S:g} s and recovers by itself.", icon=":material/cloud_off:")
+        st.error(
+            f"The control server at {st.session_state['server']} is not answering ({exc}). "
+            f"This page retries every {RETRY_S:g} s and recovers by itself.",
+            icon=":material/cloud_off:",
+        )
         if recover:
             _wait_for_server()
     except Unauthorized as exc:
         st.session_state["needs_token"] = True
-        st.warning(f"The server refused this request: {exc}. Enter a token in the sidebar (Connection).",
-                   icon=":material/key:")
+        st.warning(
+            f"The server refused this request: {exc}. Enter a token in the sidebar (Connection).", icon=":material/key:"
+        )
     except NotFound as exc:
-        st.warning(f"Not found on the server: {exc}. The run may have been removed; pick another in the sidebar.",
-                   icon=":material/help:")
+        st.warning(
+            f"Not found on the server: {exc}. The run may have been removed; pick another in the sidebar.",
+            icon=":material/help:",
+        )
     except RequestRejected as exc:
         st.error(f"The server refused this: {exc}", icon=":material/block:")
     except RunsteerError as exc:

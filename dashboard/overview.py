@@ -14,8 +14,10 @@ from protocols.client import Client
 from protocols.records import RunInfo
 
 STATUS_BADGES = {
-    "running": ":green-badge[:material/play_arrow: running]", "paused": ":blue-badge[:material/pause: paused]",
-    "lost": ":orange-badge[:material/link_off: lost]", "finished": ":gray-badge[:material/flag: finished]",
+    "running": ":green-badge[:material/play_arrow: running]",
+    "paused": ":blue-badge[:material/pause: paused]",
+    "lost": ":orange-badge[:material/link_off: lost]",
+    "finished": ":gray-badge[:material/flag: finished]",
     "failed": ":red-badge[:material/error: failed]",
 }
 """A Markdown badge per run status."""
@@ -63,8 +65,11 @@ def status_notice(run: RunInfo) -> None:
     """A line saying what is wrong with the run, when something is."""
     if run.status == "lost":
         seen = datetime.fromtimestamp(run.last_heartbeat).strftime("%H:%M:%S") if run.last_heartbeat else "never"
-        st.warning(f"Run {run.name} is lost: its trainer has not heartbeated since {seen}. Commands wait in the "
-                   "queue and the run becomes running again when the trainer is back.", icon=":material/link_off:")
+        st.warning(
+            f"Run {run.name} is lost: its trainer has not heartbeated since {seen}. Commands wait in the "
+            "queue and the run becomes running again when the trainer is back.",
+            icon=":material/link_off:",
+        )
     elif run.status == "failed":
         st.error(f"Run {run.name} failed; see its alerts and logs.", icon=":material/error:")
     elif run.status == "finished":
@@ -81,7 +86,9 @@ def run_header(run_id: str) -> None:
         run = api.get_run(run_id)
         state = run.state
         cells = [
-            STATUS_BADGES[run.status], f"step **{run.step}**", f"branch **{run.branch}**",
+            STATUS_BADGES[run.status],
+            f"step **{run.step}**",
+            f"branch **{run.branch}**",
             f"elapsed **{elapsed(run)}**",
         ]
         if state is not None:

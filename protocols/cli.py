@@ -63,8 +63,13 @@ def send(argv: list[str]) -> int:
     try:
         with Client(args.server, token=args.token) as client:
             record = client.submit(
-                args.run_id, command, source=args.source, reason=args.reason, command_id=args.id,
-                wait=args.wait, timeout_s=args.timeout,
+                args.run_id,
+                command,
+                source=args.source,
+                reason=args.reason,
+                command_id=args.id,
+                wait=args.wait,
+                timeout_s=args.timeout,
             )
     except ValidationError as exc:
         print(f"runsteer send: invalid command:\n{exc}", file=sys.stderr)
@@ -90,12 +95,23 @@ def status(argv: list[str]) -> int:
                 run = client.get_run(args.run_id)
                 commands = client.list_commands(args.run_id)[-10:]
                 if args.json:
-                    print(json.dumps({"run": run.model_dump(mode="json"), "commands": [c.model_dump(mode="json") for c in commands]}, indent=2))
+                    print(
+                        json.dumps(
+                            {
+                                "run": run.model_dump(mode="json"),
+                                "commands": [c.model_dump(mode="json") for c in commands],
+                            },
+                            indent=2,
+                        )
+                    )
                     return 0
                 print(_describe_run(run))
                 for record in commands:
                     step = f"@{record.applied_step}" if record.applied_step is not None else ""
-                    print(f"  #{record.seq:<4} {record.command.type:<16} {record.status}{step:<8} {record.source}  {record.message or record.reason}")
+                    print(
+                        f"  #{record.seq:<4} {record.command.type:<16} {record.status}{step:<8} {record.source}  "
+                        f"{record.message or record.reason}"
+                    )
                 return 0
             runs = client.list_runs()
     except RunsteerError as exc:
@@ -106,7 +122,10 @@ def status(argv: list[str]) -> int:
         return 0
     print(f"{'RUN':<32} {'NAME':<20} {'STATUS':<9} {'BRANCH':<16} {'STEP':>8}  LAST HEARTBEAT")
     for run in runs:
-        print(f"{run.run_id:<32} {run.name:<20} {run.status:<9} {run.branch:<16} {run.step:>8}  {_when(run.last_heartbeat)}")
+        print(
+            f"{run.run_id:<32} {run.name:<20} {run.status:<9} {run.branch:<16} {run.step:>8}  "
+            f"{_when(run.last_heartbeat)}"
+        )
     return 0
 
 
@@ -164,7 +183,8 @@ def _describe_run(run: RunInfo) -> str:
     if run.state is not None:
         state = run.state
         lines.append(
-            f"  optimizer {state.optimizer}, lr {state.lr}, weight decay {state.weight_decay}, grad clip {state.grad_clip}"
+            f"  optimizer {state.optimizer}, lr {state.lr}, weight decay {state.weight_decay}, "
+            f"grad clip {state.grad_clip}"
         )
         if state.data_mix:
             lines.append("  data mix " + ", ".join(f"{name}={weight:.2f}" for name, weight in state.data_mix.items()))

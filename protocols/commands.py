@@ -168,8 +168,16 @@ Command = Annotated[
 command_adapter: TypeAdapter[Command] = TypeAdapter(Command)
 
 CommandType = Literal[
-    "set_hparams", "set_schedule", "set_optimizer", "set_data_mix", "save_checkpoint",
-    "rollback", "pause", "resume", "stop", "evaluate",
+    "set_hparams",
+    "set_schedule",
+    "set_optimizer",
+    "set_data_mix",
+    "save_checkpoint",
+    "rollback",
+    "pause",
+    "resume",
+    "stop",
+    "evaluate",
 ]
 
 

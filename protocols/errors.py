@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import JsonValue
+from pydantic import Field, JsonValue
 
 from protocols.base import WireModel
 
@@ -23,8 +23,8 @@ class ErrorBody(WireModel):
     error: str
     """A stable machine-readable code such as `validation_error` or `rate_limited`."""
     message: str
-    details: list[ErrorDetail] = []
-    extra: dict[str, JsonValue] = {}
+    details: list[ErrorDetail] = Field(default_factory=list)
+    extra: dict[str, JsonValue] = Field(default_factory=dict)
 
 
 class RunsteerError(Exception):

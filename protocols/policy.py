@@ -10,9 +10,7 @@ from protocols.base import WireModel
 
 BoundedField = Annotated[
     str,
-    StringConstraints(
-        pattern=r"^(set_hparams|set_schedule|set_optimizer|set_data_mix|rollback|evaluate)\.[a-z_]+$"
-    ),
+    StringConstraints(pattern=r"^(set_hparams|set_schedule|set_optimizer|set_data_mix|rollback|evaluate)\.[a-z_]+$"),
 ]
 """A numeric command field, written `<type>.<field>`, e.g. `set_hparams.lr`."""
 

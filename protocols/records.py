@@ -187,9 +187,7 @@ class AlertReport(WireModel):
     source: Annotated[str, Field(max_length=80)] = "trainer"
 
 
-RunReport = Annotated[
-    Heartbeat | StatusReport | CheckpointSaved | LogReport | AlertReport, Field(discriminator="type")
-]
+RunReport = Annotated[Heartbeat | StatusReport | CheckpointSaved | LogReport | AlertReport, Field(discriminator="type")]
 """Anything posted to `/runs/{run_id}/events`."""
 
 

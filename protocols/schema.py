@@ -25,9 +25,24 @@ from protocols.records import (
 )
 
 WIRE_MODELS = (
-    CommandEnvelope, CommandRecord, CommandList, CommandResult, CommandDecision, RunRegistration, RunInfo, RunList,
-    MetricsBatch, MetricsAck, MetricsHistory, RunReportBatch, ReportAck, CheckpointList, Policy, ErrorBody,
-    StreamSubmit, StreamReply,
+    CommandEnvelope,
+    CommandRecord,
+    CommandList,
+    CommandResult,
+    CommandDecision,
+    RunRegistration,
+    RunInfo,
+    RunList,
+    MetricsBatch,
+    MetricsAck,
+    MetricsHistory,
+    RunReportBatch,
+    ReportAck,
+    CheckpointList,
+    Policy,
+    ErrorBody,
+    StreamSubmit,
+    StreamReply,
 )
 
 
@@ -38,9 +53,7 @@ def command_schema() -> dict[str, Any]:
 
 def protocol_schema() -> dict[str, Any]:
     """One JSON Schema document with every wire model under `$defs`, plus `Command` and `Event`."""
-    _, document = models_json_schema(
-        [(model, "validation") for model in WIRE_MODELS], ref_template="#/$defs/{model}"
-    )
+    _, document = models_json_schema([(model, "validation") for model in WIRE_MODELS], ref_template="#/$defs/{model}")
     definitions: dict[str, Any] = document["$defs"]
     for name, adapter in (("Command", TypeAdapter(Command)), ("Event", TypeAdapter(Event))):
         schema = adapter.json_schema(ref_template="#/$defs/{model}")

@@ -97,8 +97,16 @@ class ServerProcess:
         """Start the process and wait until it listens (on `port`, or a free one)."""
         self.port_file.unlink(missing_ok=True)
         command = [
-            sys.executable, "-m", "control_server", "--port", str(port), "--db", str(self.db),
-            "--port-file", str(self.port_file), *self.extra,
+            sys.executable,
+            "-m",
+            "control_server",
+            "--port",
+            str(port),
+            "--db",
+            str(self.db),
+            "--port-file",
+            str(self.port_file),
+            *self.extra,
         ]
         with open(self.db.with_suffix(".log"), "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(

@@ -128,8 +128,13 @@ def apply_set_schedule(steer: Steer, command: SetSchedule) -> Effective:
     else:
         peaks = tuple(peak for _ in current)
     steer.schedule = Schedule(
-        kind=command.kind, peak_lrs=peaks, start_step=steer.step, warmup_steps=command.warmup_steps,
-        horizon_steps=command.horizon_steps, floor=command.floor, decay_fraction=command.decay_fraction,
+        kind=command.kind,
+        peak_lrs=peaks,
+        start_step=steer.step,
+        warmup_steps=command.warmup_steps,
+        horizon_steps=command.horizon_steps,
+        floor=command.floor,
+        decay_fraction=command.decay_fraction,
     )
     for group, lr in zip(steer.optimizer.param_groups, steer.schedule.lrs(steer.step), strict=True):
         group["lr"] = lr
@@ -146,7 +151,10 @@ def apply_set_optimizer(steer: Steer, command: SetOptimizer) -> Effective:
     if command.name in ("adagrad", "adafactor") and command.momentum is not None:
         raise CommandRejected(f"{command.name} takes no momentum")
     overrides: dict[str, Any] = {
-        "weight_decay": command.weight_decay, "betas": command.betas, "momentum": command.momentum, "eps": command.eps,
+        "weight_decay": command.weight_decay,
+        "betas": command.betas,
+        "momentum": command.momentum,
+        "eps": command.eps,
     }
     try:
         plan = plan_swap(steer.optimizer, command.name, overrides, command.carry_state)
@@ -157,7 +165,10 @@ def apply_set_optimizer(steer: Steer, command: SetOptimizer) -> Effective:
     if command.lr is not None:
         set_lr(steer, list(range(len(steer.optimizer.param_groups))), command.lr)
     return {
-        "optimizer": command.name, "previous": previous, "carried": list(plan.carried), "dropped": list(plan.dropped),
+        "optimizer": command.name,
+        "previous": previous,
+        "carried": list(plan.carried),
+        "dropped": list(plan.dropped),
         "lr": float(steer.optimizer.param_groups[0]["lr"]),
         "groups": _group_view(steer, list(range(len(steer.optimizer.param_groups)))),
     }
@@ -177,8 +188,13 @@ def apply_set_data_mix(steer: Steer, command: SetDataMix) -> Effective:
 def _checkpoint_view(steer: Steer, checkpoint_id: str) -> Effective:
     info = steer.checkpoints.find(checkpoint_id=checkpoint_id)
     return {
-        "checkpoint_id": info.checkpoint_id, "step": info.step, "branch": info.branch, "path": info.path,
-        "sha256": info.sha256, "tag": info.tag, "healthy": info.healthy,
+        "checkpoint_id": info.checkpoint_id,
+        "step": info.step,
+        "branch": info.branch,
+        "path": info.path,
+        "sha256": info.sha256,
+        "tag": info.tag,
+        "healthy": info.healthy,
     }
 
 
@@ -204,7 +220,9 @@ def apply_rollback(steer: Steer, command: Rollback) -> Effective:
     """Restore a checkpoint onto a new branch; optionally skip the batches the original run saw next."""
     try:
         info = steer.checkpoints.find(
-            checkpoint_id=command.checkpoint_id, step=command.step, branch=steer.branch,
+            checkpoint_id=command.checkpoint_id,
+            step=command.step,
+            branch=steer.branch,
             latest_healthy=command.latest_healthy,
         )
     except CheckpointError as exc:
@@ -224,9 +242,14 @@ def apply_rollback(steer: Steer, command: Rollback) -> Effective:
     previous_branch, previous_step = steer.branch, steer.step
     steer.move_to(info.step, branch)
     return {
-        "checkpoint_id": info.checkpoint_id, "step": info.step, "branch": branch, "from_branch": previous_branch,
-        "from_step": previous_step, "skipped_batches": command.skip_batches,
-        "source": "memory" if from_memory else "disk", "restore_ms": round((time.perf_counter() - started) * 1e3, 3),
+        "checkpoint_id": info.checkpoint_id,
+        "step": info.step,
+        "branch": branch,
+        "from_branch": previous_branch,
+        "from_step": previous_step,
+        "skipped_batches": command.skip_batches,
+        "source": "memory" if from_memory else "disk",
+        "restore_ms": round((time.perf_counter() - started) * 1e3, 3),
     }
 
 

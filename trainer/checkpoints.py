@@ -64,15 +64,27 @@ class CheckpointStore:
                 self.entries[info.checkpoint_id] = Entry(info)
 
     def save(
-        self, state: dict[str, Any], *, branch: str, step: int, tag: str | None = None, to_disk: bool = True,
-        healthy: bool = True, metrics: dict[str, float] | None = None,
+        self,
+        state: dict[str, Any],
+        *,
+        branch: str,
+        step: int,
+        tag: str | None = None,
+        to_disk: bool = True,
+        healthy: bool = True,
+        metrics: dict[str, float] | None = None,
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
         """Snapshot `state`; returns the new checkpoint's info and the infos of checkpoints it evicted."""
         checkpoint_id = f"{branch[:40]}.s{step}.{uuid4().hex[:8]}"
         snapshot = detached_copy(state)
         info = CheckpointInfo(
-            checkpoint_id=checkpoint_id, branch=branch, step=step, time=time.time(), tag=tag,
-            healthy=healthy, metrics=metrics or {},
+            checkpoint_id=checkpoint_id,
+            branch=branch,
+            step=step,
+            time=time.time(),
+            tag=tag,
+            healthy=healthy,
+            metrics=metrics or {},
         )
         if to_disk and self.directory is not None:
             path, size, digest = self._write(checkpoint_id, snapshot)
@@ -84,7 +96,11 @@ class CheckpointStore:
         return info, evicted
 
     def find(
-        self, *, checkpoint_id: str | None = None, step: int | None = None, branch: str | None = None,
+        self,
+        *,
+        checkpoint_id: str | None = None,
+        step: int | None = None,
+        branch: str | None = None,
         latest_healthy: bool = False,
     ) -> CheckpointInfo:
         """The checkpoint asked for by id, by step (latest at or before it on `branch`), or the newest healthy one."""

@@ -35,11 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qk-layernorm", action="store_true", help="normalise queries and keys per head")
     parser.add_argument("--z-loss", type=float, default=None, help="z-loss weight, e.g. 1e-4 (default off)")
     parser.add_argument(
-        "--domain-file", type=Path, action="append", default=[],
+        "--domain-file",
+        type=Path,
+        action="append",
+        default=[],
         help="add a text file as a data domain named after its stem (repeatable)",
     )
     parser.add_argument(
-        "--inject-spike", type=int, action="append", default=[], metavar="BATCH",
+        "--inject-spike",
+        type=int,
+        action="append",
+        default=[],
+        metavar="BATCH",
         help="poison batch BATCH: the step that trains on it runs at --spike-factor x the learning rate (repeatable)",
     )
     parser.add_argument("--spike-factor", type=float, default=defaults.spike_factor, help="see --inject-spike")
@@ -52,23 +59,40 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RunConfig(
-        server=args.server, preset=args.preset, steps=args.steps, lr=args.lr, run_name=args.run_name,
-        checkpoint_dir=args.checkpoint_dir, seed=args.seed, device=args.device, token=args.token, run_id=args.run_id,
-        qk_layernorm=args.qk_layernorm, z_loss=args.z_loss, domain_files=args.domain_file,
-        inject_spikes=args.inject_spike, spike_factor=args.spike_factor,
+        server=args.server,
+        preset=args.preset,
+        steps=args.steps,
+        lr=args.lr,
+        run_name=args.run_name,
+        checkpoint_dir=args.checkpoint_dir,
+        seed=args.seed,
+        device=args.device,
+        token=args.token,
+        run_id=args.run_id,
+        qk_layernorm=args.qk_layernorm,
+        z_loss=args.z_loss,
+        domain_files=args.domain_file,
+        inject_spikes=args.inject_spike,
+        spike_factor=args.spike_factor,
     )
     try:
         run = BuiltinRun(config)
     except (ValueError, OSError, RunsteerError) as exc:
         print(f"runsteer train: {exc}", file=sys.stderr)
         return 2
-    print(f"run {run.steer.run_id or '(not registered yet)'} on {config.server}: preset {config.preset}, "
-          f"{run.steps} steps, device {run.device}", flush=True)
+    print(
+        f"run {run.steer.run_id or '(not registered yet)'} on {config.server}: preset {config.preset}, "
+        f"{run.steps} steps, device {run.device}",
+        flush=True,
+    )
 
     def progress(step: int, values: dict[str, float]) -> None:
         if not args.quiet and step % 50 == 0:
-            print(f"step {step:6d} [{run.steer.branch}] loss {values['loss']:.4f} lr {values['lr']:.2e} "
-                  f"{values['step_time_ms']:.1f} ms/step", flush=True)
+            print(
+                f"step {step:6d} [{run.steer.branch}] loss {values['loss']:.4f} lr {values['lr']:.2e} "
+                f"{values['step_time_ms']:.1f} ms/step",
+                flush=True,
+            )
 
     # Interpreter shutdown otherwise runs full collections over torch's object graph (over a second here);
     # freezing the heap at exit skips them, so the process ends well within a second of the final checkpoint.

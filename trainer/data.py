@@ -86,7 +86,12 @@ class MixtureSampler:
     """Draws (inputs, targets, domain ids) batches from weighted domains; `Stateful` and skippable."""
 
     def __init__(
-        self, domains: list[Domain], *, batch_size: int, block_size: int, seed: int,
+        self,
+        domains: list[Domain],
+        *,
+        batch_size: int,
+        block_size: int,
+        seed: int,
         weights: dict[str, float] | None = None,
     ) -> None:
         if not domains:

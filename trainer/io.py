@@ -210,8 +210,12 @@ class IOWorker:
     """Owns the two I/O threads and the queues the training thread meets them through."""
 
     def __init__(
-        self, transport_factory: Callable[[], Transport], registration: RunRegistration, config: IOConfig,
-        *, after_seq: int | None = None,
+        self,
+        transport_factory: Callable[[], Transport],
+        registration: RunRegistration,
+        config: IOConfig,
+        *,
+        after_seq: int | None = None,
     ) -> None:
         self.config = config
         self.registration = registration
@@ -265,7 +269,10 @@ class IOWorker:
         if not empty:
             log.warning(
                 "runsteer: could not send everything before stopping: %d results, %d reports, %d samples (%s)",
-                len(self._results), len(self._reports), len(self.buffer), self.buffer.path,
+                len(self._results),
+                len(self._reports),
+                len(self.buffer),
+                self.buffer.path,
             )
         return empty
 
@@ -367,9 +374,7 @@ class IOWorker:
             self._reports.append(item)
 
     def _idle(self) -> bool:
-        return self.registered.is_set() and not (
-            self._results or self._reports or len(self.buffer) or self._inflight
-        )
+        return self.registered.is_set() and not (self._results or self._reports or len(self.buffer) or self._inflight)
 
     def _send_due(self, now: float) -> None:
         """Register if needed, then send results, reports, a heartbeat and metric batches that are due."""
@@ -396,8 +401,10 @@ class IOWorker:
             for _ in reports:
                 self._reports.popleft()
         urgent = self._stop is not None or bool(self._flushes)
-        while self._inflight is not None or len(self.buffer) >= self.config.batch_max_samples or (
-            len(self.buffer) and (urgent or now - (self._oldest_unsent or now) >= self.config.flush_interval_s)
+        while (
+            self._inflight is not None
+            or len(self.buffer) >= self.config.batch_max_samples
+            or (len(self.buffer) and (urgent or now - (self._oldest_unsent or now) >= self.config.flush_interval_s))
         ):
             if self._inflight is None:
                 samples = self.buffer.head(self.config.batch_max_samples)

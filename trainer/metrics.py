@@ -30,7 +30,10 @@ class LossOutput:
 
 
 def lm_loss(
-    logits: Tensor, targets: Tensor, domain_ids: Tensor | None = None, domains: list[str] | None = None,
+    logits: Tensor,
+    targets: Tensor,
+    domain_ids: Tensor | None = None,
+    domains: list[str] | None = None,
     z_loss: float = 0.0,
 ) -> LossOutput:
     """Cross-entropy with the log-sum-exp computed once and reused for the loss, `logit_z` and the z-loss.
@@ -112,8 +115,10 @@ class GradientStats:
 
 
 def read_scalars(
-    scalars: dict[str, Tensor], domains: list[str] | None = None,
-    domain_sums: Tensor | None = None, domain_counts: Tensor | None = None,
+    scalars: dict[str, Tensor],
+    domains: list[str] | None = None,
+    domain_sums: Tensor | None = None,
+    domain_counts: Tensor | None = None,
 ) -> dict[str, float]:
     """Bring every device value to the host at once (one sync); `loss/<domain>` for domains in the batch."""
     parts = [torch.stack([_as_scalar(value) for value in scalars.values()])]

@@ -77,7 +77,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd, bias=False), nn.GELU(),
+            nn.Linear(config.n_embd, 4 * config.n_embd, bias=False),
+            nn.GELU(),
             nn.Linear(4 * config.n_embd, config.n_embd, bias=False),
         )
 

@@ -22,8 +22,12 @@ ADAM_FAMILY = ("adamw", "adam", "nadam", "radam")
 def optimizer_classes() -> dict[OptimizerName, type[torch.optim.Optimizer]]:
     """Every optimizer `set_optimizer` may name that the installed torch provides."""
     classes: dict[OptimizerName, type[torch.optim.Optimizer]] = {
-        "adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD,
-        "rmsprop": torch.optim.RMSprop, "nadam": torch.optim.NAdam, "radam": torch.optim.RAdam,
+        "adamw": torch.optim.AdamW,
+        "adam": torch.optim.Adam,
+        "sgd": torch.optim.SGD,
+        "rmsprop": torch.optim.RMSprop,
+        "nadam": torch.optim.NAdam,
+        "radam": torch.optim.RAdam,
         "adagrad": torch.optim.Adagrad,
     }
     adafactor = getattr(torch.optim, "Adafactor", None)
@@ -118,9 +122,29 @@ def plan_swap(
 def _known_keys(group: dict[str, Any]) -> set[str]:
     """Keys of a param group that belong to the optimizer class (everything but user extras like `name`)."""
     optimizer_keys = {
-        "params", "lr", "weight_decay", "betas", "eps", "momentum", "dampening", "nesterov", "alpha", "centered",
-        "amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused", "momentum_decay",
-        "decoupled_weight_decay", "lr_decay", "initial_accumulator_value", "beta2_decay", "d", "initial_lr",
+        "params",
+        "lr",
+        "weight_decay",
+        "betas",
+        "eps",
+        "momentum",
+        "dampening",
+        "nesterov",
+        "alpha",
+        "centered",
+        "amsgrad",
+        "maximize",
+        "foreach",
+        "capturable",
+        "differentiable",
+        "fused",
+        "momentum_decay",
+        "decoupled_weight_decay",
+        "lr_decay",
+        "initial_accumulator_value",
+        "beta2_decay",
+        "d",
+        "initial_lr",
         "param_names",
     }
     return optimizer_keys & set(group)
@@ -171,8 +195,12 @@ def _describe_carry(
 
 
 def _carry_value(
-    old_name: OptimizerName | None, new_name: OptimizerName, old_state: dict[str, Any],
-    old_group: dict[str, Any], new_group: dict[str, Any], param: Tensor,
+    old_name: OptimizerName | None,
+    new_name: OptimizerName,
+    old_state: dict[str, Any],
+    old_group: dict[str, Any],
+    new_group: dict[str, Any],
+    param: Tensor,
 ) -> dict[str, Any]:
     """The new optimizer's state for one parameter, converted from the old one's where compatible."""
     if old_name == new_name:

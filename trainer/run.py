@@ -49,13 +49,24 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "cpu-tiny": Preset(
-        model=GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128), batch_size=16, lr=3e-3,
-        steps=2000, warmup_steps=50, domain_bytes=400_000,
+        model=GPTConfig(block_size=64, n_layer=4, n_head=4, n_embd=128),
+        batch_size=16,
+        lr=3e-3,
+        steps=2000,
+        warmup_steps=50,
+        domain_bytes=400_000,
     ),
     "gpu-small": Preset(
-        model=GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384), batch_size=64, lr=1e-3,
-        steps=5000, warmup_steps=200, domain_bytes=4_000_000, eval_every=500, eval_batches=16,
-        snapshot_every=100, checkpoint_every=500,
+        model=GPTConfig(block_size=256, n_layer=6, n_head=6, n_embd=384),
+        batch_size=64,
+        lr=1e-3,
+        steps=5000,
+        warmup_steps=200,
+        domain_bytes=4_000_000,
+        eval_every=500,
+        eval_batches=16,
+        snapshot_every=100,
+        checkpoint_every=500,
     ),
 }
 
@@ -126,25 +137,43 @@ class BuiltinRun:
         )
         peaks = tuple(lr for _ in self.optimizer.param_groups)
         horizon = max(self.steps, preset.warmup_steps + 1)
-        schedule = Schedule("cosine", peaks, warmup_steps=min(preset.warmup_steps, horizon - 1),
-                            horizon_steps=horizon, floor=0.1)
+        schedule = Schedule(
+            "cosine", peaks, warmup_steps=min(preset.warmup_steps, horizon - 1), horizon_steps=horizon, floor=0.1
+        )
         self.stats = GradientStats(self.model.blocks_of_parameters())
         n_params = sum(p.numel() for p in self.model.parameters())
         steer_config = SteerConfig(
-            server=config.server, token=config.token, run_name=config.run_name, run_id=config.run_id,
-            checkpoint_dir=config.checkpoint_dir, snapshot_every=preset.snapshot_every,
-            checkpoint_every=preset.checkpoint_every if config.checkpoint_dir else 0, grad_clip=preset.grad_clip,
+            server=config.server,
+            token=config.token,
+            run_name=config.run_name,
+            run_id=config.run_id,
+            checkpoint_dir=config.checkpoint_dir,
+            snapshot_every=preset.snapshot_every,
+            checkpoint_every=preset.checkpoint_every if config.checkpoint_dir else 0,
+            grad_clip=preset.grad_clip,
             run_config={
-                "preset": config.preset, "steps": self.steps, "seed": config.seed, "device": str(self.device),
-                "parameters": n_params, "batch_size": preset.batch_size, "block_size": model_config.block_size,
-                "n_layer": model_config.n_layer, "n_embd": model_config.n_embd, "qk_layernorm": config.qk_layernorm,
+                "preset": config.preset,
+                "steps": self.steps,
+                "seed": config.seed,
+                "device": str(self.device),
+                "parameters": n_params,
+                "batch_size": preset.batch_size,
+                "block_size": model_config.block_size,
+                "n_layer": model_config.n_layer,
+                "n_embd": model_config.n_embd,
+                "qk_layernorm": config.qk_layernorm,
                 "z_loss": self.z_loss,
             },
             io=config.io,
         )
         self.steer = Steer(
-            self.model, self.optimizer, schedule=schedule, sampler=self.sampler, evaluate=self.evaluate,
-            config=steer_config, transport_factory=transport_factory,
+            self.model,
+            self.optimizer,
+            schedule=schedule,
+            sampler=self.sampler,
+            evaluate=self.evaluate,
+            config=steer_config,
+            transport_factory=transport_factory,
         )
         self.tokens_per_step = preset.batch_size * model_config.block_size
         self.history: list[tuple[str, int, float]] = []

@@ -73,8 +73,12 @@ class Schedule:
     def state(self) -> ScheduleState:
         """The wire description of this schedule (peak of the first group)."""
         return ScheduleState(
-            kind=self.kind, peak_lr=self.peak_lrs[0], warmup_steps=self.warmup_steps,
-            horizon_steps=self.horizon_steps, floor=self.floor, start_step=self.start_step,
+            kind=self.kind,
+            peak_lr=self.peak_lrs[0],
+            warmup_steps=self.warmup_steps,
+            horizon_steps=self.horizon_steps,
+            floor=self.floor,
+            start_step=self.start_step,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -35,8 +35,10 @@ def proposals(run_id: str) -> None:
             return
         for record in pending:
             with st.container(border=True):
-                st.markdown(f"`#{record.seq}` **{describe_command(record.command)}** from `{record.source}` "
-                            f"at {_when(record.created_at)}")
+                st.markdown(
+                    f"`#{record.seq}` **{describe_command(record.command)}** from `{record.source}` "
+                    f"at {_when(record.created_at)}"
+                )
                 st.markdown(f"> {record.reason or '(no reason given)'}")
                 approve, reject, _ = st.columns([1, 1, 4])
                 if approve.button("Approve", key=f"approve_{record.id}", type="primary"):
@@ -69,11 +71,19 @@ def history(run_id: str) -> None:
             st.caption("No commands yet.")
             return
         st.dataframe(
-            [{
-                "seq": record.seq, "command": describe_command(record.command), "source": record.source,
-                "reason": record.reason, "status": record.status, "applied step": record.applied_step,
-                "result": lifecycle(record), "sent": _when(record.created_at),
-            } for record in records],
+            [
+                {
+                    "seq": record.seq,
+                    "command": describe_command(record.command),
+                    "source": record.source,
+                    "reason": record.reason,
+                    "status": record.status,
+                    "applied step": record.applied_step,
+                    "result": lifecycle(record),
+                    "sent": _when(record.created_at),
+                }
+                for record in records
+            ],
             hide_index=True,
         )
 
@@ -90,10 +100,16 @@ def alert_feed(run_id: str) -> None:
             st.caption("No alerts.")
             return
         st.dataframe(
-            [{
-                "time": _when(alert.time), "severity": alert.severity, "source": alert.source, "step": alert.step,
-                "message": alert.message,
-            } for alert in alerts[:HISTORY_ROWS]],
+            [
+                {
+                    "time": _when(alert.time),
+                    "severity": alert.severity,
+                    "source": alert.source,
+                    "step": alert.step,
+                    "message": alert.message,
+                }
+                for alert in alerts[:HISTORY_ROWS]
+            ],
             hide_index=True,
         )
 

@@ -27,21 +27,60 @@ def hparams_form(run: RunInfo, state: RunState | None) -> None:
     with st.form("hparams_form", clear_on_submit=True):
         st.markdown("**Hyperparameters** (blank keeps the current value)")
         left, right = st.columns(2)
-        lr = left.number_input("Learning rate", min_value=0.0, max_value=10.0, value=None, step=1e-4, format="%g",
-                               placeholder=_now(state.lr if state else None), key="hp_lr")
-        weight_decay = right.number_input("Weight decay", min_value=0.0, max_value=10.0, value=None, step=0.01,
-                                          format="%g", placeholder=_now(state.weight_decay if state else None),
-                                          key="hp_weight_decay")
-        grad_clip = left.number_input("Gradient clip (0 = off)", min_value=0.0, max_value=1e6, value=None, step=0.1,
-                                      format="%g", placeholder=_now(state.grad_clip if state else None),
-                                      key="hp_grad_clip")
-        beta1 = right.number_input("Beta 1", min_value=0.0, max_value=0.9999, value=None, step=0.01, format="%g",
-                                   placeholder="e.g. 0.9", key="hp_beta1")
-        beta2 = left.number_input("Beta 2", min_value=0.0, max_value=0.9999, value=None, step=0.001, format="%g",
-                                  placeholder="e.g. 0.95", key="hp_beta2")
+        lr = left.number_input(
+            "Learning rate",
+            min_value=0.0,
+            max_value=10.0,
+            value=None,
+            step=1e-4,
+            format="%g",
+            placeholder=_now(state.lr if state else None),
+            key="hp_lr",
+        )
+        weight_decay = right.number_input(
+            "Weight decay",
+            min_value=0.0,
+            max_value=10.0,
+            value=None,
+            step=0.01,
+            format="%g",
+            placeholder=_now(state.weight_decay if state else None),
+            key="hp_weight_decay",
+        )
+        grad_clip = left.number_input(
+            "Gradient clip (0 = off)",
+            min_value=0.0,
+            max_value=1e6,
+            value=None,
+            step=0.1,
+            format="%g",
+            placeholder=_now(state.grad_clip if state else None),
+            key="hp_grad_clip",
+        )
+        beta1 = right.number_input(
+            "Beta 1",
+            min_value=0.0,
+            max_value=0.9999,
+            value=None,
+            step=0.01,
+            format="%g",
+            placeholder="e.g. 0.9",
+            key="hp_beta1",
+        )
+        beta2 = left.number_input(
+            "Beta 2",
+            min_value=0.0,
+            max_value=0.9999,
+            value=None,
+            step=0.001,
+            format="%g",
+            placeholder="e.g. 0.95",
+            key="hp_beta2",
+        )
         if st.form_submit_button("Apply hyperparameters", type="primary"):
             changes: dict[str, Any] = {
-                key: value for key, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip))
+                key: value
+                for key, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip))
                 if value is not None
             }
             if (beta1 is None) != (beta2 is None):
@@ -63,18 +102,38 @@ def schedule_form(run: RunInfo, state: RunState | None) -> None:
         kinds = list(get_args(ScheduleKind))
         left, right = st.columns(2)
         kind = left.selectbox("Kind", kinds, key="sched_kind")
-        peak = right.number_input("Peak lr", min_value=0.0, max_value=10.0, value=None, format="%g",
-                                  placeholder="the current lr", key="sched_peak")
+        peak = right.number_input(
+            "Peak lr",
+            min_value=0.0,
+            max_value=10.0,
+            value=None,
+            format="%g",
+            placeholder="the current lr",
+            key="sched_peak",
+        )
         warmup = left.number_input("Warmup steps", min_value=0, value=0, step=10, key="sched_warmup")
-        horizon = right.number_input("Horizon steps", min_value=1, value=None, step=100,
-                                     placeholder="required by cosine, linear, wsd", key="sched_horizon")
-        floor = left.number_input("Floor (fraction of peak)", min_value=0.0, max_value=1.0, value=0.0, step=0.05,
-                                  key="sched_floor")
-        decay = right.number_input("Decay fraction (wsd)", min_value=0.01, max_value=1.0, value=0.2, step=0.05,
-                                   key="sched_decay")
+        horizon = right.number_input(
+            "Horizon steps",
+            min_value=1,
+            value=None,
+            step=100,
+            placeholder="required by cosine, linear, wsd",
+            key="sched_horizon",
+        )
+        floor = left.number_input(
+            "Floor (fraction of peak)", min_value=0.0, max_value=1.0, value=0.0, step=0.05, key="sched_floor"
+        )
+        decay = right.number_input(
+            "Decay fraction (wsd)", min_value=0.01, max_value=1.0, value=0.2, step=0.05, key="sched_decay"
+        )
         if st.form_submit_button("Set schedule"):
-            command: dict[str, Any] = {"type": "set_schedule", "kind": kind, "warmup_steps": int(warmup),
-                                       "floor": floor, "decay_fraction": decay}
+            command: dict[str, Any] = {
+                "type": "set_schedule",
+                "kind": kind,
+                "warmup_steps": int(warmup),
+                "floor": floor,
+                "decay_fraction": decay,
+            }
             if peak is not None:
                 command["peak_lr"] = peak
             if horizon is not None:
@@ -88,8 +147,15 @@ def optimizer_form(run: RunInfo, state: RunState | None) -> None:
         st.markdown("**Optimizer**" + (f" (now {state.optimizer})" if state and state.optimizer else ""))
         left, right = st.columns(2)
         name = left.selectbox("Switch to", list(get_args(OptimizerName)), key="opt_name")
-        lr = right.number_input("Learning rate", min_value=0.0, max_value=10.0, value=None, format="%g",
-                                placeholder="keep the current lr", key="opt_lr")
+        lr = right.number_input(
+            "Learning rate",
+            min_value=0.0,
+            max_value=10.0,
+            value=None,
+            format="%g",
+            placeholder="keep the current lr",
+            key="opt_lr",
+        )
         carry = st.checkbox("Carry moment state where compatible", value=True, key="opt_carry")
         if st.form_submit_button("Swap optimizer"):
             command: dict[str, Any] = {"type": "set_optimizer", "name": name, "carry_state": carry}
@@ -112,8 +178,14 @@ def data_mix(run: RunInfo, state: RunState | None) -> None:
         return
     current = state.data_mix if state else {}
     weights = {
-        domain: st.slider(domain, 0.0, 1.0, value=float(current.get(domain, 1.0 / len(run.domains))), step=0.05,
-                          key=f"mix_{run.run_id}_{domain}")
+        domain: st.slider(
+            domain,
+            0.0,
+            1.0,
+            value=float(current.get(domain, 1.0 / len(run.domains))),
+            step=0.05,
+            key=f"mix_{run.run_id}_{domain}",
+        )
         for domain in run.domains
     }
     mix = normalised(weights)
@@ -152,12 +224,18 @@ def run_controls(run: RunInfo) -> None:
 def rollback_cell(run_id: str, checkpoint: CheckpointInfo) -> None:
     """The rollback button of one checkpoint row, with the new branch's name and batches to skip."""
     with st.popover("Roll back…", key=f"rb_{checkpoint.checkpoint_id}"):
-        branch = st.text_input("New branch name", key=f"rb_branch_{checkpoint.checkpoint_id}",
-                               placeholder=f"{checkpoint.branch}-r{checkpoint.step} when blank")
+        branch = st.text_input(
+            "New branch name",
+            key=f"rb_branch_{checkpoint.checkpoint_id}",
+            placeholder=f"{checkpoint.branch}-r{checkpoint.step} when blank",
+        )
         skip = st.number_input("Skip batches", min_value=0, value=0, step=1, key=f"rb_skip_{checkpoint.checkpoint_id}")
         if st.button(f"Roll back to step {checkpoint.step}", key=f"rb_go_{checkpoint.checkpoint_id}", type="primary"):
-            command: dict[str, Any] = {"type": "rollback", "checkpoint_id": checkpoint.checkpoint_id,
-                                       "skip_batches": int(skip)}
+            command: dict[str, Any] = {
+                "type": "rollback",
+                "checkpoint_id": checkpoint.checkpoint_id,
+                "skip_batches": int(skip),
+            }
             if branch:
                 command["branch"] = branch
             send(run_id, command)
@@ -173,8 +251,9 @@ def checkpoint_table(run_id: str) -> None:
             st.caption("No checkpoints yet.")
             return
         widths = [3, 2, 1, 2, 1, 2]
-        for column, title in zip(st.columns(widths), ["checkpoint", "branch", "step", "saved", "healthy", ""],
-                                 strict=True):
+        for column, title in zip(
+            st.columns(widths), ["checkpoint", "branch", "step", "saved", "healthy", ""], strict=True
+        ):
             column.caption(title)
         for checkpoint in checkpoints:
             name, branch, step, saved, healthy, action = st.columns(widths)

@@ -34,8 +34,11 @@ def runs_table() -> None:
             return
         st.session_state["runs_table_ids"] = [run.run_id for run in runs]
         st.dataframe(
-            [run_row(api, run) for run in runs], key="runs_table", on_select=choose_row,
-            selection_mode="single-row", hide_index=True,
+            [run_row(api, run) for run in runs],
+            key="runs_table",
+            on_select=choose_row,
+            selection_mode="single-row",
+            hide_index=True,
         )
 
 

@@ -108,7 +108,10 @@ class AsyncClient:
         wait: bool = False,
         timeout_s: float = 60.0,
     ) -> CommandRecord:
-        """Submit a command (held for a person's approval with `hold`); with `wait`, return once it is applied, rejected or failed (or `timeout_s`)."""
+        """Submit a command (held for a person's approval with `hold`).
+
+        With `wait`, return once it is applied, rejected or failed (or `timeout_s` passed).
+        """
         envelope = envelope_of(command, source=source, reason=reason, command_id=command_id, hold=hold)
         record = await self.send(Requests.submit(run_id, envelope))
         return await self.wait_for(run_id, record.id, timeout_s=timeout_s) if wait else record

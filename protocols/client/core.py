@@ -155,8 +155,11 @@ class Requests:
     def get_command(run_id: str, command_id: str, *, wait_s: float = 0.0) -> HttpRequest[CommandRecord]:
         params = {"wait": f"{wait_s:g}"} if wait_s > 0 else {}
         return HttpRequest(
-            "GET", f"{_run(run_id)}/commands/{_segment(command_id)}", CommandRecord,
-            params=params, timeout_s=DEFAULT_TIMEOUT_S + wait_s,
+            "GET",
+            f"{_run(run_id)}/commands/{_segment(command_id)}",
+            CommandRecord,
+            params=params,
+            timeout_s=DEFAULT_TIMEOUT_S + wait_s,
         )
 
     @staticmethod
@@ -169,8 +172,11 @@ class Requests:
     @staticmethod
     def next_commands(run_id: str, *, after_seq: int, wait_s: float) -> HttpRequest[CommandList]:
         return HttpRequest(
-            "GET", f"{_run(run_id)}/commands/next", CommandList,
-            params={"after": str(after_seq), "wait": f"{wait_s:g}"}, timeout_s=DEFAULT_TIMEOUT_S + wait_s,
+            "GET",
+            f"{_run(run_id)}/commands/next",
+            CommandList,
+            params={"after": str(after_seq), "wait": f"{wait_s:g}"},
+            timeout_s=DEFAULT_TIMEOUT_S + wait_s,
         )
 
     @staticmethod
@@ -210,7 +216,9 @@ class Requests:
         return HttpRequest("POST", f"{_run(run_id)}/alerts", ReportAck, body=_json(alert))
 
     @staticmethod
-    def list_events(run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000) -> HttpRequest[EventList]:
+    def list_events(
+        run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000
+    ) -> HttpRequest[EventList]:
         params = {"after": str(after), "limit": str(limit)}
         kind_list = ",".join(kinds)
         if kind_list:
@@ -253,6 +261,14 @@ def envelope_of(
 
 
 __all__ = [
-    "DEFAULT_TIMEOUT_S", "HttpRequest", "Requests", "RunsteerError", "auth_headers", "decode", "envelope_of",
-    "normalise_base_url", "parse_stream_message", "stream_url",
+    "DEFAULT_TIMEOUT_S",
+    "HttpRequest",
+    "Requests",
+    "RunsteerError",
+    "auth_headers",
+    "decode",
+    "envelope_of",
+    "normalise_base_url",
+    "parse_stream_message",
+    "stream_url",
 ]

@@ -57,7 +57,7 @@ class Client:
         self._closings = 0
 
     def close(self) -> None:
-        """Close the connection; a call in flight on another thread (a long-poll) fails at once with ServerUnavailable."""
+        """Close the connection; a call in flight on another thread (a long-poll) fails at once (ServerUnavailable)."""
         self._closings += 1
         connection = self._connection
         if connection is not None and connection.sock is not None:
@@ -149,7 +149,10 @@ class Client:
         wait: bool = False,
         timeout_s: float = 60.0,
     ) -> CommandRecord:
-        """Submit a command (held for a person's approval with `hold`); with `wait`, block until it is applied, rejected or failed (or `timeout_s`)."""
+        """Submit a command (held for a person's approval with `hold`).
+
+        With `wait`, block until it is applied, rejected or failed (or `timeout_s` passed).
+        """
         envelope = envelope_of(command, source=source, reason=reason, command_id=command_id, hold=hold)
         record = self.send(Requests.submit(run_id, envelope))
         return self.wait_for(run_id, record.id, timeout_s=timeout_s) if wait else record
@@ -173,12 +176,16 @@ class Client:
         """One command record."""
         return self.send(Requests.get_command(run_id, command_id))
 
-    def approve(self, run_id: str, command_id: str, *, source: str = "user:anonymous", reason: str = "") -> CommandRecord:
+    def approve(
+        self, run_id: str, command_id: str, *, source: str = "user:anonymous", reason: str = ""
+    ) -> CommandRecord:
         """Release a command held in `pending_approval`."""
         decision = CommandDecision(source=source, reason=reason)
         return self.send(Requests.decide(run_id, command_id, decision, approve=True))
 
-    def reject(self, run_id: str, command_id: str, *, source: str = "user:anonymous", reason: str = "") -> CommandRecord:
+    def reject(
+        self, run_id: str, command_id: str, *, source: str = "user:anonymous", reason: str = ""
+    ) -> CommandRecord:
         """Refuse a command held in `pending_approval`."""
         decision = CommandDecision(source=source, reason=reason)
         return self.send(Requests.decide(run_id, command_id, decision, approve=False))
@@ -222,9 +229,7 @@ class Client:
         """Put an alert on the run's feed (agents and scripts; needs the `command` scope)."""
         self.send(Requests.raise_alert(run_id, alert))
 
-    def list_events(
-        self, run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000
-    ) -> list[Event]:
+    def list_events(self, run_id: str, *, after: int = 0, kinds: Iterable[str] = (), limit: int = 1000) -> list[Event]:
         """Stored events (commands, status changes, checkpoints, alerts, logs) after event id `after`."""
         return (self.send(Requests.list_events(run_id, after=after, kinds=kinds, limit=limit))).events
 

@@ -29,8 +29,15 @@ LAYERS = 2
 class ScriptedTrainer(threading.Thread):
     """Registers a run, steps every `step_s`, applies each command it polls and reports the effective values."""
 
-    def __init__(self, server: str, *, name: str = "scripted", policy: Policy | None = None,
-                 step_s: float = 0.05, nonfinite_at: int | None = None) -> None:
+    def __init__(
+        self,
+        server: str,
+        *,
+        name: str = "scripted",
+        policy: Policy | None = None,
+        step_s: float = 0.05,
+        nonfinite_at: int | None = None,
+    ) -> None:
         super().__init__(name=f"scripted-trainer-{name}", daemon=True)
         self.client = Client(server)
         self.step_s = step_s
@@ -48,15 +55,28 @@ class ScriptedTrainer(threading.Thread):
         self.checkpoints: list[CheckpointInfo] = []
         self._after_seq = 0
         self._halt = threading.Event()
-        self.run_id = self.client.register_run(RunRegistration(
-            name=name, domains=DOMAINS, policy=policy, config={"preset": "scripted"},
-        )).run_id
+        self.run_id = self.client.register_run(
+            RunRegistration(
+                name=name,
+                domains=DOMAINS,
+                policy=policy,
+                config={"preset": "scripted"},
+            )
+        ).run_id
 
     def state(self) -> RunState:
         """What a heartbeat reports."""
-        return RunState(step=self.step, branch=self.branch, paused=self.paused, lr=self.lr,
-                        weight_decay=self.weight_decay, grad_clip=self.grad_clip, optimizer=self.optimizer,
-                        data_mix=self.mix, param_groups=["decay", "no_decay"])
+        return RunState(
+            step=self.step,
+            branch=self.branch,
+            paused=self.paused,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            grad_clip=self.grad_clip,
+            optimizer=self.optimizer,
+            data_mix=self.mix,
+            param_groups=["decay", "no_decay"],
+        )
 
     def close(self) -> None:
         """Stop the thread and close its client."""
@@ -95,9 +115,16 @@ class ScriptedTrainer(threading.Thread):
         step = self.step
         loss = 4.0 * math.exp(-step / 300) + 1.2 + 0.05 * math.sin(step)
         values: dict[str, float] = {
-            "loss": loss, "lr": self.lr, "weight_decay": self.weight_decay, "grad_norm": 1.5 / (1 + step / 200),
-            "param_norm": 40 + step / 100, "update_ratio": self.lr * 0.8, "logit_max": 8 + step / 50,
-            "logit_z": 4 + step / 400, "tokens_per_s": 12_000 + 100 * math.sin(step / 7), "step_time_ms": 42.0,
+            "loss": loss,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "grad_norm": 1.5 / (1 + step / 200),
+            "param_norm": 40 + step / 100,
+            "update_ratio": self.lr * 0.8,
+            "logit_max": 8 + step / 50,
+            "logit_z": 4 + step / 400,
+            "tokens_per_s": 12_000 + 100 * math.sin(step / 7),
+            "step_time_ms": 42.0,
             "nonfinite": 0.0,
         }
         values.update({f"grad_norm/block.{block}": 0.5 / (1 + block + step / 300) for block in range(LAYERS)})
@@ -132,8 +159,13 @@ class ScriptedTrainer(threading.Thread):
             self.mix = {domain: weight / total for domain, weight in merged.items()}
             effective = {"data_mix": dict(self.mix)}
         elif command.type == "save_checkpoint":
-            checkpoint = CheckpointInfo(checkpoint_id=f"ck-{self.branch}-{self.step}", branch=self.branch,
-                                        step=self.step, time=time.time(), tag=command.tag)
+            checkpoint = CheckpointInfo(
+                checkpoint_id=f"ck-{self.branch}-{self.step}",
+                branch=self.branch,
+                step=self.step,
+                time=time.time(),
+                tag=command.tag,
+            )
             self.checkpoints.append(checkpoint)
             self.client.push_reports(self.run_id, [CheckpointSaved(checkpoint=checkpoint)])
             effective = {"checkpoint_id": checkpoint.checkpoint_id}

@@ -22,8 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -58,7 +62,9 @@ def dashboard(server_url: str, tmp_path: Path) -> Iterator[str]:
     log = open(tmp_path / "dashboard.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "protocols.entry", "dashboard", "--server", server_url, "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
     )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/_stcore/health")
@@ -74,9 +80,25 @@ def training(server_url: str, client: Client, tmp_path: Path) -> Iterator[RunInf
     """`runsteer train` (the built-in tiny GPT on CPU) in its own process; yields its run once registered."""
     log = open(tmp_path / "train.log", "wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "protocols.entry", "train", "--server", server_url, "--run-name", "demo",
-         "--steps", "100000", "--checkpoint-dir", str(tmp_path / "checkpoints"), "--quiet"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "protocols.entry",
+            "train",
+            "--server",
+            server_url,
+            "--run-name",
+            "demo",
+            "--steps",
+            "100000",
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoints"),
+            "--quiet",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 60
@@ -137,8 +159,12 @@ def test_a_person_steers_a_real_training_run_from_the_browser(
     assert record.applied_step is not None
     assert trained_lr(client, run_id, record.applied_step) == pytest.approx(0.002, rel=0.02)
 
-    held = client.submit(run_id, {"type": "set_hparams", "grad_clip": 0.5}, source="agent:rules",
-                         reason="grad_norm spiked 8x over its median; tightening clipping")
+    held = client.submit(
+        run_id,
+        {"type": "set_hparams", "grad_clip": 0.5},
+        source="agent:rules",
+        reason="grad_norm spiked 8x over its median; tightening clipping",
+    )
     assert held.status == "pending_approval"
     open_page(page, "Commands & agents", "Command history")
     expect(page.get_by_text("tightening clipping").first).to_be_visible()

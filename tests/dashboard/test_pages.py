@@ -45,6 +45,7 @@ def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None
 
 def finished(client: Client, run_id: str, command_type: str) -> CommandRecord:
     """The newest record of `command_type` once it is finished."""
+
     def latest() -> CommandRecord | None:
         records = [r for r in client.list_commands(run_id) if r.command.type == command_type and r.finished]
         return records[-1] if records else None
@@ -152,8 +153,9 @@ def test_branches_are_overlaid_on_the_charts_after_a_rollback(trainer: ScriptedT
     client.submit(trainer.run_id, {"type": "save_checkpoint"}, wait=True)
     checkpoint = trainer.checkpoints[-1]
     wait_until(lambda: trainer.step > checkpoint.step + 10)
-    client.submit(trainer.run_id, {"type": "rollback", "checkpoint_id": checkpoint.checkpoint_id, "branch": "b2"},
-                  wait=True)
+    client.submit(
+        trainer.run_id, {"type": "rollback", "checkpoint_id": checkpoint.checkpoint_id, "branch": "b2"}, wait=True
+    )
     wait_until(lambda: client.get_run(trainer.run_id).branches == ["main", "b2"] and trainer.step > checkpoint.step + 8)
     time.sleep(0.5)
     series = RunSeries()
@@ -202,8 +204,12 @@ def test_an_agent_proposal_is_approved_from_the_page_and_applied(
 ) -> None:
     """A command from agent:rules waits for approval; Approve on the page releases it and the trainer applies it."""
     trainer = make_trainer(policy=Policy(approval_required=["agent:*"]))
-    held = client.submit(trainer.run_id, {"type": "set_hparams", "lr": 5e-4}, source="agent:rules",
-                         reason="loss plateaued; halving the lr")
+    held = client.submit(
+        trainer.run_id,
+        {"type": "set_hparams", "lr": 5e-4},
+        source="agent:rules",
+        reason="loss plateaued; halving the lr",
+    )
     assert held.status == "pending_approval"
     app = open_app(server_url, ACTIVITY)
     assert "loss plateaued; halving the lr" in texts(app) and "agent:rules" in texts(app)
@@ -228,13 +234,17 @@ def test_history_lists_source_reason_status_and_applied_step(
     trainer: ScriptedTrainer, server_url: str, client: Client
 ) -> None:
     """The command history table has a row per command with who sent it, why, its status and its step."""
-    record = client.submit(trainer.run_id, {"type": "evaluate"}, source="script:nightly", reason="hourly eval",
-                           wait=True)
+    record = client.submit(
+        trainer.run_id, {"type": "evaluate"}, source="script:nightly", reason="hourly eval", wait=True
+    )
     app = open_app(server_url, ACTIVITY)
     [table] = [frame.value for frame in app.dataframe if "seq" in frame.value.columns]
     row = table.iloc[0]
     assert (row["source"], row["reason"], row["status"], row["applied step"]) == (
-        "script:nightly", "hourly eval", "applied", record.applied_step,
+        "script:nightly",
+        "hourly eval",
+        "applied",
+        record.applied_step,
     )
 
 
@@ -255,9 +265,7 @@ def test_alerts_and_non_finite_metrics_raise_banners(
     assert alerts.iloc[0]["severity"] == "critical"
 
 
-def test_runs_page_lists_status_step_throughput_branch_and_elapsed(
-    trainer: ScriptedTrainer, server_url: str
-) -> None:
+def test_runs_page_lists_status_step_throughput_branch_and_elapsed(trainer: ScriptedTrainer, server_url: str) -> None:
     """The runs table has a row per run with its status, step, tokens/s, branch and elapsed time."""
     wait_until(lambda: trainer.step > 10)
     app = open_app(server_url, RUNS)
@@ -334,7 +342,7 @@ def test_the_cli_runs_streamlit_on_the_app_with_the_server_url_passed_through() 
 
     command = streamlit_command("http://10.0.0.5:9000", 8600, "127.0.0.1")
     assert command[1:5] == ["-m", "streamlit", "run", str(APP)] and "8600" in command
-    script_args = command[command.index("--") + 1:]
+    script_args = command[command.index("--") + 1 :]
     assert configured_server(script_args) == "http://10.0.0.5:9000"
 
 

@@ -40,12 +40,23 @@ def main() -> None:
     model.register_buffer("ballast", torch.zeros(args.ballast_mb * 2**18))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     io = IOConfig(
-        poll_wait_s=0.5, flush_interval_s=0.1, heartbeat_interval_s=0.5, retry_min_s=0.05, retry_max_s=0.3,
-        memory_max_samples=args.memory_max, spill_path=args.spill,
+        poll_wait_s=0.5,
+        flush_interval_s=0.1,
+        heartbeat_interval_s=0.5,
+        retry_min_s=0.05,
+        retry_max_s=0.3,
+        memory_max_samples=args.memory_max,
+        spill_path=args.spill,
     )
     config = SteerConfig(
-        server=args.server, run_name="loop", io=io, register_timeout_s=20.0, close_timeout_s=40.0,
-        checkpoint_dir=args.checkpoint_dir, checkpoint_every=1 if args.checkpoint_dir else 0, keep_files=10_000,
+        server=args.server,
+        run_name="loop",
+        io=io,
+        register_timeout_s=20.0,
+        close_timeout_s=40.0,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=1 if args.checkpoint_dir else 0,
+        keep_files=10_000,
     )
     steer = Steer(model, optimizer, config=config)
     say(run_id=steer.run_id)

@@ -143,8 +143,11 @@ def test_checkpoint_and_branch_names_that_could_leave_the_directory_are_refused_
     with Client(server.url) as client:
         run_id = client.register_run(RunRegistration(name="escape")).run_id
     before = row_counts(server.config.db)
-    for command in ({"type": "rollback", "checkpoint_id": name}, {"type": "rollback", "step": 1, "branch": name},
-                    {"type": "save_checkpoint", "tag": name}):
+    for command in (
+        {"type": "rollback", "checkpoint_id": name},
+        {"type": "rollback", "step": 1, "branch": name},
+        {"type": "save_checkpoint", "tag": name},
+    ):
         body = json.dumps({"command": command}).encode()
         answer = raw_request(server.url, "POST", f"/api/v1/runs/{run_id}/commands", body)
         assert answer.status == 422 and answer.error.details

@@ -87,7 +87,9 @@ def from_schema(schema: dict[str, Any], depth: int = 0) -> st.SearchStrategy[Any
         return st.floats(
             schema.get("minimum", schema.get("exclusiveMinimum")),
             schema.get("maximum", schema.get("exclusiveMaximum")),
-            exclude_min="exclusiveMinimum" in schema, exclude_max="exclusiveMaximum" in schema, allow_nan=False,
+            exclude_min="exclusiveMinimum" in schema,
+            exclude_max="exclusiveMaximum" in schema,
+            allow_nan=False,
         )
     if kind == "boolean":
         return st.booleans()
@@ -137,7 +139,11 @@ def mutated(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> Any:
 def body_bytes(route_schema: dict[str, Any] | None) -> st.SearchStrategy[bytes | None]:
     """Valid bodies, mutated ones, any JSON, non-finite numbers, broken JSON and raw bytes."""
     raw = st.one_of(
-        st.binary(max_size=64), st.just(b""), st.just(b"{"), st.just(b'{"x": NaN}'), st.just(b"[Infinity]"),
+        st.binary(max_size=64),
+        st.just(b""),
+        st.just(b"{"),
+        st.just(b'{"x": NaN}'),
+        st.just(b"[Infinity]"),
         st.just(b"\xff\xfe"),
     )
     dumped = JUNK.map(lambda value: json.dumps(value).encode())
@@ -150,6 +156,7 @@ def body_bytes(route_schema: dict[str, Any] | None) -> st.SearchStrategy[bytes |
 
 def query_strings(parameters: list[dict[str, Any]]) -> st.SearchStrategy[dict[str, str]]:
     """Query parameters: the documented ones with valid or junk values, plus unknown names; `wait` stays short."""
+
     def value(parameter: dict[str, Any]) -> st.SearchStrategy[str]:
         if parameter["name"] == "wait":
             valid: st.SearchStrategy[str] = st.floats(0, 0.2).map(str)
@@ -196,7 +203,8 @@ def test_generated_and_malformed_requests_never_get_a_5xx_never_hang_and_store_n
     body_schema = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
     identifiers = {
         name: st.one_of(st.just(known[name]), st.just(known[name]), st.text(min_size=1, max_size=70))
-        for name in ("run_id", "command_id") if "{" + name + "}" in path
+        for name in ("run_id", "command_id")
+        if "{" + name + "}" in path
     }
 
     @settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

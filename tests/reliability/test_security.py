@@ -60,8 +60,12 @@ def test_tokens_never_appear_in_the_server_log_or_its_answers(tmp_path: Path) ->
             with root.stream(run_id):
                 pass
         for token in (*[t for t, _ in TOKENS.values()], WRONG, ""):
-            for method, target in (("GET", "/api/v1/runs"), ("PUT", f"/api/v1/runs/{run_id}/policy"),
-                                   ("GET", f"/api/v1/runs/{run_id}/stream"), ("GET", "/metrics")):
+            for method, target in (
+                ("GET", "/api/v1/runs"),
+                ("PUT", f"/api/v1/runs/{run_id}/policy"),
+                ("GET", f"/api/v1/runs/{run_id}/stream"),
+                ("GET", "/metrics"),
+            ):
                 bodies.append(raw_request(server.url, method, target, b"{}", token=token).body)
         for _ in range(40):
             bodies.append(raw_request(server.url, "GET", "/api/v1/runs", token=TOKENS["reader"][0]).body)
@@ -95,14 +99,20 @@ def preflight(url: str, origin: str) -> dict[str, str]:
 def test_cors_is_off_by_default_and_admits_only_the_configured_origin(tmp_path: Path) -> None:
     """Without --cors-origin no response allows any origin; with it, only that origin gets a preflight and headers."""
     default = ServerThread(ServerConfig(port=0, db=tmp_path / "a.db")).start()
-    configured = ServerThread(ServerConfig(port=0, db=tmp_path / "b.db", cors_origins=("https://dash.example",))).start()
+    configured = ServerThread(
+        ServerConfig(port=0, db=tmp_path / "b.db", cors_origins=("https://dash.example",))
+    ).start()
     try:
         closed = preflight(default.url, "https://dash.example")
         assert not any("access-control" in key for key in closed)
         assert closed["OPTIONS status"] != "204"
         allowed = preflight(configured.url, "https://dash.example")
         assert allowed["OPTIONS status"] == "204"
-        assert allowed["OPTIONS access-control-allow-origin"] == allowed["GET access-control-allow-origin"] == "https://dash.example"
+        assert (
+            allowed["OPTIONS access-control-allow-origin"]
+            == allowed["GET access-control-allow-origin"]
+            == "https://dash.example"
+        )
         other = preflight(configured.url, "https://evil.example")
         assert not any("access-control" in key for key in other)
     finally:
@@ -190,8 +200,14 @@ def test_a_hostile_agent_cannot_exceed_bounds_skip_approval_spoof_a_source_or_fl
             except RequestRejected as exc:
                 flood.append(exc.status)  # type: ignore[arg-type]
     assert refusals == {
-        "out of bounds": 422, "as a person": 403, "as another agent": 403, "as the server": 403, "its own policy": 403,
-        "as the trainer": 403, "approving itself": 403, "approving as a person": 403,
+        "out of bounds": 422,
+        "as a person": 403,
+        "as another agent": 403,
+        "as the server": 403,
+        "its own policy": 403,
+        "as the trainer": 403,
+        "approving itself": 403,
+        "approving as a person": 403,
         "out of bounds over the stream": "policy_violation",
     }
     assert flood[:4] == ["pending_approval"] * 4 and set(flood[4:]) == {429}, "the run's rate limit holds the flood"

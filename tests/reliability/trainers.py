@@ -44,7 +44,11 @@ class TrainerProcess:
         self.log = self.spill.with_suffix(".log")
         with open(self.log, "ab") as log:  # the child keeps its own copy of the descriptor
             self.process = subprocess.Popen(
-                [*command, *self.args], cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True,
+                [*command, *self.args],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
                 preexec_fn=self.preexec,
             )
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -265,7 +265,11 @@ CASES: dict[str, Bad] = {
     # Runs and policy.
     "run-name-with-a-slash": Bad(422, "name", "matching", target="/api/v1/runs", body=b'{"name": "a/b"}'),
     "trainer-speaking-another-major-protocol": Bad(
-        422, "protocol_version", "1.x", "incompatible", target="/api/v1/runs",
+        422,
+        "protocol_version",
+        "1.x",
+        "incompatible",
+        target="/api/v1/runs",
         body=b'{"name": "future", "protocol_version": "2.0"}',
     ),
     "approve-unknown-command": Bad(404, "command_id", call=lambda ctx: ctx.client.approve(ctx.run_id, "nope")),

@@ -28,8 +28,11 @@ def make_run(server_url: str, tmp_path: Path) -> Iterator[Callable[..., BuiltinR
 
     def make(**overrides: Any) -> BuiltinRun:
         settings: dict[str, Any] = {
-            "server": server_url, "steps": 40, "checkpoint_dir": tmp_path / f"ck{len(runs)}",
-            "run_name": f"test{len(runs)}", "io": FAST_IO,
+            "server": server_url,
+            "steps": 40,
+            "checkpoint_dir": tmp_path / f"ck{len(runs)}",
+            "run_name": f"test{len(runs)}",
+            "io": FAST_IO,
         }
         settings.update(overrides)
         run = BuiltinRun(RunConfig(**settings))

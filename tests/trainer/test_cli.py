@@ -12,8 +12,19 @@ from trainer.cli import main
 
 def test_runsteer_train_trains_reports_metrics_and_finishes(server_url: str, client: Client, tmp_path: Path) -> None:
     """A 30-step run registers, stores every step's loss with the health metrics, checkpoints, and ends finished."""
-    code = main(["--server", server_url, "--steps", "30", "--run-name", "cli", "--quiet",
-                 "--checkpoint-dir", str(tmp_path / "ck")])
+    code = main(
+        [
+            "--server",
+            server_url,
+            "--steps",
+            "30",
+            "--run-name",
+            "cli",
+            "--quiet",
+            "--checkpoint-dir",
+            str(tmp_path / "ck"),
+        ]
+    )
     assert code == 0
     (run,) = [r for r in client.list_runs() if r.name == "cli"]
     assert run.status == "finished"

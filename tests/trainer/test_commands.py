@@ -30,8 +30,12 @@ def test_set_hparams_changes_only_the_named_group(make_run: MakeRun, client: Cli
     """weight_decay and eps on group `no_decay` land in that group's optimizer settings and nowhere else."""
     run = make_run()
     train(run, range(2))
-    record = _apply(client, run, {"type": "set_hparams", "weight_decay": 0.3, "eps": 1e-6,
-                                  "param_groups": ["no_decay"], "grad_clip": 0.5}, 2)
+    record = _apply(
+        client,
+        run,
+        {"type": "set_hparams", "weight_decay": 0.3, "eps": 1e-6, "param_groups": ["no_decay"], "grad_clip": 0.5},
+        2,
+    )
     decay, no_decay = run.optimizer.param_groups
     assert record.status == "applied" and record.applied_step == 2
     assert no_decay["weight_decay"] == 0.3 and no_decay["eps"] == 1e-6
@@ -60,8 +64,19 @@ def test_set_schedule_replaces_the_lr_curve_from_the_step_it_lands(make_run: Mak
     """A linear schedule with warmup set at step 5 drives the optimizer's lr on later steps."""
     run = make_run()
     train(run, range(5))
-    record = _apply(client, run, {"type": "set_schedule", "kind": "linear", "peak_lr": 2e-3, "warmup_steps": 4,
-                                  "horizon_steps": 20, "floor": 0.1}, 5)
+    record = _apply(
+        client,
+        run,
+        {
+            "type": "set_schedule",
+            "kind": "linear",
+            "peak_lr": 2e-3,
+            "warmup_steps": 4,
+            "horizon_steps": 20,
+            "floor": 0.1,
+        },
+        5,
+    )
     assert record.status == "applied"
     expected = Schedule("linear", (2e-3, 2e-3), start_step=5, warmup_steps=4, horizon_steps=20, floor=0.1)
     for step in range(5, 30, 3):
@@ -92,8 +107,9 @@ def test_rollback_restores_the_checkpoint_and_replays_the_original_losses(make_r
     saved = _apply(client, run, {"type": "save_checkpoint", "tag": "before"}, 4)
     params_at_save = [p.detach().clone() for p in run.model.parameters()]
     original = train(run, range(4, 10))
-    record = _apply(client, run, {"type": "rollback", "checkpoint_id": saved.effective["checkpoint_id"],
-                                  "branch": "retry"}, 10)
+    record = _apply(
+        client, run, {"type": "rollback", "checkpoint_id": saved.effective["checkpoint_id"], "branch": "retry"}, 10
+    )
     assert record.status == "applied" and record.effective["source"] == "memory"
     assert run.steer.step == 4 and run.steer.branch == "retry"
     assert all(torch.equal(a, b) for a, b in zip(params_at_save, run.model.parameters(), strict=True))

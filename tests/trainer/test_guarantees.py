@@ -130,9 +130,24 @@ def test_stop_ends_the_training_process_within_a_second_of_the_final_checkpoint(
     stderr = tmp_path / "stderr.txt"
     with stderr.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "protocols.entry", "train", "--server", server_url, "--steps", "1000000", "--quiet",
-             "--run-name", "stopper", "--checkpoint-dir", str(tmp_path / "ck")],
-            cwd=REPO, stdout=subprocess.DEVNULL, stderr=sink,
+            [
+                sys.executable,
+                "-m",
+                "protocols.entry",
+                "train",
+                "--server",
+                server_url,
+                "--steps",
+                "1000000",
+                "--quiet",
+                "--run-name",
+                "stopper",
+                "--checkpoint-dir",
+                str(tmp_path / "ck"),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
         )
     try:
         deadline = time.monotonic() + 120

@@ -179,9 +179,11 @@ def test_gradient_statistics_match_torch_and_clip_like_clip_grad_norm() -> None:
 def test_data_mix_changes_shift_sampled_domain_frequencies() -> None:
     """After weights 1:1:8, about 80% of rows come from the heavy domain; before, about a third."""
     sampler = MixtureSampler(builtin_domains(20_000), batch_size=64, block_size=16, seed=1)
+
     def share(domain: int) -> float:
         ids = torch.cat([sampler.next_batch()[2] for _ in range(40)])
         return (ids == domain).float().mean().item()
+
     assert share(2) == pytest.approx(1 / 3, abs=0.05)
     mix = sampler.set_weights({"arithmetic": 8.0})
     assert mix["arithmetic"] == pytest.approx(0.8)
