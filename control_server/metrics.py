@@ -113,10 +113,17 @@ class MetricsService:
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
 
 
+BATCH_ROLLUP = f"""
+INSERT INTO temp.batch_rollup
+SELECT series_id, step >> {ROLLUP_LEVELS[0]}, COUNT(*), SUM(value), MIN(value), MAX(value), MAX(step)
+FROM temp.batch_points GROUP BY series_id, step >> {ROLLUP_LEVELS[0]}
+"""
+"""The batch's own buckets at the finest level; every level is folded from these, not from the points."""
+
 ROLLUP_UPSERT = """
 INSERT INTO metric_rollups
-SELECT series_id, ?1, step >> ?1, COUNT(*), SUM(value), MIN(value), MAX(value), MAX(step)
-FROM temp.batch_points WHERE true GROUP BY series_id, step >> ?1
+SELECT series_id, ?1, bucket >> ?2, SUM(n), SUM(total), MIN(lo), MAX(hi), MAX(last_step)
+FROM temp.batch_rollup WHERE true GROUP BY series_id, bucket >> ?2
 ON CONFLICT DO UPDATE SET
     n = n + excluded.n, total = total + excluded.total, lo = min(lo, excluded.lo), hi = max(hi, excluded.hi),
     last_step = max(last_step, excluded.last_step)
@@ -131,9 +138,11 @@ def insert_points(db: sqlite3.Connection, rows: list[tuple[int, int, float, floa
         "WHERE stored.series_id = batch_points.series_id AND stored.step = batch_points.step)"
     )
     stored = db.execute("INSERT INTO main.metric_points SELECT * FROM temp.batch_points").rowcount
+    db.execute(BATCH_ROLLUP)
     for shift in ROLLUP_LEVELS:
-        db.execute(ROLLUP_UPSERT, (shift,))
+        db.execute(ROLLUP_UPSERT, (shift, shift - ROLLUP_LEVELS[0]))
     db.execute("DELETE FROM temp.batch_points")
+    db.execute("DELETE FROM temp.batch_rollup")
     return stored
 
 

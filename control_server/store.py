@@ -96,6 +96,16 @@ CREATE TEMP TABLE IF NOT EXISTS batch_points (
     value REAL NOT NULL,
     PRIMARY KEY (series_id, step)
 ) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS batch_rollup (
+    series_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    total REAL NOT NULL,
+    lo REAL NOT NULL,
+    hi REAL NOT NULL,
+    last_step INTEGER NOT NULL,
+    PRIMARY KEY (series_id, bucket)
+) WITHOUT ROWID;
 """
 
 
@@ -119,7 +129,14 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA temp_store = MEMORY")
+        # Checkpoints copy the WAL into the database and fsync; the checkpointer thread does them, off the
+        # writer's path, so a commit never waits for one.
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
     return connection
+
+
+CHECKPOINT_INTERVAL_S = 0.5
+"""How often the checkpointer folds the WAL back into the database file."""
 
 
 class Store:
@@ -130,6 +147,8 @@ class Store:
         self.max_batch = max_batch
         self._writes: queue.SimpleQueue[_PendingWrite | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="runsteer-store-read")
         self._local = threading.local()
         self._read_connections: list[sqlite3.Connection] = []
@@ -143,8 +162,11 @@ class Store:
         connection = _connect(self.path, readonly=False)
         connection.executescript(SCHEMA)
         connection.executescript(BATCH_TABLE)
+        self._stopping.clear()
         self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="runsteer-store-writer")
         self._writer.start()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="runsteer-store-checkpointer")
+        self._checkpointer.start()
 
     def close(self) -> None:
         """Finish queued writes, stop the writer and close every connection."""
@@ -152,6 +174,10 @@ class Store:
             self._writes.put(_STOP)
             self._writer.join()
             self._writer = None
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+            self._checkpointer = None
         self._readers.shutdown(wait=True)
         with self._connections_lock:
             for connection in self._read_connections:
@@ -182,6 +208,16 @@ class Store:
             with self._connections_lock:
                 self._read_connections.append(connection)
         return op(connection)
+
+    def _checkpoint_loop(self) -> None:
+        """Fold the WAL into the database every CHECKPOINT_INTERVAL_S without blocking the writer (PASSIVE)."""
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            while not self._stopping.wait(CHECKPOINT_INTERVAL_S):
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            connection.close()
 
     def _write_loop(self, connection: sqlite3.Connection) -> None:
         stopping = False
