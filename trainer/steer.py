@@ -86,7 +86,8 @@ class SteerConfig:
     keep_files: int = 5
     """How many untagged checkpoint files are kept on disk; tagged ones are always kept."""
     snapshot_every: int = 0
-    """Take an in-memory snapshot every N steps (0: never), so a rollback has recent targets."""
+    """Take an in-memory snapshot every N steps (0: never), so a rollback has recent targets; with either this or
+    `checkpoint_every` on, step 0 is snapshotted in memory too, so the state before any update is a target."""
     checkpoint_every: int = 0
     """Write a checkpoint file every N steps (0: never)."""
     max_commands_per_step: int = 8
@@ -355,10 +356,16 @@ class Steer:
             group["lr"] = lr
 
     def _periodic_checkpoints(self) -> None:
-        if self.step == 0 or (self.branch, self.step) == self._last_periodic:
+        if (self.branch, self.step) == self._last_periodic:
+            return
+        if not (self.config.snapshot_every or self.config.checkpoint_every):
             return
         self._last_periodic = (self.branch, self.step)
-        if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+        if self.step == 0:
+            # Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first
+            # periodic snapshot (a learning rate far too high does its damage during warm-up).
+            self.save_checkpoint(to_disk=False)
+        elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
             self.save_checkpoint(to_disk=True)
         elif self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
             self.save_checkpoint(to_disk=False)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,12 +189,15 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = 20.0, what: str 
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-def window_of(values: dict[str, list[float]], **run: Any) -> RunWindow:
-    """A window whose metrics are these per-step lists (step = index); extra keys set tracker fields."""
+def window_of(values: Mapping[str, Sequence[float | None]], **run: Any) -> RunWindow:
+    """A window whose metrics are these per-step lists (step = index; None: not reported at that step, as
+    `attn_logit_max/*` between measurements); extra keys set tracker fields."""
     tracker = WindowTracker("run-1")
     steps = max(len(series) for series in values.values())
     for step in range(steps):
-        present = {name: series[step] for name, series in values.items() if step < len(series)}
+        present = {
+            name: value for name, series in values.items() if step < len(series) and (value := series[step]) is not None
+        }
         tracker.add_sample(MetricsSample(step=step, time=1.0, values=present), received_at=1.0)
     for key, value in run.items():
         setattr(tracker, key, value)

@@ -141,3 +141,39 @@ def test_after_a_rollback_a_relative_lr_is_taken_of_the_lr_at_the_checkpoint_ste
     assert rollback == Rollback(checkpoint_id="main-90", skip_batches=20)
     assert isinstance(cut, SetHparams) and cut.lr == pytest.approx(0.5 * lrs[90])
     assert f"lr {lrs[90]:.4g} -> {0.5 * lrs[90]:.4g}" in decision.describe()
+
+
+def _every_tenth(measured: dict[int, float], steps: int) -> list[float | None]:
+    """A metric reported every 10 steps only, as the built-in run measures `attn_logit_max/*`."""
+    return [measured.get(step) for step in range(steps)]
+
+
+def test_attention_logit_growth_in_warm_up_rolls_back_to_step_0_and_cuts_the_lr_of_that_step():
+    """cpu-tiny at lr 3e-2 (measured: layer 0 at 0.26, 5.7, 41 at steps 0, 10, 20) goes back to the step-0 snapshot
+    with lr x0.1 of step 0's warm-up lr, not of the higher lr in force at step 20."""
+    lrs = [3e-2 * (0.1 + 0.9 * step / 50) for step in range(21)]
+    logits = {"attn_logit_max/0": _every_tenth({0: 0.26, 10: 5.7, 20: 41.1}, 21),
+              "attn_logit_max/1": _every_tenth({0: 0.23, 10: 4.0, 20: 43.2}, 21)}
+    window = window_of({"loss": [5.4 - 0.1 * step for step in range(21)], "lr": lrs, **logits},
+                       checkpoints=_checkpoints(0))
+    decision = RulePolicy(load_rules()).decide(window)
+    assert decision is not None and decision.rule == "attention-logit-growth" and decision.severity == "critical"
+    rollback, cut = decision.commands
+    assert rollback == Rollback(checkpoint_id="main-0", skip_batches=0)
+    assert isinstance(cut, SetHparams) and cut.lr == pytest.approx(0.1 * lrs[0])
+    assert "rolled back to step 0" in decision.reason and "lr x0.1" in decision.reason
+
+
+@pytest.mark.parametrize(
+    "measured",
+    [
+        {0: 0.26, 10: 0.32, 20: 0.38},  # cpu-tiny at the good lr 3e-3, layer 0, steps 0-20 (measured)
+        {120: 8.51, 130: 14.67, 140: 17.36},  # the same run's largest 20-step rise (8.9), layer 0 at steps 120-140
+    ],
+)
+def test_attention_logit_growth_stays_quiet_on_the_good_learning_rate(measured: dict[int, float]):
+    """The rises of a healthy cpu-tiny run stay under the rule's 20: no decision at all."""
+    last = max(measured) + 1
+    window = window_of({"loss": [2.5] * last, "lr": [3e-3] * last, "attn_logit_max/0": _every_tenth(measured, last)},
+                       checkpoints=_checkpoints(0, 25, 50, 75, 100, 125))
+    assert RulePolicy(load_rules()).decide(window) is None
