@@ -96,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("runsteer-data"), help="store, checkpoints and logs")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     parser.add_argument("--exit-when-done", action="store_true", help="stop everything when the training run ends")
+    parser.add_argument(
+        "--fault-at",
+        type=int,
+        default=300,
+        help="poison this batch (it trains at 100x the lr) so the rule agent has a spike to roll back; 0: none "
+        "(default %(default)s)",
+    )
     args = parser.parse_args(argv)
     data_dir: Path = args.data_dir
     log_dir = data_dir / "logs"
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--checkpoint-dir",
                 str(data_dir / "checkpoints"),
                 *(["--steps", str(args.steps)] if args.steps else []),
+                *(["--inject-spike", str(args.fault_at)] if args.fault_at else []),
             ],
         )
         training = available(trainer.module)
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"runsteer demo: training run {run_id} (follow it: runsteer watch {run_id} --server {url})", flush=True
             )
+            if args.fault_at:
+                print(f"runsteer demo: batch {args.fault_at} is poisoned; watch the rule agent roll it back", flush=True)
             if run_id is not None:
                 for part in (
                     Part("agent", "agents.cli", ["agent", "rules", "--run", run_id, "--server", url, "--mode", "act"]),
