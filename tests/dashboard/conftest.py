@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.dashboard.scripted import ScriptedTrainer
+from tests.scripted_trainer import ScriptedTrainer
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
 

@@ -15,7 +15,7 @@ from protocols.commands import CommandRecord
 from protocols.policy import Policy
 from protocols.records import RunRegistration
 from tests.dashboard.conftest import open_app
-from tests.dashboard.scripted import ScriptedTrainer
+from tests.scripted_trainer import ScriptedTrainer
 from tests.serving import ServerProcess, ServerThread
 
 CONTROL = "views/control.py"

@@ -25,7 +25,7 @@ def run_example(name: str, *args: str, timeout_s: float = 60) -> subprocess.Comp
 
 def test_follow_metrics_prints_the_runs_samples(server_url: str) -> None:
     """follow_metrics.py prints one line per metrics sample with loss and lr."""
-    with ScriptedTrainer(server_url) as trainer:
+    with ScriptedTrainer(server_url, step_s=0.02) as trainer:
         result = run_example("follow_metrics.py", trainer.run_id, "--server", ws(server_url), "--count", "5")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
@@ -35,7 +35,7 @@ def test_follow_metrics_prints_the_runs_samples(server_url: str) -> None:
 
 def test_send_command_waits_for_the_trainer_to_apply_it(server_url: str) -> None:
     """send_command.py submits over the websocket and exits 0 once the trainer applied the command."""
-    with ScriptedTrainer(server_url, lr=0.01) as trainer:
+    with ScriptedTrainer(server_url, lr=0.01, step_s=0.02) as trainer:
         result = run_example(
             "send_command.py",
             trainer.run_id,
@@ -52,7 +52,7 @@ def test_send_command_waits_for_the_trainer_to_apply_it(server_url: str) -> None
 
 def test_send_command_reports_a_refused_command(server_url: str) -> None:
     """An out-of-range command is refused with the field named, and the script exits non-zero."""
-    with ScriptedTrainer(server_url) as trainer:
+    with ScriptedTrainer(server_url, step_s=0.02) as trainer:
         result = run_example(
             "send_command.py", trainer.run_id, '{"type": "set_hparams", "lr": -1}', "--server", ws(server_url)
         )
@@ -62,7 +62,7 @@ def test_send_command_reports_a_refused_command(server_url: str) -> None:
 
 def test_grad_spike_agent_halves_the_lr_when_the_grad_norm_spikes(server_url: str) -> None:
     """The 40-line agent sees a 50x grad-norm spike and the trainer ends up with half the learning rate."""
-    with ScriptedTrainer(server_url, lr=0.01, spikes={60: 50.0}) as trainer:
+    with ScriptedTrainer(server_url, lr=0.01, step_s=0.02, grad_norm_spikes={60: 50.0}) as trainer:
         agent = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "grad_spike_agent.py"), trainer.run_id, ws(server_url)],
             stdout=subprocess.PIPE,
