@@ -99,8 +99,16 @@ class ScriptedTrainer:
 
     def state(self) -> RunState:
         """The state a heartbeat carries."""
-        return RunState(step=self.step, branch=self.branch, paused=self.paused, lr=self.lr, weight_decay=0.1,
-                        optimizer="adamw", data_mix={"prose": 0.5, "code": 0.5}, param_groups=["decay", "no_decay"])
+        return RunState(
+            step=self.step,
+            branch=self.branch,
+            paused=self.paused,
+            lr=self.lr,
+            weight_decay=0.1,
+            optimizer="adamw",
+            data_mix={"prose": 0.5, "code": 0.5},
+            param_groups=["decay", "no_decay"],
+        )
 
     def _send(self, call: Callable[[], Any]) -> None:
         while not self._stop.is_set():
@@ -128,7 +136,9 @@ class ScriptedTrainer:
                 time.sleep(0.01)
                 continue
             sample = MetricsSample(
-                branch=branch, step=step, time=time.time(),
+                branch=branch,
+                step=step,
+                time=time.time(),
                 values={"loss": self.loss(branch, step), "lr": lr, "grad_norm": 1.0 + 0.01 * (step % 5)},
             )
             batch = MetricsBatch(samples=[sample])
@@ -169,24 +179,18 @@ class ScriptedTrainer:
                     return CommandResult(status="rejected", step=self.step, message="unknown checkpoint")
                 old_branch, old_step = self.branch, self.step
                 self.branch, self.step = f"{old_branch}-r{target.step}", target.step
-                effective = {"branch": self.branch, "step": target.step, "from_branch": old_branch,
-                             "from_step": old_step, "skipped_batches": command.skip_batches}
+                effective = {
+                    "branch": self.branch,
+                    "step": target.step,
+                    "from_branch": old_branch,
+                    "from_step": old_step,
+                    "skipped_batches": command.skip_batches,
+                }
                 return CommandResult(status="applied", step=old_step, effective=effective)
             if command.type == "pause":
                 self.paused = True
                 return CommandResult(status="applied", step=self.step, effective={"paused": True})
             return CommandResult(status="rejected", step=self.step, message=f"{command.type} not scripted")
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
-    """Poll until `condition()` is truthy and return it; fail the test after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def window_of(values: Mapping[str, Sequence[float | None]], **run: Any) -> RunWindow:
@@ -260,12 +264,26 @@ class FakeLLM:
         content = await self._next(request)
         if isinstance(content, web.Response):
             return content
-        return web.json_response({"id": "x", "object": "chat.completion", "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]})
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "chat.completion",
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+            }
+        )
 
     async def _anthropic(self, request: web.Request) -> web.Response:
         content = await self._next(request)
         if isinstance(content, web.Response):
             return content
-        return web.json_response({"id": "m", "type": "message", "role": "assistant",
-                                  "content": [{"type": "text", "text": content}], "stop_reason": "end_turn"})
+        return web.json_response(
+            {
+                "id": "m",
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "text", "text": content}],
+                "stop_reason": "end_turn",
+            }
+        )

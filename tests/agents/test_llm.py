@@ -15,7 +15,8 @@ from agents.llm import AnthropicMessages, LLMPolicy, OpenAIChat, make_backend, p
 from agents.runtime import AgentRuntime
 from protocols import RunState, SetHparams
 from protocols.client import AsyncClient
-from tests.agents.helpers import FakeLLM, ScriptedTrainer, wait_until, window_of
+from tests.agents.helpers import FakeLLM, ScriptedTrainer, window_of
+from tests.polling import wait_until
 
 HALVE = json.dumps({"command": {"type": "set_hparams", "lr": 0.0015}, "reason": "loss flat at lr 0.003; halving"})
 

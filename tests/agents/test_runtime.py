@@ -14,7 +14,8 @@ from agents.rules import RulePolicy, load_rules
 from agents.runtime import AgentRuntime, Mode
 from protocols import MetricsEvent, MetricsSample
 from protocols.client import AsyncClient, Client
-from tests.agents.helpers import ScriptedTrainer, spike_on_main, wait_until
+from tests.agents.helpers import ScriptedTrainer, spike_on_main
+from tests.polling import wait_until
 from tests.serving import ServerProcess
 
 RULES = """
@@ -37,8 +38,15 @@ def rules_file(tmp_path: Path) -> Path:
 
 def _runtime(client: AsyncClient, run_id: str, rules_file: Path, mode: Mode) -> AgentRuntime:
     rules = load_rules(rules_file)
-    return AgentRuntime(client, run_id, RulePolicy(rules), Guardrails(rules.guardrails, "agent:rules"), mode=mode,
-                        tick_s=0.2, reconnect_max_s=0.5)
+    return AgentRuntime(
+        client,
+        run_id,
+        RulePolicy(rules),
+        Guardrails(rules.guardrails, "agent:rules"),
+        mode=mode,
+        tick_s=0.2,
+        reconnect_max_s=0.5,
+    )
 
 
 async def _in_thread(function, *args):
@@ -162,7 +170,11 @@ async def test_each_step_of_a_streamed_metrics_batch_is_judged_in_turn():
     logits) is seen at its own step rather than missed because the batch ended at step 14."""
     policy = _Recorder()
     agent = AgentRuntime(None, "run-1", policy, Guardrails(GuardrailConfig(), "agent:rules"))
-    samples = [MetricsSample(step=step, time=1.0, values={"loss": 2.0, **({"attn_logit_max/0": 9.0} if step % 10 == 0
-                                                                        else {})}) for step in range(15)]
+    samples = [
+        MetricsSample(
+            step=step, time=1.0, values={"loss": 2.0, **({"attn_logit_max/0": 9.0} if step % 10 == 0 else {})}
+        )
+        for step in range(15)
+    ]
     await agent._take(MetricsEvent(event_id=1, time=1.0, run_id="run-1", samples=samples))
     assert policy.steps == list(range(15))

@@ -15,6 +15,7 @@ from protocols.commands import CommandRecord
 from protocols.policy import Policy
 from protocols.records import RunRegistration
 from tests.dashboard.conftest import open_app
+from tests.polling import wait_until
 from tests.scripted_trainer import ScriptedTrainer
 from tests.serving import ServerProcess, ServerThread
 
@@ -33,14 +34,6 @@ def click(app: AppTest, label: str) -> AppTest:
     """Click the (form or plain) button with this label and rerun."""
     [button] = [button for button in app.button if button.label == label]
     return button.click().run()
-
-
-def wait_until(predicate: Callable[[], object], timeout_s: float = 10.0) -> None:
-    """Poll until `predicate()` is truthy."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def finished(client: Client, run_id: str, command_type: str) -> CommandRecord:

@@ -7,7 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 from control_server.auth import TokenEntry, TokenTable
 from control_server.config import ServerConfig
 from protocols.client import Client
+from tests.polling import wait_until
 from tests.serving import ServerThread
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
@@ -95,16 +95,6 @@ def _ready(url: str) -> bool:
         return urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200
     except OSError:
         return False
-
-
-def wait_until(check: Any, timeout_s: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(message)
 
 
 def query(prometheus: str, expression: str) -> list[dict[str, Any]]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import sqlite3
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,17 +71,3 @@ def row_counts(db: Path) -> dict[str, int]:
         return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in STORE_TABLES}
     finally:
         connection.close()
-
-
-def wait_until(
-    probe: Callable[[], T | None], *, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = ""
-) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what or probe}")
-        time.sleep(interval_s)

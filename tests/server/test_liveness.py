@@ -11,7 +11,8 @@ import pytest
 from control_server.config import ServerConfig
 from protocols import Heartbeat, LogEvent, RunEvent, RunState
 from protocols.client import Client
-from tests.server.helpers import register, wait_until
+from tests.polling import wait_until
+from tests.server.helpers import register
 from tests.serving import ServerThread
 
 TIMEOUT_S = 0.5

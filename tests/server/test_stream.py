@@ -37,7 +37,8 @@ from protocols import (
 )
 from protocols.client import AsyncClient, Client
 from protocols.client.aio import AsyncEventStream
-from tests.server.helpers import raw_request, register, wait_until
+from tests.polling import wait_until
+from tests.server.helpers import raw_request, register
 from tests.serving import ServerThread
 
 READERS = 50
