@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from control_server.errors import Forbidden, Unauthenticated
 from control_server.http import Handler
 from control_server.keys import AUTH, PRINCIPAL, TOKEN_BUDGET
 from protocols.constants import Scope
+from protocols.openapi import ROUTES
 
 TOKENS_ENV = "RUNSTEER_TOKENS"
 """Environment variable holding the same JSON list as a tokens file."""
@@ -91,14 +92,20 @@ class TokenTable:
         return cls(entries)
 
 
-def requires(scope: Scope) -> Callable[[Handler], Handler]:
-    """Mark a handler with the scope its caller needs."""
+ROUTE_SCOPES: dict[tuple[str, str], Scope | None] = {(route.method, route.path): route.scope for route in ROUTES}
+"""The scope each route needs, read from the protocol's route table (the one the OpenAPI document is built from)."""
 
-    def mark(handler: Handler) -> Handler:
-        handler.required_scope = scope  # type: ignore[attr-defined]
-        return handler
 
-    return mark
+def required_scope(request: web.Request) -> Scope | None:
+    """The scope the matched route needs; None for public routes and for requests that matched no route (404/405).
+
+    A served route missing from the table needs `admin`: failing closed, though `create_app` refuses to start then.
+    """
+    resource = request.match_info.route.resource
+    if resource is None:
+        return None
+    method = "GET" if request.method == "HEAD" else request.method
+    return ROUTE_SCOPES.get((method, resource.canonical), "admin")
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -109,8 +116,7 @@ def principal_of(request: web.Request) -> Principal:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse requests without a token holding the route's scope (public routes need none) or past its budget."""
-    route_handler = request.match_info.handler
-    scope: Scope | None = getattr(route_handler, "required_scope", None)
+    scope = required_scope(request)
     tokens = request.app[AUTH]
     if not tokens.enabled:
         request[PRINCIPAL] = LOCAL_ADMIN

@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"runsteer demo: training run {run_id} (follow it: runsteer watch {run_id} --server {url})", flush=True
             )
             if args.fault_at:
-                print(f"runsteer demo: batch {args.fault_at} is poisoned; watch the rule agent roll it back", flush=True)
+                print(
+                    f"runsteer demo: batch {args.fault_at} is poisoned; watch the rule agent roll it back", flush=True
+                )
             if run_id is not None:
                 for part in (
                     Part("agent", "agents.cli", ["agent", "rules", "--run", run_id, "--server", url, "--mode", "act"]),

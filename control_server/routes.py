@@ -9,7 +9,7 @@ from functools import cache
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from control_server.auth import Principal, principal_of, requires
+from control_server.auth import Principal, principal_of
 from control_server.errors import ApiError, Forbidden
 from control_server.http import is_malformed, json_response, parse_body, parse_query, validation_details
 from control_server.keys import BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS
@@ -52,7 +52,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 @routes.get("/metrics")
-@requires("read")
 async def prometheus_metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
     body = request.app[EXPOSITION].render()
@@ -82,7 +81,6 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 @routes.post(API_PREFIX + "/runs")
-@requires("train")
 async def register_run(request: web.Request) -> web.Response:
     """Register a run (201) or re-attach a trainer to one (200)."""
     registration = await parse_body(request, RunRegistration)
@@ -91,21 +89,18 @@ async def register_run(request: web.Request) -> web.Response:
 
 
 @routes.get(API_PREFIX + "/runs")
-@requires("read")
 async def list_runs(request: web.Request) -> web.Response:
     """Every run, newest first."""
     return json_response(RunList(runs=request.app[RUNS].listing()))
 
 
 @routes.get(RUN)
-@requires("read")
 async def get_run(request: web.Request) -> web.Response:
     """One run."""
     return json_response(request.app[RUNS].get(request.match_info["run_id"]))
 
 
 @routes.put(RUN + "/policy")
-@requires("admin")
 async def set_policy(request: web.Request) -> web.Response:
     """Replace a run's policy."""
     policy = await parse_body(request, Policy)
@@ -129,7 +124,6 @@ def check_source(principal: Principal, source: str) -> None:
 
 
 @routes.post(RUN + "/commands")
-@requires("command")
 async def submit_command(request: web.Request) -> web.Response:
     """Queue a command (202), or return the first record of a resubmitted id (200)."""
     envelope = await parse_body(request, CommandEnvelope)
@@ -139,7 +133,6 @@ async def submit_command(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/commands")
-@requires("read")
 async def list_commands(request: web.Request) -> web.Response:
     """Command history in `seq` order."""
     query = parse_query(request, CommandListQuery)
@@ -150,7 +143,6 @@ async def list_commands(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/commands/next")
-@requires("train")
 async def next_commands(request: web.Request) -> web.Response:
     """The trainer's long-poll for commands after `after`."""
     query = parse_query(request, NextCommandsQuery)
@@ -162,7 +154,6 @@ async def next_commands(request: web.Request) -> web.Response:
 
 
 @routes.get(COMMAND)
-@requires("read")
 async def get_command(request: web.Request) -> web.Response:
     """One command; `wait` holds the answer until it finishes."""
     query = parse_query(request, CommandWaitQuery)
@@ -182,21 +173,18 @@ async def _decide(request: web.Request, *, approve: bool) -> web.Response:
 
 
 @routes.post(COMMAND + "/approve")
-@requires("command")
 async def approve_command(request: web.Request) -> web.Response:
     """Release a command held for approval."""
     return await _decide(request, approve=True)
 
 
 @routes.post(COMMAND + "/reject")
-@requires("command")
 async def reject_command(request: web.Request) -> web.Response:
     """Refuse a command held for approval."""
     return await _decide(request, approve=False)
 
 
 @routes.post(COMMAND + "/result")
-@requires("train")
 async def report_result(request: web.Request) -> web.Response:
     """The trainer's answer to a delivered command."""
     result = await parse_body(request, CommandResult)
@@ -207,7 +195,6 @@ async def report_result(request: web.Request) -> web.Response:
 
 
 @routes.post(RUN + "/metrics")
-@requires("train")
 async def push_metrics(request: web.Request) -> web.Response:
     """Store a batch of metric samples (committed before the answer)."""
     batch = await parse_body(request, MetricsBatch)
@@ -215,7 +202,6 @@ async def push_metrics(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/metrics")
-@requires("read")
 async def metrics_history(request: web.Request) -> web.Response:
     """Metric history, downsampled on the server when `max_points` is given."""
     query = parse_query(request, MetricsQuery)
@@ -230,7 +216,6 @@ async def metrics_history(request: web.Request) -> web.Response:
 
 
 @routes.post(RUN + "/events")
-@requires("train")
 async def push_reports(request: web.Request) -> web.Response:
     """Heartbeats, status changes, checkpoints, logs and alerts from the trainer."""
     batch = await parse_body(request, RunReportBatch)
@@ -239,7 +224,6 @@ async def push_reports(request: web.Request) -> web.Response:
 
 
 @routes.post(RUN + "/alerts")
-@requires("command")
 async def raise_alert(request: web.Request) -> web.Response:
     """An alert from an agent or a script, for the run's feed."""
     alert = await parse_body(request, AlertReport)
@@ -248,7 +232,6 @@ async def raise_alert(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/events")
-@requires("read")
 async def list_events(request: web.Request) -> web.Response:
     """Stored events: command changes, status changes, checkpoints, alerts and logs."""
     query = parse_query(request, EventQuery)
@@ -260,7 +243,6 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/checkpoints")
-@requires("read")
 async def list_checkpoints(request: web.Request) -> web.Response:
     """The run's checkpoint index."""
     query = parse_query(request, CheckpointQuery)
@@ -269,7 +251,6 @@ async def list_checkpoints(request: web.Request) -> web.Response:
 
 
 @routes.get(RUN + "/stream")
-@requires("read")
 async def run_stream(request: web.Request) -> web.StreamResponse:
     """Websocket: one run's events; command envelopes may be submitted over it."""
     run_id = request.match_info["run_id"]
@@ -278,7 +259,6 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get(API_PREFIX + "/stream")
-@requires("read")
 async def all_stream(request: web.Request) -> web.StreamResponse:
     """Websocket: every run's events."""
     return await _stream(request, None)
