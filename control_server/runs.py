@@ -63,7 +63,12 @@ class RunRegistry:
         started = time.time()
         # A restarted server gives every run a full timeout to heartbeat before calling it lost.
         self._last_seen: dict[str, float] = {run_id: started for run_id in self.runs}
+        self._locks: dict[str, asyncio.Lock] = {}
         self.status_changed_at: dict[str, float] = {run_id: run.updated_at for run_id, run in self.runs.items()}
+
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        """Serialises each run's read-modify-write across the awaited commit, so no update overwrites another."""
+        return self._locks.setdefault(run_id, asyncio.Lock())
 
     def get(self, run_id: str) -> RunInfo:
         """The run, or a 404 naming it."""
@@ -82,46 +87,48 @@ class RunRegistry:
 
     async def register(self, registration: RunRegistration) -> tuple[RunInfo, bool]:
         """Create a run, or re-attach a trainer to an existing one; returns (run, created)."""
-        check_protocol_version(registration.protocol_version)
-        now = time.time()
-        existing = self.runs.get(registration.run_id) if registration.run_id else None
-        if existing is not None:
-            if existing.name != registration.name:
-                raise ConflictError(
-                    f"run {existing.run_id!r} is named {existing.name!r}, not {registration.name!r}",
+        async with self._lock(registration.run_id or ""):
+            check_protocol_version(registration.protocol_version)
+            now = time.time()
+            existing = self.runs.get(registration.run_id) if registration.run_id else None
+            if existing is not None:
+                if existing.name != registration.name:
+                    raise ConflictError(
+                        f"run {existing.run_id!r} is named {existing.name!r}, not {registration.name!r}",
+                    )
+                run = existing.model_copy(
+                    update={
+                        "status": "running",
+                        "updated_at": now,
+                        "last_heartbeat": now,
+                        "config": registration.config or existing.config,
+                        "domains": registration.domains or existing.domains,
+                        "policy": registration.policy or existing.policy,
+                    }
                 )
-            run = existing.model_copy(
-                update={
-                    "status": "running",
-                    "updated_at": now,
-                    "last_heartbeat": now,
-                    "config": registration.config or existing.config,
-                    "domains": registration.domains or existing.domains,
-                    "policy": registration.policy or existing.policy,
-                }
-            )
-            created = False
-        else:
-            run_id = registration.run_id or f"{registration.name[:40]}-{uuid.uuid4().hex[:8]}"
-            run = RunInfo(
-                run_id=run_id,
-                name=registration.name,
-                status="running",
-                created_at=now,
-                updated_at=now,
-                last_heartbeat=now,
-                config=registration.config,
-                domains=registration.domains,
-                policy=registration.policy or self.default_policy,
-            )
-            created = True
-        await self._save(run, stored_event=True)
-        return run, created
+                created = False
+            else:
+                run_id = registration.run_id or f"{registration.name[:40]}-{uuid.uuid4().hex[:8]}"
+                run = RunInfo(
+                    run_id=run_id,
+                    name=registration.name,
+                    status="running",
+                    created_at=now,
+                    updated_at=now,
+                    last_heartbeat=now,
+                    config=registration.config,
+                    domains=registration.domains,
+                    policy=registration.policy or self.default_policy,
+                )
+                created = True
+            await self._save(run, stored_event=True)
+            return run, created
 
     async def set_policy(self, run_id: str, policy: Policy) -> RunInfo:
         """Replace a run's policy."""
-        run = self.get(run_id).model_copy(update={"policy": policy, "updated_at": time.time()})
-        await self._save(run, stored_event=True)
+        async with self._lock(run_id):
+            run = self.get(run_id).model_copy(update={"policy": policy, "updated_at": time.time()})
+            await self._save(run, stored_event=True)
         return run
 
     async def apply_reports(self, run_id: str, reports: list[RunReport]) -> int:
@@ -182,35 +189,37 @@ class RunRegistry:
                 log.exception("liveness check failed")
 
     async def _heartbeat(self, run_id: str, heartbeat: Heartbeat) -> None:
-        run = self.get(run_id)
-        now = time.time()
-        self._last_seen[run_id] = now
-        state = heartbeat.state
-        status: RunStatus = run.status
-        if run.status in (*LIVE_STATUSES, "lost"):
-            status = "paused" if state.paused else "running"
-        branches = run.branches if state.branch in run.branches else [*run.branches, state.branch]
-        updated = run.model_copy(
-            update={
-                "state": state,
-                "step": max(state.step, run.step) if state.branch == run.branch else state.step,
-                "branch": state.branch,
-                "branches": branches,
-                "last_heartbeat": now,
-                "updated_at": now,
-                "status": status,
-            }
-        )
-        await self._save(updated, stored_event=status != run.status)
+        async with self._lock(run_id):
+            run = self.get(run_id)
+            now = time.time()
+            self._last_seen[run_id] = now
+            state = heartbeat.state
+            status: RunStatus = run.status
+            if run.status in (*LIVE_STATUSES, "lost"):
+                status = "paused" if state.paused else "running"
+            branches = run.branches if state.branch in run.branches else [*run.branches, state.branch]
+            updated = run.model_copy(
+                update={
+                    "state": state,
+                    "step": max(state.step, run.step) if state.branch == run.branch else state.step,
+                    "branch": state.branch,
+                    "branches": branches,
+                    "last_heartbeat": now,
+                    "updated_at": now,
+                    "status": status,
+                }
+            )
+            await self._save(updated, stored_event=status != run.status)
 
     async def _set_status(self, run_id: str, status: RunStatus, message: str) -> None:
-        run = self.get(run_id)
-        if run.status == status:
-            return
-        now = time.time()
-        if status in LIVE_STATUSES:
-            self._last_seen[run_id] = now
-        await self._save(run.model_copy(update={"status": status, "updated_at": now}), stored_event=True)
+        async with self._lock(run_id):
+            run = self.get(run_id)
+            if run.status == status:
+                return
+            now = time.time()
+            if status in LIVE_STATUSES:
+                self._last_seen[run_id] = now
+            await self._save(run.model_copy(update={"status": status, "updated_at": now}), stored_event=True)
         if message:
             await self._log(
                 run_id, LogReport(level="warning" if status in ("lost", "failed") else "info", message=message)
