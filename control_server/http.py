@@ -126,27 +126,36 @@ def is_malformed(error: ValidationError) -> bool:
     return any(problem["type"] == "json_invalid" for problem in error.errors())
 
 
+def validation_error_body(error: ValidationError) -> tuple[int, ErrorBody]:
+    """The status and body of an input that failed validation: 400 when it was not JSON at all, else 422."""
+    malformed = is_malformed(error)
+    status, code = (400, "malformed_json") if malformed else (422, "validation_error")
+    summary = "the body is not valid JSON" if malformed else f"invalid {error.title}"
+    return status, ErrorBody(error=code, message=summary, details=validation_details(error))
+
+
+def api_error_body(error: ApiError) -> ErrorBody:
+    """The body of a domain error, with its scalar extras (e.g. `retry_after_s`)."""
+    extra: dict[str, JsonValue] = {
+        key: value for key, value in error.extra.items() if isinstance(value, str | int | float | bool)
+    }
+    return ErrorBody(error=error.code, message=error.message, details=error.details, extra=extra)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as JSON: field path, what was sent, what is allowed."""
     try:
         return await handler(request)
     except ValidationError as exc:
-        malformed = is_malformed(exc)
-        status, code = (400, "malformed_json") if malformed else (422, "validation_error")
-        summary = "the body is not valid JSON" if malformed else f"invalid {exc.title}"
-        return error_response(status, ErrorBody(error=code, message=summary, details=validation_details(exc)))
+        return error_response(*validation_error_body(exc))
     except ApiError as exc:
         headers = (
             {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))}
             if "retry_after_s" in exc.extra
             else None
         )
-        extra: dict[str, JsonValue] = {
-            key: value for key, value in exc.extra.items() if isinstance(value, str | int | float | bool)
-        }
-        body = ErrorBody(error=exc.code, message=exc.message, details=exc.details, extra=extra)
-        return error_response(exc.status, body, headers)
+        return error_response(exc.status, api_error_body(exc), headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

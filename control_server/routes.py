@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from functools import cache
 
 from aiohttp import WSMsgType, web
@@ -11,13 +12,20 @@ from pydantic import ValidationError
 
 from control_server.auth import Principal, principal_of
 from control_server.errors import ApiError, Forbidden
-from control_server.http import is_malformed, json_response, parse_body, parse_query, validation_details
+from control_server.http import (
+    Handler,
+    api_error_body,
+    json_response,
+    parse_body,
+    parse_query,
+    validation_error_body,
+)
 from control_server.keys import BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS
 from protocols.commands import CommandDecision, CommandEnvelope, CommandList, CommandResult
-from protocols.constants import API_PREFIX, PROTOCOL_VERSION
+from protocols.constants import PROTOCOL_VERSION
 from protocols.errors import ErrorBody, ErrorDetail
 from protocols.events import EventList, StreamReply, StreamSubmit
-from protocols.openapi import openapi_document
+from protocols.openapi import ROUTE, ROUTES, openapi_document
 from protocols.policy import Policy
 from protocols.queries import (
     CheckpointQuery,
@@ -40,18 +48,43 @@ from protocols.schema import protocol_schema
 
 log = logging.getLogger(__name__)
 
-routes = web.RouteTableDef()
-RUN = API_PREFIX + "/runs/{run_id}"
-COMMAND = RUN + "/commands/{command_id}"
+HANDLERS: dict[str, Handler] = {}
+"""Each handler by the name of its route in `protocols.openapi.ROUTES`."""
 
 
-@routes.get("/healthz")
+def handler(function: Handler) -> Handler:
+    """Serve `function` at the route of the same name in the protocol's route table."""
+    HANDLERS[function.__name__] = function
+    return function
+
+
+def check_handlers(handlers: Mapping[str, Handler]) -> None:
+    """Refuse to start when a route of the table has no handler, or a handler no route (so no scope)."""
+    unserved, unlisted = sorted(set(ROUTE) - set(handlers)), sorted(set(handlers) - set(ROUTE))
+    if unserved or unlisted:
+        raise RuntimeError(
+            f"protocols.openapi.ROUTES and the server's handlers differ: routes with no handler {unserved}, "
+            f"handlers with no route (their scope is unknown) {unlisted}"
+        )
+
+
+def add_routes(app: web.Application, handlers: Mapping[str, Handler] = HANDLERS) -> None:
+    """Serve every route of the protocol's table (GETs answer HEAD too) with its handler."""
+    check_handlers(handlers)
+    for route in ROUTES:
+        if route.method == "GET":
+            app.router.add_get(route.path, handlers[route.name])
+        else:
+            app.router.add_route(route.method, route.path, handlers[route.name])
+
+
+@handler
 async def healthz(request: web.Request) -> web.Response:
     """Liveness for load balancers and compose health checks."""
     return web.json_response({"status": "ok", "protocol_version": PROTOCOL_VERSION})
 
 
-@routes.get("/metrics")
+@handler
 async def prometheus_metrics(request: web.Request) -> web.Response:
     """Prometheus exposition."""
     body = request.app[EXPOSITION].render()
@@ -63,7 +96,7 @@ def _schema_body() -> bytes:
     return json.dumps(protocol_schema()).encode()
 
 
-@routes.get(API_PREFIX + "/schema")
+@handler
 async def schema(request: web.Request) -> web.Response:
     """The JSON Schema of every wire model."""
     return web.Response(body=_schema_body(), content_type="application/json")
@@ -74,13 +107,13 @@ def _openapi_body() -> bytes:
     return json.dumps(openapi_document()).encode()
 
 
-@routes.get(API_PREFIX + "/openapi.json")
+@handler
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI document of the REST API, generated from `protocols`."""
     return web.Response(body=_openapi_body(), content_type="application/json")
 
 
-@routes.post(API_PREFIX + "/runs")
+@handler
 async def register_run(request: web.Request) -> web.Response:
     """Register a run (201) or re-attach a trainer to one (200)."""
     registration = await parse_body(request, RunRegistration)
@@ -88,19 +121,19 @@ async def register_run(request: web.Request) -> web.Response:
     return json_response(run, status=201 if created else 200)
 
 
-@routes.get(API_PREFIX + "/runs")
+@handler
 async def list_runs(request: web.Request) -> web.Response:
     """Every run, newest first."""
     return json_response(RunList(runs=request.app[RUNS].listing()))
 
 
-@routes.get(RUN)
+@handler
 async def get_run(request: web.Request) -> web.Response:
     """One run."""
     return json_response(request.app[RUNS].get(request.match_info["run_id"]))
 
 
-@routes.put(RUN + "/policy")
+@handler
 async def set_policy(request: web.Request) -> web.Response:
     """Replace a run's policy."""
     policy = await parse_body(request, Policy)
@@ -123,7 +156,7 @@ def check_source(principal: Principal, source: str) -> None:
         )
 
 
-@routes.post(RUN + "/commands")
+@handler
 async def submit_command(request: web.Request) -> web.Response:
     """Queue a command (202), or return the first record of a resubmitted id (200)."""
     envelope = await parse_body(request, CommandEnvelope)
@@ -132,7 +165,7 @@ async def submit_command(request: web.Request) -> web.Response:
     return json_response(record, status=202 if created else 200)
 
 
-@routes.get(RUN + "/commands")
+@handler
 async def list_commands(request: web.Request) -> web.Response:
     """Command history in `seq` order."""
     query = parse_query(request, CommandListQuery)
@@ -142,7 +175,7 @@ async def list_commands(request: web.Request) -> web.Response:
     return json_response(CommandList(commands=records))
 
 
-@routes.get(RUN + "/commands/next")
+@handler
 async def next_commands(request: web.Request) -> web.Response:
     """The trainer's long-poll for commands after `after`."""
     query = parse_query(request, NextCommandsQuery)
@@ -153,7 +186,7 @@ async def next_commands(request: web.Request) -> web.Response:
     return json_response(CommandList(commands=records))
 
 
-@routes.get(COMMAND)
+@handler
 async def get_command(request: web.Request) -> web.Response:
     """One command; `wait` holds the answer until it finishes."""
     query = parse_query(request, CommandWaitQuery)
@@ -172,19 +205,19 @@ async def _decide(request: web.Request, *, approve: bool) -> web.Response:
     return json_response(record)
 
 
-@routes.post(COMMAND + "/approve")
+@handler
 async def approve_command(request: web.Request) -> web.Response:
     """Release a command held for approval."""
     return await _decide(request, approve=True)
 
 
-@routes.post(COMMAND + "/reject")
+@handler
 async def reject_command(request: web.Request) -> web.Response:
     """Refuse a command held for approval."""
     return await _decide(request, approve=False)
 
 
-@routes.post(COMMAND + "/result")
+@handler
 async def report_result(request: web.Request) -> web.Response:
     """The trainer's answer to a delivered command."""
     result = await parse_body(request, CommandResult)
@@ -194,14 +227,14 @@ async def report_result(request: web.Request) -> web.Response:
     return json_response(record)
 
 
-@routes.post(RUN + "/metrics")
+@handler
 async def push_metrics(request: web.Request) -> web.Response:
     """Store a batch of metric samples (committed before the answer)."""
     batch = await parse_body(request, MetricsBatch)
     return json_response(await request.app[METRICS].ingest(request.match_info["run_id"], batch))
 
 
-@routes.get(RUN + "/metrics")
+@handler
 async def metrics_history(request: web.Request) -> web.Response:
     """Metric history, downsampled on the server when `max_points` is given."""
     query = parse_query(request, MetricsQuery)
@@ -215,7 +248,7 @@ async def metrics_history(request: web.Request) -> web.Response:
     return json_response(history)
 
 
-@routes.post(RUN + "/events")
+@handler
 async def push_reports(request: web.Request) -> web.Response:
     """Heartbeats, status changes, checkpoints, logs and alerts from the trainer."""
     batch = await parse_body(request, RunReportBatch)
@@ -223,7 +256,7 @@ async def push_reports(request: web.Request) -> web.Response:
     return json_response(ReportAck(accepted=accepted))
 
 
-@routes.post(RUN + "/alerts")
+@handler
 async def raise_alert(request: web.Request) -> web.Response:
     """An alert from an agent or a script, for the run's feed."""
     alert = await parse_body(request, AlertReport)
@@ -231,7 +264,7 @@ async def raise_alert(request: web.Request) -> web.Response:
     return json_response(ReportAck(accepted=1))
 
 
-@routes.get(RUN + "/events")
+@handler
 async def list_events(request: web.Request) -> web.Response:
     """Stored events: command changes, status changes, checkpoints, alerts and logs."""
     query = parse_query(request, EventQuery)
@@ -242,7 +275,7 @@ async def list_events(request: web.Request) -> web.Response:
     return json_response(EventList(events=events))
 
 
-@routes.get(RUN + "/checkpoints")
+@handler
 async def list_checkpoints(request: web.Request) -> web.Response:
     """The run's checkpoint index."""
     query = parse_query(request, CheckpointQuery)
@@ -250,7 +283,7 @@ async def list_checkpoints(request: web.Request) -> web.Response:
     return json_response(CheckpointList(checkpoints=checkpoints))
 
 
-@routes.get(RUN + "/stream")
+@handler
 async def run_stream(request: web.Request) -> web.StreamResponse:
     """Websocket: one run's events; command envelopes may be submitted over it."""
     run_id = request.match_info["run_id"]
@@ -258,7 +291,7 @@ async def run_stream(request: web.Request) -> web.StreamResponse:
     return await _stream(request, run_id)
 
 
-@routes.get(API_PREFIX + "/stream")
+@handler
 async def all_stream(request: web.Request) -> web.StreamResponse:
     """Websocket: every run's events."""
     return await _stream(request, None)
@@ -288,30 +321,30 @@ async def _stream(request: web.Request, run_id: str | None) -> web.StreamRespons
     return socket
 
 
-def _stream_error(ref: str, code: str, message: str, details: list[ErrorDetail] | None = None) -> StreamReply:
-    return StreamReply(ref=ref, error=ErrorBody(error=code, message=message, details=details or []))
+def _stream_error(ref: str, code: str, message: str) -> StreamReply:
+    return StreamReply(ref=ref, error=ErrorBody(error=code, message=message))
 
 
 async def _submit_over_stream(request: web.Request, principal: Principal, run_id: str | None, text: str) -> StreamReply:
-    """Accept a `StreamSubmit` (answered with its `ref`) or a bare command envelope (answered with ref "")."""
+    """Accept a `StreamSubmit` (answered with its `ref`) or a bare command envelope (answered with ref ""), with
+    the answers `POST .../commands` gives for the same input, under the scope the route table gives it."""
     ref, bare = _peek(text)
+    scope = ROUTE["submit_command"].scope
     try:
         if bare:
             envelope = CommandEnvelope.model_validate_json(text)
         else:
             envelope = StreamSubmit.model_validate_json(text).envelope
-    except ValidationError as exc:
-        message = "the message is not valid JSON" if is_malformed(exc) else "invalid StreamSubmit message"
-        return _stream_error(ref, "validation_error", message, validation_details(exc))
-    if run_id is None:
-        return _stream_error(ref, "bad_request", "submit commands on a run's stream, not the all-runs stream")
-    try:
-        if not principal.may("command"):
-            raise Forbidden(f"token {principal.name!r} lacks the 'command' scope")
+        if run_id is None:
+            raise ApiError("submit commands on a run's stream, not the all-runs stream")
+        if scope is not None and not principal.may(scope):
+            raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope this route needs", scope=scope)
         check_source(principal, envelope.source)
         record, _ = await request.app[COMMANDS].submit(run_id, envelope)
+    except ValidationError as exc:
+        return StreamReply(ref=ref, error=validation_error_body(exc)[1])
     except ApiError as exc:
-        return _stream_error(ref, exc.code, exc.message, exc.details)
+        return StreamReply(ref=ref, error=api_error_body(exc))
     return StreamReply(ref=ref, record=record)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -46,8 +47,13 @@ Body = Literal["json", "text", "websocket"]
 
 @dataclass(frozen=True)
 class Route:
-    """One HTTP route: what it takes, what it answers, and the token scope it needs (None: public)."""
+    """One HTTP route: what it takes, what it answers, and the token scope it needs (None: public).
 
+    `name` is the server handler's name and the reference client's method; the server registers its handlers
+    from this table and the client builds its requests from it, so path, scope and call cannot disagree.
+    """
+
+    name: str
     method: Method
     path: str
     summary: str
@@ -68,16 +74,25 @@ class Route:
         """Names of the `{...}` segments of the path."""
         return [part[1:-1] for part in self.path.split("/") if part.startswith("{")]
 
+    def url_path(self, **values: str) -> str:
+        """The path with each `{...}` segment filled in (percent-quoted); every segment must be given, no other."""
+        if set(values) != set(self.path_parameters):
+            raise TypeError(f"{self.name} takes path parameters {self.path_parameters}, got {sorted(values)}")
+        return "/".join(
+            quote(values[part[1:-1]], safe="") if part.startswith("{") else part for part in self.path.split("/")
+        )
+
 
 RUN = API_PREFIX + "/runs/{run_id}"
 COMMAND = RUN + "/commands/{command_id}"
 
 ROUTES: tuple[Route, ...] = (
-    Route("GET", "/healthz", "Liveness for load balancers and health checks.", None),
-    Route("GET", "/metrics", "Prometheus exposition.", "read", body="text"),
-    Route("GET", API_PREFIX + "/schema", "The JSON Schema of every wire model.", None),
-    Route("GET", API_PREFIX + "/openapi.json", "This document.", None),
+    Route("healthz", "GET", "/healthz", "Liveness for load balancers and health checks.", None),
+    Route("prometheus_metrics", "GET", "/metrics", "Prometheus exposition.", "read", body="text"),
+    Route("schema", "GET", API_PREFIX + "/schema", "The JSON Schema of every wire model.", None),
+    Route("openapi", "GET", API_PREFIX + "/openapi.json", "This document.", None),
     Route(
+        "register_run",
         "POST",
         API_PREFIX + "/runs",
         "Register a run (201), or re-attach a trainer to one (200).",
@@ -86,10 +101,11 @@ ROUTES: tuple[Route, ...] = (
         response=RunInfo,
         status=201,
     ),
-    Route("GET", API_PREFIX + "/runs", "Every run, newest first.", "read", response=RunList),
-    Route("GET", RUN, "One run.", "read", response=RunInfo),
-    Route("PUT", RUN + "/policy", "Replace a run's policy.", "admin", request=Policy, response=RunInfo),
+    Route("list_runs", "GET", API_PREFIX + "/runs", "Every run, newest first.", "read", response=RunList),
+    Route("get_run", "GET", RUN, "One run.", "read", response=RunInfo),
+    Route("set_policy", "PUT", RUN + "/policy", "Replace a run's policy.", "admin", request=Policy, response=RunInfo),
     Route(
+        "submit_command",
         "POST",
         RUN + "/commands",
         "Submit a command (202), or get the first record of a resubmitted id (200).",
@@ -99,6 +115,7 @@ ROUTES: tuple[Route, ...] = (
         status=202,
     ),
     Route(
+        "list_commands",
         "GET",
         RUN + "/commands",
         "Command history in `seq` order.",
@@ -107,6 +124,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandList,
     ),
     Route(
+        "next_commands",
         "GET",
         RUN + "/commands/next",
         "The trainer's long-poll for commands after `after`.",
@@ -115,6 +133,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandList,
     ),
     Route(
+        "get_command",
         "GET",
         COMMAND,
         "One command; `wait` holds the answer until it finishes.",
@@ -123,6 +142,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandRecord,
     ),
     Route(
+        "approve_command",
         "POST",
         COMMAND + "/approve",
         "Release a command held for approval.",
@@ -131,6 +151,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandRecord,
     ),
     Route(
+        "reject_command",
         "POST",
         COMMAND + "/reject",
         "Refuse a command held for approval.",
@@ -139,6 +160,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandRecord,
     ),
     Route(
+        "report_result",
         "POST",
         COMMAND + "/result",
         "The trainer's answer to a delivered command.",
@@ -147,6 +169,7 @@ ROUTES: tuple[Route, ...] = (
         response=CommandRecord,
     ),
     Route(
+        "push_metrics",
         "POST",
         RUN + "/metrics",
         "Store a batch of metric samples (committed before the answer).",
@@ -155,6 +178,7 @@ ROUTES: tuple[Route, ...] = (
         response=MetricsAck,
     ),
     Route(
+        "metrics_history",
         "GET",
         RUN + "/metrics",
         "Metric history, downsampled on the server when `max_points` is given.",
@@ -163,6 +187,7 @@ ROUTES: tuple[Route, ...] = (
         response=MetricsHistory,
     ),
     Route(
+        "push_reports",
         "POST",
         RUN + "/events",
         "Heartbeats, status changes, checkpoints, logs and alerts from the trainer.",
@@ -171,6 +196,7 @@ ROUTES: tuple[Route, ...] = (
         response=ReportAck,
     ),
     Route(
+        "raise_alert",
         "POST",
         RUN + "/alerts",
         "An alert from an agent or a script, for the run's feed.",
@@ -178,8 +204,11 @@ ROUTES: tuple[Route, ...] = (
         request=AlertReport,
         response=ReportAck,
     ),
-    Route("GET", RUN + "/events", "Stored events of a run.", "read", query=EventQuery, response=EventList),
     Route(
+        "list_events", "GET", RUN + "/events", "Stored events of a run.", "read", query=EventQuery, response=EventList
+    ),
+    Route(
+        "list_checkpoints",
         "GET",
         RUN + "/checkpoints",
         "The run's checkpoint index.",
@@ -188,15 +217,19 @@ ROUTES: tuple[Route, ...] = (
         response=CheckpointList,
     ),
     Route(
+        "run_stream",
         "GET",
         RUN + "/stream",
         "Websocket: one run's events; command envelopes may be submitted over it.",
         "read",
         body="websocket",
     ),
-    Route("GET", API_PREFIX + "/stream", "Websocket: every run's events.", "read", body="websocket"),
+    Route("all_stream", "GET", API_PREFIX + "/stream", "Websocket: every run's events.", "read", body="websocket"),
 )
 """Every route the server serves."""
+
+ROUTE: dict[str, Route] = {route.name: route for route in ROUTES}
+"""The routes by name."""
 
 ERROR_STATUSES = {
     "400": "Malformed JSON or a bad request",
@@ -270,7 +303,7 @@ def openapi_document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:
         operation: dict[str, Any] = {
-            "operationId": route.key.replace(" ", "_"),
+            "operationId": route.name,
             "summary": route.summary,
             "parameters": _parameters(route),
             "responses": _responses(route),

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from pydantic import BaseModel, ValidationError
 
@@ -18,9 +18,10 @@ from protocols.commands import (
     CommandRecord,
     CommandResult,
 )
-from protocols.constants import API_PREFIX, CommandStatus
+from protocols.constants import CommandStatus
 from protocols.errors import ErrorBody, RunsteerError, ServerUnavailable, error_for_status
 from protocols.events import Event, EventList, StreamReply, event_adapter
+from protocols.openapi import ROUTE
 from protocols.policy import Policy
 from protocols.records import (
     AlertReport,
@@ -90,7 +91,7 @@ def stream_url(base_url: str, run_id: str | None) -> str:
     """The websocket URL of one run's stream, or of every run's when `run_id` is None."""
     scheme, host, port = normalise_base_url(base_url)
     ws_scheme = "wss" if scheme == "https" else "ws"
-    path = f"{API_PREFIX}/runs/{_segment(run_id)}/stream" if run_id else f"{API_PREFIX}/stream"
+    path = ROUTE["run_stream"].url_path(run_id=run_id) if run_id else ROUTE["all_stream"].url_path()
     return f"{ws_scheme}://{host}:{port}{path}"
 
 
@@ -107,40 +108,56 @@ def parse_stream_message(raw: str | bytes) -> Event | StreamReply:
     return event_adapter.validate_python(data, strict=False)
 
 
-def _segment(value: str) -> str:
-    return quote(value, safe="")
-
-
-def _run(run_id: str) -> str:
-    return f"{API_PREFIX}/runs/{_segment(run_id)}"
-
-
 def _json(model: BaseModel) -> bytes:
     return model.model_dump_json(exclude_none=False).encode()
 
 
+def build(
+    name: str,
+    response: type[Model],
+    *,
+    body: BaseModel | None = None,
+    params: dict[str, str] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    **path: str,
+) -> HttpRequest[Model]:
+    """The request of route `name` in `protocols.openapi.ROUTES`; raises TypeError where the call and the table
+    disagree (answer model, body model, path or query parameters), so a client call cannot drift from its route."""
+    route = ROUTE[name]
+    if route.response is not response:
+        raise TypeError(f"{name} answers {route.response}, not {response.__name__}")
+    if (body is None) != (route.request is None) or (body is not None and not isinstance(body, route.request or ())):
+        raise TypeError(f"{name} takes a body of {route.request}, got {type(body).__name__}")
+    params = params or {}
+    unknown = set(params) - set(route.query.model_fields if route.query else ())
+    if unknown:
+        raise TypeError(f"{name} has no query parameters {sorted(unknown)}")
+    encoded = _json(body) if body is not None else None
+    return HttpRequest(route.method, route.url_path(**path), response, params=params, body=encoded, timeout_s=timeout_s)
+
+
 class Requests:
-    """Builds the `HttpRequest` of every REST call; the clients only send them."""
+    """Builds the `HttpRequest` of every REST call from the route table; the clients only send them."""
 
     @staticmethod
     def register_run(registration: RunRegistration) -> HttpRequest[RunInfo]:
-        return HttpRequest("POST", f"{API_PREFIX}/runs", RunInfo, body=_json(registration))
+        return build("register_run", RunInfo, body=registration)
 
     @staticmethod
     def list_runs() -> HttpRequest[RunList]:
-        return HttpRequest("GET", f"{API_PREFIX}/runs", RunList)
+        return build("list_runs", RunList)
 
     @staticmethod
     def get_run(run_id: str) -> HttpRequest[RunInfo]:
-        return HttpRequest("GET", _run(run_id), RunInfo)
+        return build("get_run", RunInfo, run_id=run_id)
 
     @staticmethod
     def set_policy(run_id: str, policy: Policy) -> HttpRequest[RunInfo]:
-        return HttpRequest("PUT", f"{_run(run_id)}/policy", RunInfo, body=_json(policy))
+        return build("set_policy", RunInfo, body=policy, run_id=run_id)
 
     @staticmethod
     def submit(run_id: str, envelope: CommandEnvelope) -> HttpRequest[CommandRecord]:
-        return HttpRequest("POST", f"{_run(run_id)}/commands", CommandRecord, body=_json(envelope))
+        return build("submit_command", CommandRecord, body=envelope, run_id=run_id)
 
     @staticmethod
     def list_commands(
@@ -149,50 +166,46 @@ class Requests:
         params = {"after": str(after_seq), "limit": str(limit)}
         if status:
             params["status"] = status
-        return HttpRequest("GET", f"{_run(run_id)}/commands", CommandList, params=params)
+        return build("list_commands", CommandList, params=params, run_id=run_id)
 
     @staticmethod
     def get_command(run_id: str, command_id: str, *, wait_s: float = 0.0) -> HttpRequest[CommandRecord]:
         params = {"wait": f"{wait_s:g}"} if wait_s > 0 else {}
-        return HttpRequest(
-            "GET",
-            f"{_run(run_id)}/commands/{_segment(command_id)}",
+        return build(
+            "get_command",
             CommandRecord,
             params=params,
             timeout_s=DEFAULT_TIMEOUT_S + wait_s,
+            run_id=run_id,
+            command_id=command_id,
         )
 
     @staticmethod
     def decide(run_id: str, command_id: str, decision: CommandDecision, *, approve: bool) -> HttpRequest[CommandRecord]:
-        verb = "approve" if approve else "reject"
-        return HttpRequest(
-            "POST", f"{_run(run_id)}/commands/{_segment(command_id)}/{verb}", CommandRecord, body=_json(decision)
-        )
+        name = "approve_command" if approve else "reject_command"
+        return build(name, CommandRecord, body=decision, run_id=run_id, command_id=command_id)
 
     @staticmethod
     def next_commands(run_id: str, *, after_seq: int, wait_s: float) -> HttpRequest[CommandList]:
-        return HttpRequest(
-            "GET",
-            f"{_run(run_id)}/commands/next",
+        return build(
+            "next_commands",
             CommandList,
             params={"after": str(after_seq), "wait": f"{wait_s:g}"},
             timeout_s=DEFAULT_TIMEOUT_S + wait_s,
+            run_id=run_id,
         )
 
     @staticmethod
     def report_result(run_id: str, command_id: str, result: CommandResult) -> HttpRequest[CommandRecord]:
-        return HttpRequest(
-            "POST", f"{_run(run_id)}/commands/{_segment(command_id)}/result", CommandRecord, body=_json(result)
-        )
+        return build("report_result", CommandRecord, body=result, run_id=run_id, command_id=command_id)
 
     @staticmethod
     def push_metrics(run_id: str, batch: MetricsBatch) -> HttpRequest[MetricsAck]:
-        return HttpRequest("POST", f"{_run(run_id)}/metrics", MetricsAck, body=_json(batch))
+        return build("push_metrics", MetricsAck, body=batch, run_id=run_id)
 
     @staticmethod
     def push_reports(run_id: str, reports: Iterable[RunReport]) -> HttpRequest[ReportAck]:
-        batch = RunReportBatch(reports=list(reports))
-        return HttpRequest("POST", f"{_run(run_id)}/events", ReportAck, body=_json(batch))
+        return build("push_reports", ReportAck, body=RunReportBatch(reports=list(reports)), run_id=run_id)
 
     @staticmethod
     def metrics_history(
@@ -209,11 +222,11 @@ class Requests:
             params["keys"] = key_list
         if max_points is not None:
             params["max_points"] = str(max_points)
-        return HttpRequest("GET", f"{_run(run_id)}/metrics", MetricsHistory, params=params)
+        return build("metrics_history", MetricsHistory, params=params, run_id=run_id)
 
     @staticmethod
     def raise_alert(run_id: str, alert: AlertReport) -> HttpRequest[ReportAck]:
-        return HttpRequest("POST", f"{_run(run_id)}/alerts", ReportAck, body=_json(alert))
+        return build("raise_alert", ReportAck, body=alert, run_id=run_id)
 
     @staticmethod
     def list_events(
@@ -223,12 +236,12 @@ class Requests:
         kind_list = ",".join(kinds)
         if kind_list:
             params["kinds"] = kind_list
-        return HttpRequest("GET", f"{_run(run_id)}/events", EventList, params=params)
+        return build("list_events", EventList, params=params, run_id=run_id)
 
     @staticmethod
     def list_checkpoints(run_id: str, *, branch: str | None = None) -> HttpRequest[CheckpointList]:
         params = {"branch": branch} if branch else {}
-        return HttpRequest("GET", f"{_run(run_id)}/checkpoints", CheckpointList, params=params)
+        return build("list_checkpoints", CheckpointList, params=params, run_id=run_id)
 
 
 def envelope_of(
@@ -266,6 +279,7 @@ __all__ = [
     "Requests",
     "RunsteerError",
     "auth_headers",
+    "build",
     "decode",
     "envelope_of",
     "normalise_base_url",

@@ -267,13 +267,42 @@ async def test_garbage_and_binary_frames_get_error_replies_and_harm_no_one(serve
                 await socket_.close()
             seen = await asyncio.wait_for(bystander.next_event(), 5)
 
-    assert not_json.error is not None and not_json.error.error == "validation_error"
+    assert not_json.error is not None and not_json.error.error == "malformed_json"
     assert not_json.error.details[0].message.startswith("Invalid JSON")
     assert bad_shape.error is not None and bad_shape.error.details[0].field == "envelope.command"
     assert binary.error is not None and binary.error.error == "bad_frame"
     replies = [StreamReply.model_validate_json(m) for m in messages if '"op":"reply"' in m]
     assert len(replies) == 1 and replies[0].ref == "ok-1" and replies[0].record is not None
     assert isinstance(seen, CommandEvent) and seen.record == replies[0].record
+
+
+SAME_INPUTS = {
+    "not-json": "this is not json",
+    "unknown-type": '{"command": {"type": "warp"}}',
+    "negative-lr": '{"command": {"type": "set_hparams", "lr": -1}}',
+    "unknown-domain": '{"command": {"type": "set_data_mix", "weights": {"math": 1.0}}}',
+    "bad-source": '{"command": {"type": "pause"}, "source": "robot"}',
+}
+"""Refused envelopes, each sent both to `POST .../commands` and over the run's stream."""
+
+
+@pytest.mark.parametrize("text", SAME_INPUTS.values(), ids=SAME_INPUTS.keys())
+async def test_the_streams_submit_door_answers_exactly_as_rest_does(server: ServerThread, text: str) -> None:
+    """The same bad envelope gets the same error body (code, message, fields, allowed values) over the socket as
+    over REST, and neither stores a command."""
+    async with AsyncClient(server.url) as client, aiohttp.ClientSession() as session:
+        run_id = (await client.register_run(RunRegistration(name="doors", domains=["web"]))).run_id
+        rest = await asyncio.to_thread(
+            raw_request, server.url, "POST", f"/api/v1/runs/{run_id}/commands", text.encode()
+        )
+        socket_ = await session.ws_connect(f"{server.url.replace('http', 'ws')}/api/v1/runs/{run_id}/stream")
+        try:
+            await socket_.send_str(text)
+            reply = StreamReply.model_validate_json(await socket_.receive_str(timeout=5))
+        finally:
+            await socket_.close()
+        assert await client.list_commands(run_id) == []
+    assert rest.status in (400, 422) and reply.error == rest.error
 
 
 def test_the_all_runs_stream_carries_every_runs_events_and_refuses_submits(client: Client) -> None:
