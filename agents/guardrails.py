@@ -82,7 +82,11 @@ class Guardrails:
         if window.state is not None and window.state.paused:
             return Review(None, f"{rollbacks} rollbacks spent and the run is already paused")
         replaced = Decision(
-            rule=decision.rule, reason=reason, commands=(Pause(),), severity="critical", step=decision.step,
+            rule=decision.rule,
+            reason=reason,
+            commands=(Pause(),),
+            severity="critical",
+            step=decision.step,
             changes=(Change("paused", False, True),),
         )
         return Review(replaced)
@@ -93,8 +97,9 @@ class Guardrails:
         limit = self.config.max_change_factor
         moves: list[tuple[str, float | None, float | None]] = []
         if isinstance(command, SetHparams | SetOptimizer):
-            moves += [(name, window.base_after(name, before), getattr(command, name))
-                      for name in ("lr", "weight_decay")]
+            moves += [
+                (name, window.base_after(name, before), getattr(command, name)) for name in ("lr", "weight_decay")
+            ]
         if isinstance(command, SetHparams):
             moves.append(("grad_clip", window.base_after("grad_clip", before), command.grad_clip))
         if isinstance(command, SetSchedule):
@@ -116,23 +121,12 @@ def _mix_moves(old: dict[str, float], new: dict[str, float]) -> list[tuple[str, 
     old_total, new_total = sum(old.values()), sum(merged.values())
     if old_total <= 0 or new_total <= 0:
         return []
-    return [
-        (f"data_mix.{name}", old.get(name, 0.0) / old_total, merged[name] / new_total) for name in sorted(merged)
-    ]
+    return [(f"data_mix.{name}", old.get(name, 0.0) / old_total, merged[name] / new_total) for name in sorted(merged)]
 
 
 def _out_of_bounds(command: Command, window: RunWindow) -> str:
-    """Why the run's policy would refuse a numeric field of `command`, or ''."""
-    for key, bounds in window.policy.bounds.items():
-        command_type, field = key.split(".", 1)
-        if command_type != command.type:
-            continue
-        value = getattr(command, field, None)
-        for item in value if isinstance(value, tuple) else (value,):
-            if not isinstance(item, int | float) or isinstance(item, bool):
-                continue
-            if (bounds.min is not None and item < bounds.min) or (bounds.max is not None and item > bounds.max):
-                low = "-inf" if bounds.min is None else f"{bounds.min:g}"
-                high = "inf" if bounds.max is None else f"{bounds.max:g}"
-                return f"{key}={item:g} is outside the run policy's range [{low}, {high}]"
-    return ""
+    """Why the run's policy would refuse `command` (the check the server makes), or ''."""
+    return "; ".join(
+        f"{command.type}.{detail.field.removeprefix('command.')}: {detail.message}; allowed {detail.allowed}"
+        for detail in window.policy.violations(command)
+    )

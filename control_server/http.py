@@ -14,7 +14,7 @@ from pydantic import BaseModel, JsonValue, ValidationError
 from control_server.errors import ApiError
 from control_server.keys import CONFIG
 from protocols.commands import CommandType
-from protocols.errors import ErrorBody, ErrorDetail
+from protocols.errors import ErrorBody, ErrorDetail, allowed_range
 from protocols.schema import command_schema
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,12 @@ def _describe_schema(schema: dict[str, Any]) -> str:
     options = schema.get("anyOf", [schema])
     for option in options:
         if option.get("type") in ("number", "integer"):
-            low = option.get("exclusiveMinimum", option.get("minimum"))
-            high = option.get("exclusiveMaximum", option.get("maximum"))
-            left = "(" if "exclusiveMinimum" in option else "["
-            right = ")" if "exclusiveMaximum" in option else "]"
-            low_text = "-inf" if low is None else f"{low:g}"
-            high_text = "inf" if high is None else f"{high:g}"
-            return f"{left}{low_text}, {high_text}{right}"
+            return allowed_range(
+                option.get("exclusiveMinimum", option.get("minimum")),
+                option.get("exclusiveMaximum", option.get("maximum")),
+                low_open="exclusiveMinimum" in option,
+                high_open="exclusiveMaximum" in option,
+            )
         if "enum" in option:
             return "one of " + ", ".join(str(value) for value in option["enum"])
         if option.get("type") == "array" and option.get("prefixItems"):

@@ -8,34 +8,7 @@ from collections import deque
 from control_server.errors import PolicyViolation, RateLimited
 from protocols.commands import Command, SetDataMix, SetHparams
 from protocols.errors import ErrorDetail
-from protocols.policy import Bounds, Policy
 from protocols.records import RunInfo
-
-
-def _range(bounds: Bounds) -> str:
-    low = "-inf" if bounds.min is None else f"{bounds.min:g}"
-    high = "inf" if bounds.max is None else f"{bounds.max:g}"
-    return f"[{low}, {high}] (run policy)"
-
-
-def bound_violations(policy: Policy, command: Command) -> list[ErrorDetail]:
-    """Every numeric field of `command` outside the run policy's bounds."""
-    details: list[ErrorDetail] = []
-    for key, bounds in policy.bounds.items():
-        command_type, field = key.split(".", 1)
-        if command_type != command.type:
-            continue
-        value = getattr(command, field, None)
-        values = value if isinstance(value, tuple) else (value,)
-        for index, item in enumerate(values):
-            if not isinstance(item, int | float) or isinstance(item, bool):
-                continue
-            if (bounds.min is not None and item < bounds.min) or (bounds.max is not None and item > bounds.max):
-                where = f"command.{field}" + (f".{index}" if isinstance(value, tuple) else "")
-                details.append(
-                    ErrorDetail(field=where, message=f"{item:g} is outside the allowed range", allowed=_range(bounds))
-                )
-    return details
 
 
 def name_violations(run: RunInfo, command: Command) -> list[ErrorDetail]:
@@ -63,7 +36,7 @@ def name_violations(run: RunInfo, command: Command) -> list[ErrorDetail]:
 
 def check_command(run: RunInfo, command: Command) -> None:
     """Raise `PolicyViolation` naming every field the run's policy or shape refuses."""
-    details = bound_violations(run.policy, command) + name_violations(run, command)
+    details = run.policy.violations(command) + name_violations(run, command)
     if details:
         raise PolicyViolation(f"{command.type} refused by run {run.run_id}", details=details)
 

@@ -7,6 +7,13 @@ from pydantic import Field, JsonValue
 from protocols.base import WireModel
 
 
+def allowed_range(low: float | None, high: float | None, *, low_open: bool = False, high_open: bool = False) -> str:
+    """A range as every refusal states it, e.g. `[1e-06, 0.01]` or `(0, inf)`; None is an open end."""
+    low_text = "-inf" if low is None else f"{low:g}"
+    high_text = "inf" if high is None else f"{high:g}"
+    return f"{'(' if low_open else '['}{low_text}, {high_text}{')' if high_open else ']'}"
+
+
 class ErrorDetail(WireModel):
     """One problem with a request: where, what, and what would have been allowed."""
 

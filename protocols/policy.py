@@ -7,6 +7,8 @@ from typing import Annotated, Self
 from pydantic import Field, StringConstraints, model_validator
 
 from protocols.base import WireModel
+from protocols.commands import Command
+from protocols.errors import ErrorDetail, allowed_range
 
 BoundedField = Annotated[
     str,
@@ -30,6 +32,14 @@ class Bounds(WireModel):
             raise ValueError("min must not exceed max")
         return self
 
+    def allows(self, value: float) -> bool:
+        """True when `value` lies within the range (both ends included)."""
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        """The range as refusals state it, e.g. `[1e-06, 0.01] (run policy)`."""
+        return f"{allowed_range(self.min, self.max)} (run policy)"
+
 
 class RateLimit(WireModel):
     """At most `max_commands` accepted per `per_seconds` for one run."""
@@ -46,6 +56,26 @@ class Policy(WireModel):
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     approval_required: list[SourcePattern] = Field(default_factory=list, max_length=64)
     """Sources whose commands wait in `pending_approval` until a person approves them."""
+
+    def violations(self, command: Command) -> list[ErrorDetail]:
+        """Every numeric field of `command` (each element of a pair such as betas) outside this policy's bounds.
+
+        The server refuses a command with these details and agents' guardrails hold it back with the same ones.
+        """
+        details: list[ErrorDetail] = []
+        for key, bounds in self.bounds.items():
+            command_type, field = key.split(".", 1)
+            if command_type != command.type:
+                continue
+            value = getattr(command, field, None)
+            items = value if isinstance(value, tuple) else (value,)
+            for index, item in enumerate(items):
+                if isinstance(item, bool) or not isinstance(item, int | float) or bounds.allows(item):
+                    continue
+                where = f"command.{field}" + (f".{index}" if isinstance(value, tuple) else "")
+                message = f"{item:g} is outside the allowed range"
+                details.append(ErrorDetail(field=where, message=message, allowed=bounds.describe()))
+        return details
 
     def needs_approval(self, source: str) -> bool:
         """True when `source` matches one of the approval patterns."""

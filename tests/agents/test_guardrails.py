@@ -17,8 +17,15 @@ CONFIG = GuardrailConfig(max_change_factor=10.0, cooldown_steps=50, max_interven
 def _window(tick: int = 200, interventions=(), commands=(), policy=None, lr=0.003, paused=False):
     window = window_of({"loss": [2.0] * 5})
     state = RunState(step=200, lr=lr, weight_decay=0.1, paused=paused, data_mix={"prose": 0.5, "code": 0.5})
-    return dataclasses.replace(window, tick=tick, interventions=tuple(interventions), commands=tuple(commands),
-                               policy=policy or Policy(), state=state, now=time.time())
+    return dataclasses.replace(
+        window,
+        tick=tick,
+        interventions=tuple(interventions),
+        commands=tuple(commands),
+        policy=policy or Policy(),
+        state=state,
+        now=time.time(),
+    )
 
 
 def _decision(*commands, rule="r") -> Decision:
@@ -26,8 +33,14 @@ def _decision(*commands, rule="r") -> Decision:
 
 
 def _done(rule="r", tick=100, types=("set_hparams",), at=None) -> Intervention:
-    return Intervention(rule=rule, decided_tick=tick, time=at or time.time(), command_types=types,
-                        command_ids=("x",), answered_tick=tick)
+    return Intervention(
+        rule=rule,
+        decided_tick=tick,
+        time=at or time.time(),
+        command_types=types,
+        command_ids=("x",),
+        answered_tick=tick,
+    )
 
 
 def test_a_learning_rate_change_beyond_the_factor_is_blocked():
@@ -49,7 +62,9 @@ def test_a_value_outside_the_run_policy_bounds_is_blocked_before_sending():
     """The run policy's bounds are checked locally so an out-of-policy command is never sent."""
     policy = Policy(bounds={"set_hparams.lr": Bounds(min=1e-5, max=0.002)})
     review = Guardrails(CONFIG, SOURCE).review(_decision(SetHparams(lr=0.0025)), _window(policy=policy))
-    assert review.decision is None and "outside the run policy's range [1e-05, 0.002]" in review.blocked
+    assert review.decision is None and review.blocked == (
+        "set_hparams.lr: 0.0025 is outside the allowed range; allowed [1e-05, 0.002] (run policy)"
+    )
 
 
 def test_no_intervention_during_the_cooldown_after_the_last_answer():
@@ -61,8 +76,17 @@ def test_no_intervention_during_the_cooldown_after_the_last_answer():
 
 def test_no_command_while_an_earlier_one_is_unanswered():
     """An own command still queued (or pending approval) blocks the next decision."""
-    open_record = CommandRecord(id="r.abc.0", run_id="run-1", seq=1, command=SetHparams(lr=0.001), source=SOURCE,
-                                reason="", status="pending_approval", created_at=1.0, updated_at=1.0)
+    open_record = CommandRecord(
+        id="r.abc.0",
+        run_id="run-1",
+        seq=1,
+        command=SetHparams(lr=0.001),
+        source=SOURCE,
+        reason="",
+        status="pending_approval",
+        created_at=1.0,
+        updated_at=1.0,
+    )
     review = Guardrails(CONFIG, SOURCE).review(_decision(SetHparams(lr=0.002)), _window(commands=[open_record]))
     assert review.decision is None and "waiting for an answer to r.abc.0" in review.blocked
 
