@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
 from pydantic import ValidationError
@@ -16,37 +14,29 @@ from pydantic import ValidationError
 from agents.config import AgentConfig
 from agents.decision import AsyncPolicy, Policy
 from agents.guardrails import Guardrails
-from agents.llm import KEY_ENV, LLMPolicy, make_backend
+from agents.llm import LLMPolicy, make_backend
 from agents.rules import RulePolicy, load_rules
-from agents.runtime import MODES, AgentRuntime
+from agents.runtime import AgentRuntime
 from protocols.client import AsyncClient
 from protocols.errors import RunsteerError
+from protocols.flags import add_config_flags, config_values
+
+LLM_FIELDS = frozenset({"base_url", "model", "api", "every", "llm_timeout_s"})
+"""The `AgentConfig` fields only the LLM agent takes."""
+
+ENVIRONMENT = {"server": "RUNSTEER_SERVER", "token": "RUNSTEER_TOKEN"}
+"""Fields that fall back to an environment variable when their flag is left out."""
 
 
 def _parser() -> argparse.ArgumentParser:
+    """`rules` and `llm` subcommands whose flags are generated from `AgentConfig` (its `kind` is the subcommand)."""
     parser = argparse.ArgumentParser(prog="runsteer agent", description="Watch a run and step in when it goes wrong.")
     kinds = parser.add_subparsers(dest="kind", required=True)
     rules = kinds.add_parser("rules", help="the rule agent (detectors and actions from a TOML file)")
     llm = kinds.add_parser("llm", help="an LLM agent (OpenAI-compatible chat API or Anthropic Messages API)")
     for sub in (rules, llm):
-        sub.add_argument("--run", required=True, help="run id to watch")
-        sub.add_argument("--server", default=os.environ.get("RUNSTEER_SERVER", "http://127.0.0.1:8765"),
-                         help="server URL (default %(default)s, or RUNSTEER_SERVER)")
-        sub.add_argument("--token", default=os.environ.get("RUNSTEER_TOKEN"), help="bearer token (or RUNSTEER_TOKEN)")
-        sub.add_argument("--mode", choices=MODES, default="act",
-                         help="act: submit; propose: submit held for approval; dry-run: log only (default %(default)s)")
-        sub.add_argument("--rules", type=Path, default=None,
-                         help="rule file (TOML); the shipped default set when left out")
-        sub.add_argument("--name", default=None, help="agent name: commands go out as agent:<name>")
-        sub.add_argument("--tick", dest="tick_s", type=float, default=5.0,
-                         help="seconds between checks when no metrics arrive (default %(default)s)")
-    llm.add_argument("--base-url", required=True, help="API base URL, e.g. https://api.openai.com/v1")
-    llm.add_argument("--model", required=True, help="model name")
-    llm.add_argument("--api", choices=tuple(KEY_ENV), default="openai",
-                     help=f"API dialect (default %(default)s); keys from {' or '.join(KEY_ENV.values())}")
-    llm.add_argument("--every", type=int, default=200, help="ask every N steps, and when a detector fires")
-    llm.add_argument("--llm-timeout", dest="llm_timeout_s", type=float, default=60.0,
-                     help="seconds one LLM request may take (default %(default)s)")
+        add_config_flags(sub, AgentConfig, skip=LLM_FIELDS | {"kind"}, env=ENVIRONMENT)
+    add_config_flags(llm, AgentConfig, only=LLM_FIELDS, required={"base_url", "model"})
     return parser
 
 
@@ -59,8 +49,9 @@ async def run_agent(config: AgentConfig) -> None:
         if config.kind == "rules":
             policy = RulePolicy(rules, name=config.source)
         else:
-            backend = make_backend(config.api, config.base_url, config.model, timeout_s=config.llm_timeout_s,
-                                   session=session)
+            backend = make_backend(
+                config.api, config.base_url, config.model, timeout_s=config.llm_timeout_s, session=session
+            )
             policy = LLMPolicy(backend, every_steps=config.every, triggers=RulePolicy(rules), name="llm")
         runtime = AgentRuntime(client, config.run, policy, guardrails, mode=config.mode, tick_s=config.tick_s)
         loop = asyncio.get_running_loop()
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        config = AgentConfig.model_validate(vars(args))
+        config = AgentConfig.model_validate({"kind": args.kind, **config_values(args, AgentConfig)})
         asyncio.run(run_agent(config))
     except (ValidationError, ValueError, OSError) as exc:
         print(f"runsteer agent: {exc}", file=sys.stderr)

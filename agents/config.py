@@ -20,6 +20,7 @@ class AgentConfig(BaseModel):
     run: str
     """The run id to watch."""
     server: str = "http://127.0.0.1:8765"
+    """Control server URL."""
     token: str | None = None
     """Bearer token; propose mode needs the admin scope unless the run's policy already holds the agent's source."""
     mode: Mode = "act"

@@ -8,86 +8,27 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from control_server.app import create_app
 from control_server.config import ServerConfig
+from protocols.flags import add_config_flags, config_values
 
 log = logging.getLogger("runsteer.server")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `runsteer server` flags, one per `ServerConfig` field that a user sets."""
-    defaults = ServerConfig()
+    """The `runsteer server` flags: one per `ServerConfig` field, generated from it."""
     parser = argparse.ArgumentParser(prog="runsteer server", description="Run the runsteer control server.")
-    parser.add_argument("--host", default=defaults.host, help="interface to bind (default %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=defaults.port, help="TCP port, 0 for any free one (default %(default)s)"
-    )
-    parser.add_argument("--db", type=Path, default=defaults.db, help="SQLite file (default %(default)s)")
-    parser.add_argument("--tokens-file", type=Path, default=None, help="JSON list of {name, token, scopes}")
-    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once listening")
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=defaults.heartbeat_timeout_s,
-        help="seconds without a heartbeat before a run is marked lost (default %(default)s)",
-    )
-    parser.add_argument(
-        "--finished-run-ttl",
-        type=float,
-        default=defaults.finished_run_ttl_s,
-        help="seconds a finished run stays in /metrics (default %(default)s)",
-    )
-    parser.add_argument(
-        "--cors-origin", action="append", default=[], help="allow browser calls from this origin (repeatable)"
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=defaults.max_body_bytes,
-        help="refuse request bodies larger than this (default %(default)s)",
-    )
-    parser.add_argument(
-        "--subscriber-queue",
-        type=int,
-        default=defaults.subscriber_queue,
-        help="events buffered per websocket client before it is closed as too slow (default %(default)s)",
-    )
-    parser.add_argument(
-        "--long-poll-max",
-        type=float,
-        default=defaults.long_poll_max_s,
-        help="longest wait a long-poll may ask for, in seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--token-rate-limit",
-        type=int,
-        default=defaults.token_rate_limit,
-        help="requests a minute each token may make, 0 for no limit (default %(default)s)",
-    )
+    add_config_flags(parser, ServerConfig)
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The server configuration the parsed flags describe."""
-    return ServerConfig(
-        host=args.host,
-        port=args.port,
-        db=args.db,
-        tokens_file=args.tokens_file,
-        port_file=args.port_file,
-        heartbeat_timeout_s=args.heartbeat_timeout,
-        finished_run_ttl_s=args.finished_run_ttl,
-        cors_origins=tuple(args.cors_origin),
-        max_body_bytes=args.max_body_bytes,
-        subscriber_queue=args.subscriber_queue,
-        long_poll_max_s=args.long_poll_max,
-        token_rate_limit=args.token_rate_limit,
-    )
+    return ServerConfig(**config_values(args, ServerConfig))
 
 
 async def serve(app: web.Application, config: ServerConfig) -> None:

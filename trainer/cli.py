@@ -6,75 +6,37 @@ import argparse
 import atexit
 import gc
 import logging
-import os
 import sys
-from pathlib import Path
 
 from protocols.errors import RunsteerError
-from trainer.run import PRESETS, BuiltinRun, RunConfig
+from protocols.flags import add_config_flags, config_values
+from trainer.run import BuiltinRun, RunConfig
 
 log = logging.getLogger("runsteer.trainer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `runsteer train` flags, one per `RunConfig` field."""
-    defaults = RunConfig()
+    """The `runsteer train` flags: one per `RunConfig` field (generated from it), and `--quiet` for the console."""
     parser = argparse.ArgumentParser(
         prog="runsteer train", description="Train the built-in byte-level GPT, steered live."
     )
-    parser.add_argument("--server", default=defaults.server, help="control server URL (default %(default)s)")
-    parser.add_argument("--token", default=os.environ.get("RUNSTEER_TOKEN"), help="bearer token (or RUNSTEER_TOKEN)")
-    parser.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS), help="model/training preset")
-    parser.add_argument("--steps", type=int, default=None, help="total steps (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    parser.add_argument("--run-name", default=defaults.run_name, help="run name shown by the server")
-    parser.add_argument("--run-id", default=None, help="re-attach to this existing run id")
-    parser.add_argument("--checkpoint-dir", type=Path, default=None, help="write checkpoint files here")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the model and the data")
-    parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"], help="where to train")
-    parser.add_argument("--qk-layernorm", action="store_true", help="normalise queries and keys per head")
-    parser.add_argument("--z-loss", type=float, default=None, help="z-loss weight, e.g. 1e-4 (default off)")
-    parser.add_argument(
-        "--domain-file",
-        type=Path,
-        action="append",
-        default=[],
-        help="add a text file as a data domain named after its stem (repeatable)",
-    )
-    parser.add_argument(
-        "--inject-spike",
-        type=int,
-        action="append",
-        default=[],
-        metavar="BATCH",
-        help="poison batch BATCH: the step that trains on it runs at --spike-factor x the learning rate (repeatable)",
-    )
-    parser.add_argument("--spike-factor", type=float, default=defaults.spike_factor, help="see --inject-spike")
+    add_config_flags(parser, RunConfig, skip=NOT_FLAGS, env={"token": "RUNSTEER_TOKEN"})
     parser.add_argument("--quiet", action="store_true", help="print no per-step progress")
     return parser
+
+
+NOT_FLAGS = frozenset({"io"})
+"""RunConfig fields set by code, not on the command line (the I/O tuning of the hook)."""
+
+CONSOLE_FLAGS = frozenset({"quiet"})
+"""Flags about this command's console output, which no run configuration holds."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `runsteer train`; returns the process exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = RunConfig(
-        server=args.server,
-        preset=args.preset,
-        steps=args.steps,
-        lr=args.lr,
-        run_name=args.run_name,
-        checkpoint_dir=args.checkpoint_dir,
-        seed=args.seed,
-        device=args.device,
-        token=args.token,
-        run_id=args.run_id,
-        qk_layernorm=args.qk_layernorm,
-        z_loss=args.z_loss,
-        domain_files=args.domain_file,
-        inject_spikes=args.inject_spike,
-        spike_factor=args.spike_factor,
-    )
+    config = RunConfig(**config_values(args, RunConfig))
     try:
         run = BuiltinRun(config)
     except (ValueError, OSError, RunsteerError) as exc:

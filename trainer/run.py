@@ -76,20 +76,27 @@ class RunConfig:
     """One built-in run: a field per `runsteer train` flag."""
 
     server: str = "http://127.0.0.1:8765"
+    """Control server URL."""
     preset: str = "cpu-tiny"
+    """Model and training preset: cpu-tiny or gpu-small."""
     steps: int | None = None
     """Total steps; the preset's when left out."""
     lr: float | None = None
     """Peak learning rate of the cosine schedule; the preset's when left out."""
     run_name: str = "builtin"
+    """Run name shown by the server."""
     checkpoint_dir: Path | None = None
+    """Write checkpoint files here (besides the in-memory ring)."""
     seed: int = 0
+    """Seed of the model and the data."""
     device: str = "auto"
     """auto (CUDA when available), cpu or cuda."""
     token: str | None = None
+    """Bearer token."""
     run_id: str | None = None
     """Re-attach to an existing run id."""
     qk_layernorm: bool = False
+    """Normalise queries and keys per head."""
     z_loss: float | None = None
     """z-loss weight (1e-4 is the published value); the preset's (off) when left out."""
     domain_files: list[Path] = field(default_factory=list)
@@ -97,6 +104,7 @@ class RunConfig:
     inject_spikes: list[int] = field(default_factory=list)
     """Poisoned batch indices: the step that trains on one runs at `spike_factor` times the learning rate."""
     spike_factor: float = 100.0
+    """Learning-rate multiplier of a poisoned batch's step (see `inject_spikes`)."""
     io: IOConfig = field(default_factory=IOConfig)
 
 
