@@ -117,7 +117,7 @@ class Rollback(WireModel):
     step: Step | None = None
     """Restore the latest checkpoint at or before this step on the current branch."""
     latest_healthy: bool = False
-    """Restore the newest checkpoint whose metrics were all finite and not flagged."""
+    """Restore the newest checkpoint saved with no NaN or infinite metric since the one before it (`healthy`)."""
     branch: Name | None = None
     """Name of the new branch; derived from the old branch and the step when left out."""
     skip_batches: Annotated[int, Field(ge=0, le=10**7)] = 0

@@ -141,7 +141,7 @@ class CheckpointInfo(WireModel):
     size_bytes: Annotated[int, Field(ge=0)] = 0
     sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     healthy: bool = True
-    """False when the metrics at save time were non-finite or flagged."""
+    """False when a metric recorded since the previous checkpoint (up to this save) was NaN or infinite."""
     metrics: dict[MetricName, float] = Field(default_factory=dict)
 
 

@@ -71,3 +71,13 @@ def test_the_server_serves_the_same_schema(client: Client) -> None:
     answer = raw_request(client.server, "GET", "/api/v1/schema")
     assert answer.status == 200
     assert answer.json() == protocol_schema()
+
+
+def test_the_schema_says_what_makes_a_checkpoint_unhealthy_and_nothing_that_does_not_happen() -> None:
+    """The LLM agent reads these texts: a checkpoint is unhealthy when a NaN or infinite metric came since the one
+    before it; nothing else (no flag) marks it."""
+    definitions = protocol_schema()["$defs"]
+    healthy = definitions["CheckpointInfo"]["properties"]["healthy"]["description"]
+    latest_healthy = definitions["Rollback"]["properties"]["latest_healthy"]["description"]
+    for text in (healthy, latest_healthy):
+        assert "NaN or infinite" in text and "flag" not in text, text
