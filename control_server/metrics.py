@@ -68,7 +68,7 @@ class MetricsService:
             self.latest.setdefault((run_id, sample.branch), {}).update(sample.values)
             self.latest_nonfinite[(run_id, sample.branch)] = list(sample.nonfinite)
         last = max(batch.samples, key=lambda sample: (sample.time, sample.step))
-        self.runs.note_step(run_id, last.branch, last.step)
+        await self.runs.note_step(run_id, last.branch, last.step)
         event = self.events.make(
             lambda event_id, now: MetricsEvent(event_id=event_id, time=now, run_id=run_id, samples=batch.samples)
         )

@@ -162,13 +162,17 @@ class RunRegistry:
         )
         await self.events.record(event)
 
-    def note_step(self, run_id: str, branch: str, step: int) -> None:
-        """Remember the newest step seen in metrics (the run row is written at the next heartbeat)."""
-        run = self.runs.get(run_id)
-        if run is not None and (step > run.step or branch != run.branch):
-            branches = run.branches if branch in run.branches else [*run.branches, branch]
-            self.runs[run_id] = run.model_copy(update={"step": step, "branch": branch, "branches": branches})
-        self._last_seen[run_id] = time.time()
+    async def note_step(self, run_id: str, branch: str, step: int) -> None:
+        """Remember the newest step seen in metrics (the run row is written at the next heartbeat).
+
+        Under the run's lock: a heartbeat holds it across its commit, and would otherwise put back its older step.
+        """
+        async with self._lock(run_id):
+            run = self.runs.get(run_id)
+            if run is not None and (step > run.step or branch != run.branch):
+                branches = run.branches if branch in run.branches else [*run.branches, branch]
+                self.runs[run_id] = run.model_copy(update={"step": step, "branch": branch, "branches": branches})
+            self._last_seen[run_id] = time.time()
 
     async def check_liveness(self) -> None:
         """Mark runs whose trainer stopped heartbeating as lost."""
