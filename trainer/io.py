@@ -173,6 +173,12 @@ class SpillBuffer:
         self.lost += 1
         self.spill_error = str(error)
 
+    def close(self) -> None:
+        """Close the spill file (it stays on disk while it holds samples no server took)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     def head(self, count: int) -> list[MetricsSample]:
         """The oldest `count` samples (fewer if there are fewer), without removing them."""
         if not self.memory and self.spilled:
@@ -246,7 +252,8 @@ class IOWorker:
         self.sent_samples = 0
         self._lost_reported = 0
         self.registration_error: RunsteerError | None = None
-        """Set when the server refused the registration (not merely unreachable); the sender then stops."""
+        """Set when the server refused the registration (not merely unreachable): logged as an error; the sender
+        then only drains the outbox into the spill buffer, so `record()` never grows memory past its bound."""
         self._sender = threading.Thread(target=self._send_loop, name="runsteer-sender", daemon=True)
         self._poller = threading.Thread(target=self._poll_loop, name="runsteer-poller", daemon=True)
 
@@ -265,6 +272,7 @@ class IOWorker:
         if self._sender.is_alive():
             item.done.wait(timeout_s + 1.0)
         self._send_transport.close()
+        self.buffer.close()
         empty = not (self._results or self._reports or len(self.buffer) or self._inflight)
         if not empty:
             log.warning(
@@ -309,6 +317,10 @@ class IOWorker:
     def _send_loop(self) -> None:
         while True:
             self._take(self._wait_time())
+            if self.registration_error is not None:
+                if self._drain_refused():
+                    return
+                continue
             now = time.monotonic()
             if now >= self._next_attempt:
                 try:
@@ -322,11 +334,8 @@ class IOWorker:
                     self._next_attempt = now + self._backoff
                     self._backoff = min(self._backoff * 2, self.config.retry_max_s)
                 except RunsteerError as exc:
-                    self.registration_error = exc
-                    self._stopping.set()
-                    if self._stop is not None:
-                        self._stop.done.set()
-                    return
+                    self._refuse(exc)
+                    continue
             if self._idle():
                 for flush in self._flushes:
                     flush.done.set()
@@ -334,6 +343,32 @@ class IOWorker:
             if self._stop is not None and (self._idle() or time.monotonic() >= self._stop.deadline):
                 self._stop.done.set()
                 return
+
+    def _refuse(self, error: RunsteerError) -> None:
+        """The server refused the registration (a wrong token, another protocol version): say so loudly, stop
+        polling, and from now on only drain the outbox so that memory stays within the spill's bound."""
+        self.registration_error = error
+        self._stopping.set()
+        log.error(
+            "runsteer: the server refused to register this run, so nothing will reach it: %s. Training goes on; "
+            "its metrics are kept in %s (at most %d samples in memory) and no commands will be received.",
+            error,
+            self.buffer.path,
+            self.config.memory_max_samples,
+        )
+
+    def _drain_refused(self) -> bool:
+        """After a refusal: samples go to the spill buffer (memory bounded, the rest on disk), results and reports
+        are dropped as they can never be sent, and flushes and the stop are answered; True once stopped."""
+        self._results.clear()
+        self._reports.clear()
+        for flush in self._flushes:
+            flush.done.set()
+        self._flushes.clear()
+        if self._stop is not None:
+            self._stop.done.set()
+            return True
+        return False
 
     def _wait_time(self) -> float:
         if self._stop is not None or self._flushes:
