@@ -7,6 +7,7 @@ server state at scrape time by a custom collector, so finished runs simply stop 
 
 from __future__ import annotations
 
+import re
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,22 @@ TRAINING_GAUGES: dict[str, tuple[str, str]] = {
 }
 """Metric key → (Prometheus name, help); other keys stay out of the exposition to keep it bounded."""
 
+LAYERED_GAUGES: dict[str, tuple[str, str, str]] = {
+    "attn_logit_max/": (
+        "runsteer_attention_logit_max",
+        "layer",
+        "Largest pre-softmax attention logit of each layer (the trainer measures it every few steps).",
+    ),
+    "grad_norm/": ("runsteer_block_grad_norm", "block", "Gradient norm before clipping of each block."),
+}
+"""Metric key prefix → (Prometheus name, label of the part after the prefix, help): the per-layer signals."""
+
+MAX_LAYERS = 128
+"""At most this many layers (or blocks) per run and branch are exported, the first in sorted order."""
+
+LAYER_NAME = re.compile(r"^[A-Za-z0-9_.]{1,32}$")
+"""What a layer or block label may be (`0`, `block.11`, `ln_f`); other keys are left out."""
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 STEP_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -71,6 +88,12 @@ class StepTimes:
         ]
 
 
+def _layers(values: dict[str, float], prefix: str) -> list[tuple[str, float]]:
+    """(layer, value) of the keys under `prefix` whose rest is a plain layer name, at most `MAX_LAYERS` of them."""
+    found = sorted((key[len(prefix) :], value) for key, value in values.items() if key.startswith(prefix))
+    return [(layer, value) for layer, value in found if LAYER_NAME.match(layer)][:MAX_LAYERS]
+
+
 class _LiveState(Collector):
     """Reads runs and latest values from server state at scrape time."""
 
@@ -91,6 +114,10 @@ class _LiveState(Collector):
             labels=["run_id", "run_name"],
         )
         families = {key: GaugeMetricFamily(name, text, labels=labels) for key, (name, text) in TRAINING_GAUGES.items()}
+        layered = {
+            prefix: GaugeMetricFamily(name, text, labels=[*labels, label])
+            for prefix, (name, label, text) in LAYERED_GAUGES.items()
+        }
         visible = self.exposition.visible_runs()
         for (run_id, branch), values in metrics.latest.items():
             run = visible.get(run_id)
@@ -102,6 +129,9 @@ class _LiveState(Collector):
                     family.add_metric(label_values, 1.0 if metrics.latest_nonfinite.get((run_id, branch)) else 0.0)
                 elif key in values:
                     family.add_metric(label_values, values[key])
+            for prefix, family in layered.items():
+                for layer, value in _layers(values, prefix):
+                    family.add_metric([*label_values, layer], value)
         for run in visible.values():
             step.add_metric([run.run_id, run.name, run.branch], run.step)
             if run.last_heartbeat is not None:
@@ -119,6 +149,7 @@ class _LiveState(Collector):
         yield step
         yield heartbeat
         yield from families.values()
+        yield from layered.values()
         yield CounterMetricFamily(
             "runsteer_metric_values_ingested", "Metric values stored.", value=metrics.values_ingested
         )
