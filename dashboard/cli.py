@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +55,37 @@ def main(argv: list[str] | None = None) -> int:
         help="interface to serve on (default %(default)s; the dashboard acts with your token)",
     )
     args = parser.parse_args(argv)
+    return run_until_signalled(streamlit_command(args.server, args.port, args.address))
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals passed on to Streamlit, so that stopping `runsteer dashboard` stops the app it runs."""
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux prctl option: the signal a process gets when its parent dies."""
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, ask for SIGTERM when this process's parent dies, even by SIGKILL."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def run_until_signalled(command: list[str]) -> int:
+    """Run `command` as a child that never outlives this process: a signal here is passed on and the child waited
+    for, and on Linux the child also gets SIGTERM if this process is killed outright."""
+    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    previous = {signum: signal.signal(signum, lambda signum, frame: child.send_signal(signum)) for signum in FORWARDED}
     try:
-        return subprocess.call(streamlit_command(args.server, args.port, args.address))
-    except KeyboardInterrupt:
-        return 0
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
