@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -14,6 +16,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_demo_starts_server_trainer_agent_and_dashboard_and_finishes_the_run(tmp_path: Path) -> None:
     """The demo starts all four parts, the run trains to its last step, and everything stops cleanly."""
     result = subprocess.run(

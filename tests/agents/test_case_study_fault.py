@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import statistics
 
+import pytest
+
 from benchmarks.case_studies._harness import RunSpec, run_all
 
 STEPS = 160
@@ -12,6 +14,7 @@ FAULT = 100
 """The poisoned batch: the step that trains on it runs at 100x the learning rate (`--inject-spike`)."""
 
 
+@pytest.mark.slow
 def test_the_rule_agent_rolls_back_past_an_injected_fault_skips_it_and_the_run_recovers():
     """The default rules roll the run back to a checkpoint before the fault, skip the poisoned batch, cut the
     learning rate, and the run finishes on the new branch with its loss back below where it was before the fault."""

@@ -141,6 +141,7 @@ def open_page(page: Page, title: str, ready: str) -> None:
     expect(page.get_by_text(ready).first).to_be_visible()
 
 
+@pytest.mark.slow
 def test_a_person_steers_a_real_training_run_from_the_browser(
     dashboard: str, page: Page, training: RunInfo, client: Client
 ) -> None:

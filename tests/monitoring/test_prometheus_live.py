@@ -109,6 +109,7 @@ def firing_alerts(prometheus: str) -> set[str]:
     return {alert["labels"]["alertname"] for alert in answer["data"]["alerts"] if alert["state"] == "firing"}
 
 
+@pytest.mark.slow
 def test_prometheus_scrapes_a_training_runs_loss_and_fires_the_non_finite_alert(
     secured_server: ServerThread, prometheus: str, tmp_path: Path
 ) -> None:

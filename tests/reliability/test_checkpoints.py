@@ -39,6 +39,7 @@ def kill_while_writing(server: str, directory: Path, spill: Path) -> set[Path]:
     return set(directory.glob(".*.pt.tmp")) - stale
 
 
+@pytest.mark.slow
 def test_a_trainer_sigkilled_mid_checkpoint_never_lists_or_loads_a_partial_one(
     server: ServerThread, tmp_path: Path
 ) -> None:
@@ -96,6 +97,7 @@ def deliver_and_apply(client: Client, steer: Steer, command: Rollback | SetHpara
     return record.id
 
 
+@pytest.mark.slow
 def test_a_corrupted_checkpoint_is_caught_by_its_checksum_and_rollback_to_it_is_rejected_leaving_the_run_as_it_was(
     steer: Steer, tmp_path: Path
 ) -> None:

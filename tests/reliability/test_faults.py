@@ -33,6 +33,7 @@ def trainers() -> Iterator[list[TrainerProcess]]:
         trainer.kill()
 
 
+@pytest.mark.slow
 def test_a_server_sigkilled_mid_run_and_restarted_loses_nothing_and_applies_each_command_once(
     server: ServerProcess, trainers: list[TrainerProcess], tmp_path: Path
 ) -> None:
@@ -51,6 +52,7 @@ def test_a_server_sigkilled_mid_run_and_restarted_loses_nothing_and_applies_each
     assert trainer.longest_pause_s() < 1.5
 
 
+@pytest.mark.slow
 def test_a_network_that_drops_loses_answers_and_stalls_loses_nothing_and_applies_each_command_once(
     server: ServerProcess, trainers: list[TrainerProcess], tmp_path: Path
 ) -> None:
@@ -85,6 +87,7 @@ def small_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (SPILL_LIMIT_BYTES, SPILL_LIMIT_BYTES))
 
 
+@pytest.mark.slow
 def test_a_full_spill_disk_keeps_training_and_counts_and_reports_every_lost_sample(
     server: ServerProcess, trainers: list[TrainerProcess], tmp_path: Path
 ) -> None:

@@ -194,6 +194,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThr
     server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("path", "method", "operation"), OPERATIONS, ids=[f"{m} {p}" for p, m, _ in OPERATIONS])
 def test_generated_and_malformed_requests_never_get_a_5xx_never_hang_and_store_nothing_when_refused(
     fuzzed: tuple[ServerThread, dict[str, str]], path: str, method: str, operation: dict[str, Any]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from benchmarks.soak import soak
 from tests.serving import ServerProcess
 
@@ -12,6 +14,7 @@ RSS_GROWTH_BOUND_MIB = 64.0
 """Generous: a leak of one object per event (~100k events delivered) would still pass only if each were tiny."""
 
 
+@pytest.mark.slow
 def test_a_minute_of_twenty_runs_and_a_hundred_watchers_has_no_error_no_loss_and_flat_memory(tmp_path: Path) -> None:
     """No failed push or stream, every watcher gets every sample of its run, server RSS grows by less than the bound."""
     server = ServerProcess(tmp_path / "runsteer.db").start()

@@ -18,6 +18,9 @@ from trainer.schedule import Schedule
 
 MakeRun = Callable[..., BuiltinRun]
 
+pytestmark = pytest.mark.slow
+"""Each test trains the built-in model for real: left out of the fast loop."""
+
 
 def _apply(client: Client, run: BuiltinRun, command: dict, iteration: int):  # type: ignore[no-untyped-def]
     """Deliver a command, apply it at the boundary before `iteration`, and return its final record."""

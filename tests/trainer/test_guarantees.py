@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from protocols.client import Client
@@ -47,6 +48,7 @@ def _train_with(
     return curve
 
 
+@pytest.mark.slow
 def test_same_seed_and_same_command_log_give_the_same_loss_curve(make_run: MakeRun, client: Client) -> None:
     """Replaying a run's command log from the server, each at the step it was applied, repeats every loss exactly."""
     original = make_run(seed=3)
@@ -96,6 +98,7 @@ def test_a_burst_of_300_commands_is_applied_a_bounded_number_per_boundary_in_seq
     assert run.optimizer.param_groups[0]["weight_decay"] == 0.299
 
 
+@pytest.mark.slow
 def test_a_command_submitted_during_step_k_is_applied_before_step_k_plus_1(make_run: MakeRun, client: Client) -> None:
     """Of 100 commands accepted at random moments inside running steps, at least 98 land at the next boundary."""
     run = make_run(steps=10**6)
@@ -123,6 +126,7 @@ def test_a_command_submitted_during_step_k_is_applied_before_step_k_plus_1(make_
     assert len(late) <= 2, [(during[c], applied[c]) for c in late]
 
 
+@pytest.mark.slow
 def test_stop_ends_the_training_process_within_a_second_of_the_final_checkpoint(
     client: Client, server_url: str, tmp_path: Path
 ) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from protocols.client import Client
 from tests.serving import ServerProcess
 from tests.trainer.conftest import FAST_IO
@@ -12,6 +14,7 @@ from tests.trainer.helpers import train
 from trainer.run import BuiltinRun, RunConfig
 
 
+@pytest.mark.slow
 def test_a_server_stopped_mid_run_and_restarted_loses_no_metric(tmp_path: Path) -> None:
     """Steps trained while the server is down are spilled to disk, replayed in order, and each stored once."""
     server = ServerProcess(tmp_path / "runsteer.db").start()
