@@ -2,33 +2,49 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import streamlit as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dashboard.books import STATUS_ICONS, describe_command, lifecycle
 from dashboard.guard import guarded
 from dashboard.session import client, source
-from protocols.commands import CommandEnvelope, CommandRecord
+from protocols.commands import Command, CommandEnvelope, CommandRecord
 from protocols.constants import FINAL_COMMAND_STATUSES
+
+C = TypeVar("C", bound=BaseModel)
 
 TRACK_EVERY_S = 1.0
 """How often the panel of this session's commands refreshes the ones still in flight."""
 
 
-def send(run_id: str, command: dict[str, Any]) -> CommandRecord | None:
-    """Validate and submit a command with this person's source and reason; a refusal is shown, not raised."""
+def _refused(error: ValidationError) -> None:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'command'}: {problem['msg']}" for problem in error.errors()
+    )
+    st.error(f"Not sent: {problems}", icon=":material/block:")
+
+
+def build(model: type[C], **fields: Any) -> C | None:
+    """The command a form describes (blank fields left out, so they keep their value); a refusal is shown naming
+    the field, and nothing is built."""
+    try:
+        return model(**{name: value for name, value in fields.items() if value is not None})
+    except ValidationError as exc:
+        _refused(exc)
+        return None
+
+
+def send(run_id: str, command: Command | None) -> CommandRecord | None:
+    """Submit a command with this person's source and reason; a refusal is shown, not raised."""
+    if command is None:
+        return None
     reason = st.session_state.get("reason", "")
     try:
-        envelope = CommandEnvelope.model_validate(
-            {"command": command, "source": source(), "reason": reason or "from the dashboard"}, strict=False
-        )
+        envelope = CommandEnvelope(command=command, source=source(), reason=reason or "from the dashboard")
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'][2:]) or 'command'}: {error['msg']}" for error in exc.errors()
-        )
-        st.error(f"Not sent: {problems}", icon=":material/block:")
+        _refused(exc)
         return None
     with guarded(recover=False):
         record = client().submit(run_id, envelope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, JsonValue, TypeAdapter, model_validator
@@ -119,7 +120,7 @@ class Rollback(WireModel):
     latest_healthy: bool = False
     """Restore the newest checkpoint saved with no NaN or infinite metric since the one before it (`healthy`)."""
     branch: Name | None = None
-    """Name of the new branch; derived from the old branch and the step when left out."""
+    """Name of the new branch; `{branch}.r{step}` of the current branch and the checkpoint's step when left out."""
     skip_batches: Annotated[int, Field(ge=0, le=10**7)] = 0
     """Skip the next N batches that the original run saw after the checkpoint."""
 
@@ -129,6 +130,17 @@ class Rollback(WireModel):
         if sum(chosen) != 1:
             raise ValueError("rollback needs exactly one of checkpoint_id, step or latest_healthy=true")
         return self
+
+
+
+def rollback_branch(base: str, step: int, taken: Collection[str] = ()) -> str:
+    """The branch a rollback to `step` opens when it names none: `{base}.r{step}` (base cut to 40 characters, so
+    the name stays a valid `Name`), then `-2`, `-3`, ... while that name is in `taken`."""
+    stem = f"{base[:40]}.r{step}"
+    name, suffix = stem, 2
+    while name in taken:
+        name, suffix = f"{stem}-{suffix}", suffix + 1
+    return name
 
 
 class Pause(WireModel):

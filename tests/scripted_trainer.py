@@ -1,14 +1,21 @@
-"""A scripted trainer: a thread that speaks the trainer's side of the protocol with plausible metrics, no torch."""
+"""The one scripted trainer of the tests: threads that speak the trainer's side of the protocol, with no torch.
+
+It does what the real trainer does on the wire: registers, sends metric batches and heartbeats, long-polls commands
+on its own connection, applies each in `seq` order and answers it, and names a rollback's branch with the same
+function the real trainer uses (`protocols.commands.rollback_branch`). Its metrics follow a plausible curve.
+"""
 
 from __future__ import annotations
 
 import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from protocols.client import Client
-from protocols.commands import CommandRecord, CommandResult, SetSchedule
+from protocols.commands import CommandRecord, CommandResult, Rollback, SetSchedule, rollback_branch
+from protocols.errors import RunsteerError
 from protocols.policy import Policy
 from protocols.records import (
     AlertReport,
@@ -24,10 +31,21 @@ from protocols.records import (
 
 DOMAINS = ["prose", "code", "arithmetic"]
 LAYERS = 2
+HEARTBEAT_EVERY_S = 0.5
+BATCH = 5
+"""Samples per metrics batch, as the real trainer's sender groups them."""
+
+Loss = Callable[[str, int], float]
+"""The loss reported at (branch, step)."""
 
 
-class ScriptedTrainer(threading.Thread):
-    """Registers a run, steps every `step_s`, applies each command it polls and reports the effective values."""
+def falling_loss(branch: str, step: int) -> float:
+    """A loss that falls quickly and then slowly, with a little wiggle."""
+    return 4.0 * math.exp(-step / 300) + 1.2 + 0.05 * math.sin(step)
+
+
+class ScriptedTrainer:
+    """Registers a run on construction; `start()` begins stepping every `step_s` and answering commands."""
 
     def __init__(
         self,
@@ -35,39 +53,71 @@ class ScriptedTrainer(threading.Thread):
         *,
         name: str = "scripted",
         policy: Policy | None = None,
-        step_s: float = 0.05,
-        nonfinite_at: int | None = None,
-        lr: float = 1e-3,
-        grad_norm_spikes: dict[int, float] | None = None,
         token: str | None = None,
+        domains: list[str] | None = None,
+        lr: float = 1e-3,
+        step_s: float = 0.05,
+        steps: int | None = None,
+        loss: Loss = falling_loss,
+        health: bool = True,
+        snapshot_every: int | None = None,
+        hold_at: int | None = None,
+        nonfinite_at: int | None = None,
+        grad_norm_spikes: dict[int, float] | None = None,
     ) -> None:
-        super().__init__(name=f"scripted-trainer-{name}", daemon=True)
         self.client = Client(server, token=token)
-        self.step_s = step_s
-        self.nonfinite_at = nonfinite_at
+        self.poller = Client(server, token=token)
+        """The long-poll has its own connection, as the real trainer's I/O thread does."""
+        self.step_s, self.steps, self.loss, self.health = step_s, steps, loss, health
+        self.snapshot_every, self.hold_at, self.nonfinite_at = snapshot_every, hold_at, nonfinite_at
         self.grad_norm_spikes = grad_norm_spikes or {}
         """Steps at which `grad_norm` takes the given value instead of its smooth decay."""
-        self.lr = lr
-        self.weight_decay = 0.1
-        self.grad_clip = 1.0
-        self.optimizer = "adamw"
+        self.domains = domains or DOMAINS
+        self.lr, self.weight_decay, self.grad_clip, self.optimizer = lr, 0.1, 1.0, "adamw"
         self.schedule: SetSchedule | None = None
-        self.mix = {domain: 1 / len(DOMAINS) for domain in DOMAINS}
-        self.step = 0
-        self.branch = "main"
-        self.paused = False
+        self.mix = {domain: 1 / len(self.domains) for domain in self.domains}
+        self.step, self.branch, self.branches, self.paused = 0, "main", {"main"}, False
         self.applied: list[CommandRecord] = []
-        self.checkpoints: list[CheckpointInfo] = []
-        self._after_seq = 0
-        self._halt = threading.Event()
-        self.run_id = self.client.register_run(
-            RunRegistration(
-                name=name,
-                domains=DOMAINS,
-                policy=policy,
-                config={"preset": "scripted"},
-            )
-        ).run_id
+        self.checkpoints: dict[str, CheckpointInfo] = {}
+        self._lock = threading.Lock()
+        self._halt, self._released = threading.Event(), threading.Event()
+        registration = RunRegistration(name=name, domains=self.domains, policy=policy, config={"preset": "scripted"})
+        self.run_id = self.client.register_run(registration).run_id
+        self._threads = [
+            threading.Thread(target=self._train, name=f"scripted-train-{name}", daemon=True),
+            threading.Thread(target=self._poll, name=f"scripted-poll-{name}", daemon=True),
+        ]
+
+    def start(self) -> ScriptedTrainer:
+        """Start stepping and answering commands."""
+        self._heartbeat()
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def release(self) -> None:
+        """Let a trainer held at `hold_at` go on."""
+        self._released.set()
+
+    def close(self) -> None:
+        """Stop both threads and close the clients."""
+        self._halt.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(10)
+        self.client.close()
+        self.poller.close()
+
+    def __enter__(self) -> ScriptedTrainer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def latest_checkpoint(self) -> CheckpointInfo:
+        """The checkpoint saved last."""
+        return list(self.checkpoints.values())[-1]
 
     def state(self) -> RunState:
         """What a heartbeat reports."""
@@ -83,71 +133,118 @@ class ScriptedTrainer(threading.Thread):
             param_groups=["decay", "no_decay"],
         )
 
-    def __enter__(self) -> ScriptedTrainer:
-        self.start()
-        return self
+    def alert(self, message: str, severity: str = "warning") -> None:
+        """Raise an alert as a trainer would."""
+        self._send(lambda: self.client.push_reports(self.run_id, [AlertReport(severity=severity, message=message)]))
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the thread and close its client."""
-        self._halt.set()
-        if self.is_alive():
-            self.join(10)
-        self.client.close()
-
-    def run(self) -> None:
-        """Step, poll, apply, report until closed or stopped."""
-        last_heartbeat = 0.0
-        samples: list[MetricsSample] = []
+    def _send(self, call: Callable[[], Any]) -> None:
+        """Retry a call while the server is away, as the real trainer's sender does, until closed."""
         while not self._halt.is_set():
-            for record in self.client.next_commands(self.run_id, after_seq=self._after_seq, wait_s=0):
-                self._after_seq = max(self._after_seq, record.seq)
-                result = self._apply(record)
-                self.client.report_result(self.run_id, record.id, result)
+            try:
+                call()
+                return
+            except (RunsteerError, OSError):
+                time.sleep(0.05)
+
+    def _heartbeat(self) -> None:
+        self._send(lambda: self.client.push_reports(self.run_id, [Heartbeat(state=self.state())]))
+
+    def _train(self) -> None:
+        samples: list[MetricsSample] = []
+        last_heartbeat = time.monotonic()
+        while not self._halt.is_set() and (self.steps is None or self.step < self.steps):
+            held = self.hold_at is not None and self.step >= self.hold_at and not self._released.is_set()
+            with self._lock:
+                stepping = not (held or self.paused)
+                if stepping:
+                    self.step += 1
+                    samples.append(self._sample())
+                    snapshot = self.snapshot_every is not None and self.step % self.snapshot_every == 0
+            if stepping and snapshot:
+                self._checkpoint(tag=None)
+            if samples and (len(samples) >= BATCH or not stepping):
+                batch = MetricsBatch(samples=samples)
+                self._send(lambda: self.client.push_metrics(self.run_id, batch))  # noqa: B023
+                samples = []
+            if time.monotonic() - last_heartbeat > HEARTBEAT_EVERY_S:
+                self._heartbeat()
+                last_heartbeat = time.monotonic()
+            time.sleep(self.step_s)
+        if samples:
+            batch = MetricsBatch(samples=samples)
+            self._send(lambda: self.client.push_metrics(self.run_id, batch))
+
+    def _poll(self) -> None:
+        after = 0
+        while not self._halt.is_set():
+            try:
+                records = self.poller.next_commands(self.run_id, after_seq=after, wait_s=0.5)
+            except (RunsteerError, OSError):
+                time.sleep(0.05)
+                continue
+            for record in records:
+                after = max(after, record.seq)
+                with self._lock:
+                    result = self._apply(record)
+                self._send(lambda: self.poller.report_result(self.run_id, record.id, result))  # noqa: B023
                 if result.status == "applied":
                     self.applied.append(record)
-                if record.command.type == "stop":
-                    self.client.push_reports(self.run_id, [StatusReport(status="finished")])
+                if record.command.type == "stop" and result.status == "applied":
+                    self._send(lambda: self.poller.push_reports(self.run_id, [StatusReport(status="finished")]))
+                    self._halt.set()
                     return
-            if not self.paused:
-                self.step += 1
-                samples.append(self._sample())
-            if samples and (len(samples) >= 5 or self.paused):
-                self.client.push_metrics(self.run_id, MetricsBatch(samples=samples))
-                samples = []
-            now = time.monotonic()
-            if now - last_heartbeat > 0.5:
-                self.client.push_reports(self.run_id, [Heartbeat(state=self.state())])
-                last_heartbeat = now
-            time.sleep(self.step_s)
+                self._send(lambda: self.poller.push_reports(self.run_id, [Heartbeat(state=self.state())]))
 
     def _sample(self) -> MetricsSample:
-        step = self.step
-        loss = 4.0 * math.exp(-step / 300) + 1.2 + 0.05 * math.sin(step)
+        step, branch = self.step, self.branch
+        loss = self.loss(branch, step)
         values: dict[str, float] = {
             "loss": loss,
             "lr": self.lr,
-            "weight_decay": self.weight_decay,
             "grad_norm": self.grad_norm_spikes.get(step, 1.5 / (1 + step / 200)),
-            "param_norm": 40 + step / 100,
-            "update_ratio": self.lr * 0.8,
-            "logit_max": 8 + step / 50,
-            "logit_z": 4 + step / 400,
-            "tokens_per_s": 12_000 + 100 * math.sin(step / 7),
-            "step_time_ms": 42.0,
-            "nonfinite": 0.0,
         }
-        values.update({f"grad_norm/block.{block}": 0.5 / (1 + block + step / 300) for block in range(LAYERS)})
-        values.update({f"attn_logit_max/{layer}": 5 + layer + step / 80 for layer in range(LAYERS)})
-        values.update({f"loss/{domain}": loss + 0.1 * index for index, domain in enumerate(DOMAINS)})
+        if self.health:
+            values |= {
+                "weight_decay": self.weight_decay,
+                "param_norm": 40 + step / 100,
+                "update_ratio": self.lr * 0.8,
+                "logit_max": 8 + step / 50,
+                "logit_z": 4 + step / 400,
+                "tokens_per_s": 12_000 + 100 * math.sin(step / 7),
+                "step_time_ms": 42.0,
+                "nonfinite": 0.0,
+            }
+            values |= {f"grad_norm/block.{block}": 0.5 / (1 + block + step / 300) for block in range(LAYERS)}
+            values |= {f"attn_logit_max/{layer}": 5 + layer + step / 80 for layer in range(LAYERS)}
+            values |= {f"loss/{domain}": loss + 0.1 * index for index, domain in enumerate(self.domains)}
         nonfinite: list[str] = []
         if self.nonfinite_at is not None and step >= self.nonfinite_at:
             del values["loss"]
             values["nonfinite"] = 1.0
             nonfinite = ["loss"]
-        return MetricsSample(branch=self.branch, step=step, time=time.time(), values=values, nonfinite=nonfinite)
+        return MetricsSample(branch=branch, step=step, time=time.time(), values=values, nonfinite=nonfinite)
+
+    def _checkpoint(self, tag: str | None) -> CheckpointInfo:
+        checkpoint = CheckpointInfo(
+            checkpoint_id=f"{self.branch}-{self.step}", branch=self.branch, step=self.step, time=time.time(), tag=tag
+        )
+        self.checkpoints[checkpoint.checkpoint_id] = checkpoint
+        self._send(lambda: self.client.push_reports(self.run_id, [CheckpointSaved(checkpoint=checkpoint)]))
+        return checkpoint
+
+    def _rollback_target(self, command: Rollback) -> CheckpointInfo | str:
+        """The checkpoint a rollback asks for, or why there is none (the real trainer's rules)."""
+        if command.step is not None and command.step > self.step:
+            return f"step {command.step} is beyond the run's current step {self.step}"
+        infos = list(self.checkpoints.values())
+        if command.checkpoint_id is not None:
+            found = self.checkpoints.get(command.checkpoint_id)
+        elif command.step is not None:
+            before = [info for info in infos if info.branch == self.branch and info.step <= command.step]
+            found = max(before, key=lambda info: info.step, default=None)
+        else:
+            found = max((info for info in infos if info.healthy), key=lambda info: info.time, default=None)
+        return found if found is not None else "no such checkpoint"
 
     def _apply(self, record: CommandRecord) -> CommandResult:
         command = record.command
@@ -171,37 +268,37 @@ class ScriptedTrainer(threading.Thread):
             self.mix = {domain: weight / total for domain, weight in merged.items()}
             effective = {"data_mix": dict(self.mix)}
         elif command.type == "save_checkpoint":
-            checkpoint = CheckpointInfo(
-                checkpoint_id=f"ck-{self.branch}-{self.step}",
-                branch=self.branch,
-                step=self.step,
-                time=time.time(),
-                tag=command.tag,
-            )
-            self.checkpoints.append(checkpoint)
-            self.client.push_reports(self.run_id, [CheckpointSaved(checkpoint=checkpoint)])
-            effective = {"checkpoint_id": checkpoint.checkpoint_id}
+            effective = {"checkpoint_id": self._checkpoint(command.tag).checkpoint_id}
         elif command.type == "rollback":
-            found = [c for c in self.checkpoints if c.checkpoint_id == command.checkpoint_id]
-            if not found:
-                return CommandResult(status="rejected", step=self.step, message="no such checkpoint")
-            self.step = found[0].step
-            self.branch = command.branch or f"{found[0].branch}-r{self.step}"
-            effective = {"branch": self.branch, "step": self.step}
+            target = self._rollback_target(command)
+            if isinstance(target, str):
+                return CommandResult(status="rejected", step=self.step, message=target)
+            if command.branch is not None and command.branch in self.branches:
+                message = f"branch {command.branch!r} already exists; name a new one"
+                return CommandResult(status="rejected", step=self.step, message=message)
+            old_branch, old_step = self.branch, self.step
+            self.branch = command.branch or rollback_branch(old_branch, target.step, self.branches)
+            self.branches.add(self.branch)
+            self.step = target.step
+            effective = {
+                "branch": self.branch,
+                "step": target.step,
+                "from_branch": old_branch,
+                "from_step": old_step,
+                "skipped_batches": command.skip_batches,
+            }
+            return CommandResult(status="applied", step=old_step, effective=effective)
         elif command.type in ("pause", "resume"):
             self.paused = command.type == "pause"
-            self.client.push_reports(self.run_id, [StatusReport(status="paused" if self.paused else "running")])
+            status = StatusReport(status="paused" if self.paused else "running")
+            self._send(lambda: self.client.push_reports(self.run_id, [status]))
             effective = {"paused": self.paused}
         elif command.type == "evaluate":
-            values = {f"eval_loss/{domain}": 1.5 + 0.1 * index for index, domain in enumerate(DOMAINS)}
+            values = {f"eval_loss/{domain}": 1.5 + 0.1 * index for index, domain in enumerate(self.domains)}
             values["eval_loss"] = sum(values.values()) / len(values)
             sample = MetricsSample(branch=self.branch, step=self.step, time=time.time(), values=values)
-            self.client.push_metrics(self.run_id, MetricsBatch(samples=[sample]))
+            self._send(lambda: self.client.push_metrics(self.run_id, MetricsBatch(samples=[sample])))
             effective = {"eval_loss": values["eval_loss"]}
         elif command.type == "stop":
             effective = {"stopped": True}
         return CommandResult(status="applied", step=self.step, effective=effective)
-
-    def alert(self, message: str, severity: str = "warning") -> None:
-        """Raise an alert as a trainer would."""
-        self.client.push_reports(self.run_id, [AlertReport(severity=severity, message=message, step=self.step)])

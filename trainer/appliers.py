@@ -24,6 +24,7 @@ from protocols.commands import (
     SetOptimizer,
     SetSchedule,
     Stop,
+    rollback_branch,
 )
 from trainer.checkpoints import CheckpointError
 from trainer.optim import ADAM_FAMILY, optimizer_name, plan_swap, swap_optimizer
@@ -209,11 +210,7 @@ def _new_branch(steer: Steer, requested: str | None, base: str, step: int) -> st
         if requested in steer.branches:
             raise CommandRejected(f"branch {requested!r} already exists; name a new one")
         return requested
-    stem = f"{base[:40]}.r{step}"
-    name, suffix = stem, 2
-    while name in steer.branches:
-        name, suffix = f"{stem}-{suffix}", suffix + 1
-    return name
+    return rollback_branch(base, step, steer.branches)
 
 
 def apply_rollback(steer: Steer, command: Rollback) -> Effective:

@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, get_args
 
 import streamlit as st
 
-from dashboard.commands import send, tracked_commands
+from dashboard.commands import build, send, tracked_commands
+from dashboard.forms import checkbox_field, choice_field, field_spec, number_field
 from dashboard.guard import guarded
 from dashboard.overview import run_header
 from dashboard.session import client
-from protocols.commands import OptimizerName, ScheduleKind
+from protocols.commands import (
+    Evaluate,
+    Pause,
+    Resume,
+    Rollback,
+    SaveCheckpoint,
+    SetDataMix,
+    SetHparams,
+    SetOptimizer,
+    SetSchedule,
+    Stop,
+    rollback_branch,
+)
 from protocols.records import CheckpointInfo, RunInfo, RunState
 
 CHECKPOINTS_EVERY_S = 3.0
 CHECKPOINT_ROWS = 15
 
 
-def _now(value: float | None, fmt: str = "{:.4g}") -> str:
-    return "blank keeps the current value" if value is None else "now " + fmt.format(value)
+def _now(value: float | None) -> str:
+    return "blank keeps the current value" if value is None else f"now {value:.4g}"
 
 
 def hparams_form(run: RunInfo, state: RunState | None) -> None:
@@ -27,71 +39,44 @@ def hparams_form(run: RunInfo, state: RunState | None) -> None:
     with st.form("hparams_form", clear_on_submit=True):
         st.markdown("**Hyperparameters** (blank keeps the current value)")
         left, right = st.columns(2)
-        lr = left.number_input(
+        lr = number_field(
+            left,
+            SetHparams,
+            "lr",
             "Learning rate",
-            min_value=0.0,
-            max_value=10.0,
-            value=None,
-            step=1e-4,
-            format="%g",
-            placeholder=_now(state.lr if state else None),
             key="hp_lr",
+            step=1e-4,
+            placeholder=_now(state.lr if state else None),
         )
-        weight_decay = right.number_input(
+        weight_decay = number_field(
+            right,
+            SetHparams,
+            "weight_decay",
             "Weight decay",
-            min_value=0.0,
-            max_value=10.0,
-            value=None,
-            step=0.01,
-            format="%g",
-            placeholder=_now(state.weight_decay if state else None),
             key="hp_weight_decay",
-        )
-        grad_clip = left.number_input(
-            "Gradient clip (0 = off)",
-            min_value=0.0,
-            max_value=1e6,
-            value=None,
-            step=0.1,
-            format="%g",
-            placeholder=_now(state.grad_clip if state else None),
-            key="hp_grad_clip",
-        )
-        beta1 = right.number_input(
-            "Beta 1",
-            min_value=0.0,
-            max_value=0.9999,
-            value=None,
             step=0.01,
-            format="%g",
-            placeholder="e.g. 0.9",
-            key="hp_beta1",
+            placeholder=_now(state.weight_decay if state else None),
         )
-        beta2 = left.number_input(
-            "Beta 2",
-            min_value=0.0,
-            max_value=0.9999,
-            value=None,
-            step=0.001,
-            format="%g",
-            placeholder="e.g. 0.95",
-            key="hp_beta2",
+        grad_clip = number_field(
+            left,
+            SetHparams,
+            "grad_clip",
+            "Gradient clip (0 = off)",
+            key="hp_grad_clip",
+            step=0.1,
+            placeholder=_now(state.grad_clip if state else None),
         )
+        beta1 = number_field(right, SetHparams, "betas", "Beta 1", key="hp_beta1", step=0.01, placeholder="e.g. 0.9")
+        beta2 = number_field(left, SetHparams, "betas", "Beta 2", key="hp_beta2", step=0.001, placeholder="e.g. 0.95")
         if st.form_submit_button("Apply hyperparameters", type="primary"):
-            changes: dict[str, Any] = {
-                key: value
-                for key, value in (("lr", lr), ("weight_decay", weight_decay), ("grad_clip", grad_clip))
-                if value is not None
-            }
             if (beta1 is None) != (beta2 is None):
                 st.error("Set both betas, or neither.", icon=":material/block:")
                 return
-            if beta1 is not None:
-                changes["betas"] = [beta1, beta2]
-            if not changes:
+            if all(value is None for value in (lr, weight_decay, grad_clip, beta1)):
                 st.warning("Nothing to change: every field was blank.")
                 return
-            send(run.run_id, {"type": "set_hparams", **changes})
+            betas = (beta1, beta2) if beta1 is not None else None
+            send(run.run_id, build(SetHparams, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, betas=betas))
 
 
 def schedule_form(run: RunInfo, state: RunState | None) -> None:
@@ -99,45 +84,33 @@ def schedule_form(run: RunInfo, state: RunState | None) -> None:
     current = state.schedule if state else None
     with st.form("schedule_form"):
         st.markdown("**Schedule**" + (f" (now {current.kind}, peak {current.peak_lr:.4g})" if current else ""))
-        kinds = list(get_args(ScheduleKind))
         left, right = st.columns(2)
-        kind = left.selectbox("Kind", kinds, key="sched_kind")
-        peak = right.number_input(
-            "Peak lr",
-            min_value=0.0,
-            max_value=10.0,
-            value=None,
-            format="%g",
-            placeholder="the current lr",
-            key="sched_peak",
+        kind = choice_field(left, SetSchedule, "kind", "Kind", key="sched_kind")
+        peak = number_field(
+            right, SetSchedule, "peak_lr", "Peak lr", key="sched_peak", step=1e-4, placeholder="the current lr"
         )
-        warmup = left.number_input("Warmup steps", min_value=0, value=0, step=10, key="sched_warmup")
-        horizon = right.number_input(
+        warmup = number_field(left, SetSchedule, "warmup_steps", "Warmup steps", key="sched_warmup", step=10)
+        horizon = number_field(
+            right,
+            SetSchedule,
+            "horizon_steps",
             "Horizon steps",
-            min_value=1,
-            value=None,
+            key="sched_horizon",
             step=100,
             placeholder="required by cosine, linear, wsd",
-            key="sched_horizon",
         )
-        floor = left.number_input(
-            "Floor (fraction of peak)", min_value=0.0, max_value=1.0, value=0.0, step=0.05, key="sched_floor"
-        )
-        decay = right.number_input(
-            "Decay fraction (wsd)", min_value=0.01, max_value=1.0, value=0.2, step=0.05, key="sched_decay"
-        )
+        floor = number_field(left, SetSchedule, "floor", "Floor (fraction of peak)", key="sched_floor", step=0.05)
+        decay = number_field(right, SetSchedule, "decay_fraction", "Decay fraction (wsd)", key="sched_decay", step=0.05)
         if st.form_submit_button("Set schedule"):
-            command: dict[str, Any] = {
-                "type": "set_schedule",
-                "kind": kind,
-                "warmup_steps": int(warmup),
-                "floor": floor,
-                "decay_fraction": decay,
-            }
-            if peak is not None:
-                command["peak_lr"] = peak
-            if horizon is not None:
-                command["horizon_steps"] = int(horizon)
+            command = build(
+                SetSchedule,
+                kind=kind,
+                peak_lr=peak,
+                warmup_steps=warmup,
+                horizon_steps=horizon,
+                floor=floor,
+                decay_fraction=decay,
+            )
             send(run.run_id, command)
 
 
@@ -146,22 +119,13 @@ def optimizer_form(run: RunInfo, state: RunState | None) -> None:
     with st.form("optimizer_form"):
         st.markdown("**Optimizer**" + (f" (now {state.optimizer})" if state and state.optimizer else ""))
         left, right = st.columns(2)
-        name = left.selectbox("Switch to", list(get_args(OptimizerName)), key="opt_name")
-        lr = right.number_input(
-            "Learning rate",
-            min_value=0.0,
-            max_value=10.0,
-            value=None,
-            format="%g",
-            placeholder="keep the current lr",
-            key="opt_lr",
+        name = choice_field(left, SetOptimizer, "name", "Switch to", key="opt_name")
+        lr = number_field(
+            right, SetOptimizer, "lr", "Learning rate", key="opt_lr", step=1e-4, placeholder="keep the current lr"
         )
-        carry = st.checkbox("Carry moment state where compatible", value=True, key="opt_carry")
+        carry = checkbox_field(st, SetOptimizer, "carry_state", "Carry moment state where compatible", key="opt_carry")
         if st.form_submit_button("Swap optimizer"):
-            command: dict[str, Any] = {"type": "set_optimizer", "name": name, "carry_state": carry}
-            if lr is not None:
-                command["lr"] = lr
-            send(run.run_id, command)
+            send(run.run_id, build(SetOptimizer, name=name, lr=lr, carry_state=carry))
 
 
 def normalised(weights: dict[str, float]) -> dict[str, float]:
@@ -191,7 +155,7 @@ def data_mix(run: RunInfo, state: RunState | None) -> None:
     mix = normalised(weights)
     st.caption("Normalised mix: " + " · ".join(f"{domain} {share:.0%}" for domain, share in mix.items()))
     if st.button("Apply data mix", key="mix_apply", disabled=not any(weights.values())):
-        send(run.run_id, {"type": "set_data_mix", "weights": weights})
+        send(run.run_id, build(SetDataMix, weights=weights))
 
 
 def run_controls(run: RunInfo) -> None:
@@ -201,13 +165,13 @@ def run_controls(run: RunInfo) -> None:
     save, evaluate = st.columns(2)
     pause, resume, stop = st.columns(3)
     if save.button("Save checkpoint", key="ckpt_save"):
-        send(run.run_id, {"type": "save_checkpoint", **({"tag": tag} if tag else {})})
+        send(run.run_id, build(SaveCheckpoint, tag=tag or None))
     if evaluate.button("Evaluate now", key="run_evaluate"):
-        send(run.run_id, {"type": "evaluate"})
+        send(run.run_id, Evaluate())
     if pause.button("Pause", key="run_pause"):
-        send(run.run_id, {"type": "pause"})
+        send(run.run_id, Pause())
     if resume.button("Resume", key="run_resume"):
-        send(run.run_id, {"type": "resume"})
+        send(run.run_id, Resume())
     if stop.button("Stop…", key="run_stop"):
         st.session_state["confirm_stop"] = True
     if st.session_state["confirm_stop"]:
@@ -215,30 +179,28 @@ def run_controls(run: RunInfo) -> None:
         yes, no = st.columns(2)
         if yes.button("Yes, stop the run", key="run_stop_confirm", type="primary"):
             st.session_state["confirm_stop"] = False
-            send(run.run_id, {"type": "stop"})
+            send(run.run_id, Stop())
         if no.button("Cancel", key="run_stop_cancel"):
             st.session_state["confirm_stop"] = False
             st.rerun()
 
 
-def rollback_cell(run_id: str, checkpoint: CheckpointInfo) -> None:
-    """The rollback button of one checkpoint row, with the new branch's name and batches to skip."""
+def rollback_cell(run: RunInfo, checkpoint: CheckpointInfo) -> None:
+    """The rollback button of one checkpoint row, with the new branch's name (the trainer's when left blank) and
+    batches to skip."""
     with st.popover("Roll back…", key=f"rb_{checkpoint.checkpoint_id}"):
         branch = st.text_input(
             "New branch name",
             key=f"rb_branch_{checkpoint.checkpoint_id}",
-            placeholder=f"{checkpoint.branch}-r{checkpoint.step} when blank",
+            placeholder=f"{rollback_branch(run.branch, checkpoint.step, run.branches)} when blank",
+            help=field_spec(Rollback, "branch").help,
         )
-        skip = st.number_input("Skip batches", min_value=0, value=0, step=1, key=f"rb_skip_{checkpoint.checkpoint_id}")
+        skip = number_field(
+            st, Rollback, "skip_batches", "Skip batches", key=f"rb_skip_{checkpoint.checkpoint_id}", step=1
+        )
         if st.button(f"Roll back to step {checkpoint.step}", key=f"rb_go_{checkpoint.checkpoint_id}", type="primary"):
-            command: dict[str, Any] = {
-                "type": "rollback",
-                "checkpoint_id": checkpoint.checkpoint_id,
-                "skip_batches": int(skip),
-            }
-            if branch:
-                command["branch"] = branch
-            send(run_id, command)
+            command = build(Rollback, checkpoint_id=checkpoint.checkpoint_id, skip_batches=skip, branch=branch or None)
+            send(run.run_id, command)
 
 
 @st.fragment(run_every=CHECKPOINTS_EVERY_S)
@@ -246,6 +208,7 @@ def checkpoint_table(run_id: str) -> None:
     """The newest checkpoints, one row each with a rollback button."""
     st.markdown("**Checkpoints**")
     with guarded(recover=False):
+        run = client().get_run(run_id)
         checkpoints = client().list_checkpoints(run_id)[::-1][:CHECKPOINT_ROWS]
         if not checkpoints:
             st.caption("No checkpoints yet.")
@@ -263,7 +226,7 @@ def checkpoint_table(run_id: str) -> None:
             saved.write(datetime.fromtimestamp(checkpoint.time).strftime("%H:%M:%S"))
             healthy.markdown(":green[:material/check:]" if checkpoint.healthy else ":orange[:material/warning:]")
             with action:
-                rollback_cell(run_id, checkpoint)
+                rollback_cell(run, checkpoint)
 
 
 def control_page() -> None:

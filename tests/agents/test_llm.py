@@ -15,7 +15,7 @@ from agents.llm import AnthropicMessages, LLMPolicy, OpenAIChat, make_backend, p
 from agents.runtime import AgentRuntime
 from protocols import RunState, SetHparams
 from protocols.client import AsyncClient
-from tests.agents.helpers import FakeLLM, ScriptedTrainer, window_of
+from tests.agents.helpers import FakeLLM, agent_trainer, window_of
 from tests.polling import wait_until
 
 HALVE = json.dumps({"command": {"type": "set_hparams", "lr": 0.0015}, "reason": "loss flat at lr 0.003; halving"})
@@ -129,7 +129,7 @@ async def test_an_out_of_bounds_answer_is_never_sent_and_a_valid_one_is_applied(
     """Against a real server and trainer: lr x100 is held back by the guardrails; the next, valid answer applies."""
     caplog.set_level(logging.INFO, "runsteer.agents")
     llm.script += [json.dumps({"command": {"type": "set_hparams", "lr": 0.3}, "reason": "go faster"}), HALVE]
-    trainer = ScriptedTrainer(server_url, steps=100_000, step_s=0.01).start()
+    trainer = agent_trainer(server_url, steps=100_000, step_s=0.01).start()
     guardrails = Guardrails(GuardrailConfig(cooldown_steps=5), "agent:llm")
     async with AsyncClient(server_url) as client:
         policy = LLMPolicy(OpenAIChat(base_url=llm.url, model="m"), every_steps=15)
@@ -142,7 +142,7 @@ async def test_an_out_of_bounds_answer_is_never_sent_and_a_valid_one_is_applied(
         finally:
             agent.stop()
             await task
-    trainer.stop()
+    trainer.close()
     assert [r.command for r in trainer.applied] == [SetHparams(lr=0.0015)]
     assert trainer.applied[0].source == "agent:llm" and "halving" in trainer.applied[0].reason
     assert "x100 (limit x10)" in caplog.text

@@ -14,7 +14,7 @@ from agents.rules import RulePolicy, load_rules
 from agents.runtime import AgentRuntime, Mode
 from protocols import MetricsEvent, MetricsSample
 from protocols.client import AsyncClient, Client
-from tests.agents.helpers import ScriptedTrainer, spike_on_main
+from tests.agents.helpers import agent_trainer, spike_on_main
 from tests.polling import wait_until
 from tests.serving import ServerProcess
 
@@ -56,7 +56,7 @@ async def _in_thread(function, *args):
 async def test_in_act_mode_a_persistent_spike_is_rolled_back_skipped_and_the_lr_halved(server_url, rules_file, caplog):
     """The agent sends rollback + lr x0.5 as agent:rules with a reason; the trainer applies both and moves on."""
     caplog.set_level(logging.INFO, "runsteer.agents")
-    trainer = ScriptedTrainer(server_url, loss=spike_on_main(120), steps=260).start()
+    trainer = agent_trainer(server_url, loss=spike_on_main(120), steps=260).start()
     async with AsyncClient(server_url) as client:
         agent = _runtime(client, trainer.run_id, rules_file, "act")
         task = asyncio.create_task(agent.run())
@@ -66,13 +66,13 @@ async def test_in_act_mode_a_persistent_spike_is_rolled_back_skipped_and_the_lr_
         finally:
             agent.stop()
             await task
-    trainer.stop()
+    trainer.close()
     rollback, cut = trainer.applied[:2]
     assert rollback.command.type == "rollback" and rollback.source == "agent:rules"
     assert rollback.command.checkpoint_id == "main-110" and rollback.command.skip_batches == 20
     assert cut.command.type == "set_hparams" and cut.command.lr == pytest.approx(0.0015)
     assert "loss" in rollback.reason and "rolled back to step 110" in rollback.reason
-    assert trainer.branch == "main-r110" and trainer.lr == pytest.approx(0.0015)
+    assert trainer.branch == "main.r110" and trainer.lr == pytest.approx(0.0015)
     assert len(trainer.applied) == 2, "the healed run needs no further intervention"
     assert "lr 0.003 -> 0.0015" in caplog.text
 
@@ -81,7 +81,7 @@ async def test_in_propose_mode_commands_wait_for_approval_and_the_run_policy_is_
     server_url, rules_file, client: Client
 ):
     """The agent's commands are held in pending_approval until a person approves; the run's policy stays as it was."""
-    trainer = ScriptedTrainer(server_url, loss=spike_on_main(120), steps=400).start()
+    trainer = agent_trainer(server_url, loss=spike_on_main(120), steps=400).start()
     async with AsyncClient(server_url) as aclient:
         agent = _runtime(aclient, trainer.run_id, rules_file, "propose")
         task = asyncio.create_task(agent.run())
@@ -97,7 +97,7 @@ async def test_in_propose_mode_commands_wait_for_approval_and_the_run_policy_is_
         finally:
             agent.stop()
             await task
-    trainer.stop()
+    trainer.close()
     assert trainer.applied[0].command.type == "rollback"
     assert client.get_run(trainer.run_id).policy.approval_required == []
 
@@ -105,7 +105,7 @@ async def test_in_propose_mode_commands_wait_for_approval_and_the_run_policy_is_
 async def test_in_dry_run_mode_decisions_are_logged_and_nothing_is_sent(server_url, rules_file, client: Client, caplog):
     """A dry-run agent logs what it would do and the run's command list stays empty."""
     caplog.set_level(logging.INFO, "runsteer.agents")
-    trainer = ScriptedTrainer(server_url, loss=spike_on_main(120), steps=200).start()
+    trainer = agent_trainer(server_url, loss=spike_on_main(120), steps=200).start()
     async with AsyncClient(server_url) as aclient:
         agent = _runtime(aclient, trainer.run_id, rules_file, "dry-run")
         task = asyncio.create_task(agent.run())
@@ -114,18 +114,19 @@ async def test_in_dry_run_mode_decisions_are_logged_and_nothing_is_sent(server_u
         finally:
             agent.stop()
             await task
-    trainer.stop()
+    trainer.close()
     assert client.list_commands(trainer.run_id) == []
     assert "would act (dry-run)" in caplog.text and "lr 0.003 -> 0.0015" in caplog.text
 
 
+@pytest.mark.slow
 async def test_after_a_dropped_stream_the_agent_reconnects_catches_up_and_acts_on_what_it_missed(
     tmp_path: Path, rules_file, caplog
 ):
     """With the server restarted while the spike happened, the agent reads the missed steps from history and acts."""
     caplog.set_level(logging.INFO, "runsteer.agents")
     server = ServerProcess(tmp_path / "runsteer.db").start()
-    trainer = ScriptedTrainer(server.url, loss=spike_on_main(120), steps=400, hold_at=100).start()
+    trainer = agent_trainer(server.url, loss=spike_on_main(120), steps=400, hold_at=100).start()
     try:
         async with AsyncClient(server.url) as client:
             agent = _runtime(client, trainer.run_id, rules_file, "act")
@@ -149,7 +150,7 @@ async def test_after_a_dropped_stream_the_agent_reconnects_catches_up_and_acts_o
         caught_up = [int(m) for m in re.findall(r"catching up on run \S+ (\d+) steps", caplog.text)]
         assert len(caught_up) >= 2 and sum(caught_up[1:]) > 0, caplog.text[-2000:]
     finally:
-        trainer.stop()
+        trainer.close()
         server.stop()
 
 

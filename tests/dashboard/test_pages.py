@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from control_server.auth import TokenEntry, TokenTable
@@ -22,6 +23,9 @@ from tests.serving import ServerProcess, ServerThread
 CONTROL = "views/control.py"
 ACTIVITY = "views/activity.py"
 RUNS = "views/runs.py"
+
+pytestmark = pytest.mark.slow
+"""Each test drives the app through Streamlit's AppTest against a live server and trainer: left out of the fast loop."""
 
 
 def texts(app: AppTest) -> str:
@@ -120,16 +124,21 @@ def test_data_mix_sliders_show_the_normalised_mix_and_apply_it(
     assert trainer.mix == {"prose": 0.5, "code": 0.25, "arithmetic": 0.25}
 
 
+def saved_from_the_page(server_url: str, client: Client, run_id: str) -> tuple[AppTest, str]:
+    """The control page after its Save checkpoint button was clicked and the checkpoint listed, and its id."""
+    app = open_app(server_url, CONTROL)
+    click(app, "Save checkpoint")
+    saved = finished(client, run_id, "save_checkpoint")
+    wait_until(lambda: client.list_checkpoints(run_id))
+    app.run()
+    return app, str(saved.effective["checkpoint_id"]) if saved.effective else ""
+
+
 def test_a_checkpoint_saved_from_the_page_can_be_rolled_back_to_a_named_branch(
     trainer: ScriptedTrainer, server_url: str, client: Client
 ) -> None:
     """Save checkpoint, then the row's rollback button with a branch name and skip count restores it."""
-    app = open_app(server_url, CONTROL)
-    click(app, "Save checkpoint")
-    saved = finished(client, trainer.run_id, "save_checkpoint")
-    wait_until(lambda: client.list_checkpoints(trainer.run_id))
-    app.run()
-    checkpoint_id = saved.effective["checkpoint_id"] if saved.effective else ""
+    app, checkpoint_id = saved_from_the_page(server_url, client, trainer.run_id)
     app.text_input(key=f"rb_branch_{checkpoint_id}").input("retry")
     app.number_input(key=f"rb_skip_{checkpoint_id}").set_value(3)
     app.button(key=f"rb_go_{checkpoint_id}").click().run()
@@ -138,13 +147,27 @@ def test_a_checkpoint_saved_from_the_page_can_be_rolled_back_to_a_named_branch(
     assert record.command.type == "rollback" and record.command.skip_batches == 3
 
 
+def test_the_rollback_form_names_the_branch_the_trainer_opens_when_left_blank(
+    trainer: ScriptedTrainer, server_url: str, client: Client
+) -> None:
+    """With no name given, the form says the new branch will be `{branch}.r{step}`, and that is the branch the
+    trainer opens (both from `protocols.commands.rollback_branch`, as the real trainer names it)."""
+    app, checkpoint_id = saved_from_the_page(server_url, client, trainer.run_id)
+    step = trainer.checkpoints[checkpoint_id].step
+    assert app.text_input(key=f"rb_branch_{checkpoint_id}").placeholder == f"main.r{step} when blank"
+    app.button(key=f"rb_go_{checkpoint_id}").click().run()
+    record = finished(client, trainer.run_id, "rollback")
+    assert record.status == "applied" and record.effective is not None
+    assert trainer.branch == record.effective["branch"] == f"main.r{step}"
+
+
 def test_branches_are_overlaid_on_the_charts_after_a_rollback(trainer: ScriptedTrainer, client: Client) -> None:
     """After a rollback the run's series hold both branches, drawn over the same steps."""
     from dashboard.series import CHARTS, RunSeries
 
     wait_until(lambda: trainer.step > 10)
     client.submit(trainer.run_id, {"type": "save_checkpoint"}, wait=True)
-    checkpoint = trainer.checkpoints[-1]
+    checkpoint = trainer.latest_checkpoint
     wait_until(lambda: trainer.step > checkpoint.step + 10)
     client.submit(
         trainer.run_id, {"type": "rollback", "checkpoint_id": checkpoint.checkpoint_id, "branch": "b2"}, wait=True
