@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from agents.decision import Decision, changes_of
 from agents.rules import RulePolicy
 from agents.window import RunWindow
+from protocols.client.core import Backoff, retry_after_s
 from protocols.commands import Command, command_adapter
 from protocols.schema import command_schema
 
@@ -30,6 +31,8 @@ log = logging.getLogger("runsteer.agents.llm")
 
 Api = Literal["openai", "anthropic"]
 KEY_ENV: dict[Api, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+RETRY_MAX_S = 30.0
+"""The longest wait between LLM retries, whatever Retry-After asks for."""
 """Where each backend reads its API key; a local server may need none."""
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -66,6 +69,7 @@ class HttpBackend:
     async def _post(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
         url = self.base_url.rstrip("/") + path
         session = self.session or aiohttp.ClientSession()
+        backoff = Backoff(0.5, RETRY_MAX_S)
         try:
             for attempt in range(self.max_retries + 1):
                 try:
@@ -76,7 +80,7 @@ class HttpBackend:
                         if response.status == 429 or response.status >= 500:
                             if attempt == self.max_retries:
                                 raise LLMError(f"{url} answered {response.status} {attempt + 1} times: {text[:200]}")
-                            wait = _retry_after(response.headers.get("Retry-After"), attempt)
+                            wait = backoff.next_delay(retry_after_s(response.headers.get("Retry-After")))
                             log.warning("llm: %s answered %d; retrying in %.1f s", url, response.status, wait)
                             await asyncio.sleep(wait)
                             continue
@@ -151,13 +155,6 @@ def make_backend(
     kind = OpenAIChat if api == "openai" else AnthropicMessages
     key = os.environ.get(KEY_ENV[api])
     return kind(base_url=base_url, model=model, api_key=key, timeout_s=timeout_s, session=session)
-
-
-def _retry_after(header: str | None, attempt: int) -> float:
-    try:
-        return min(30.0, max(0.0, float(header))) if header else 0.5 * 2.0**attempt
-    except ValueError:
-        return 0.5 * 2.0**attempt
 
 
 SYSTEM_PROMPT = """You watch a neural-network training run and may send ONE command to steer it, like a careful \

@@ -19,6 +19,7 @@ from agents.guardrails import Guardrails
 from agents.window import DEFAULT_CAPACITY, WindowTracker
 from protocols.client import AsyncClient
 from protocols.client.aio import AsyncEventStream
+from protocols.client.core import Backoff
 from protocols.commands import Command, CommandRecord
 from protocols.errors import RequestRejected, RunsteerError, ServerUnavailable, Unauthorized
 from protocols.events import CheckpointEvent, CommandEvent, Event, MetricsEvent, RunEvent
@@ -73,7 +74,7 @@ class AgentRuntime:
     async def run(self) -> None:
         """Follow the run, reconnecting and catching up after every drop, until it ends or `stop()`."""
         log.info("agent %s watching run %s in %s mode", self.source, self.run_id, self.mode)
-        delay = 0.1
+        backoff = Backoff(0.1, self.reconnect_max_s)
         try:
             while not self._stopping.is_set():
                 try:
@@ -81,15 +82,14 @@ class AgentRuntime:
                         self.connections += 1
                         await self._catch_up()
                         self.connected.set()
-                        delay = 0.1
+                        backoff.reset()
                         await self._evaluate()
                         if self._ended() or await self._follow(stream):
                             return
                 except ServerUnavailable as exc:
-                    log.warning("agent %s: stream lost (%s); reconnecting in %.1f s", self.source, exc, delay)
+                    log.warning("agent %s: stream lost (%s); reconnecting", self.source, exc)
                 self.connected.clear()
-                await self._wait(delay)
-                delay = min(delay * 2, self.reconnect_max_s)
+                await self._wait(backoff.next_delay())
         finally:
             self.connected.clear()
             log.info("agent %s stopped watching run %s", self.source, self.run_id)
@@ -230,6 +230,7 @@ class AgentRuntime:
                 self.tracker.set_command(record)
 
     async def _submit(self, command: Command, command_id: str, reason: str) -> CommandRecord | None:
+        backoff = Backoff(0.2, 1.0)
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
                 record = await self.client.submit(
@@ -238,7 +239,7 @@ class AgentRuntime:
                 )
             except ServerUnavailable as exc:
                 log.warning("agent %s: submit %s failed (%s), attempt %d", self.source, command_id, exc, attempt)
-                await self._wait(0.2 * attempt)
+                await self._wait(backoff.next_delay())
                 continue
             except RunsteerError as exc:
                 log.warning("agent %s: %s refused by the server: %s", self.source, command.type, exc)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from protocols.client import Client
+from protocols.client.core import Backoff
 from protocols.commands import CommandRecord, CommandResult, Rollback, SetSchedule, rollback_branch
 from protocols.errors import RunsteerError
 from protocols.policy import Policy
@@ -139,12 +140,13 @@ class ScriptedTrainer:
 
     def _send(self, call: Callable[[], Any]) -> None:
         """Retry a call while the server is away, as the real trainer's sender does, until closed."""
+        backoff = Backoff(0.05, 0.5)
         while not self._halt.is_set():
             try:
                 call()
                 return
             except (RunsteerError, OSError):
-                time.sleep(0.05)
+                self._halt.wait(backoff.next_delay())
 
     def _heartbeat(self) -> None:
         self._send(lambda: self.client.push_reports(self.run_id, [Heartbeat(state=self.state())]))
@@ -176,11 +178,13 @@ class ScriptedTrainer:
 
     def _poll(self) -> None:
         after = 0
+        backoff = Backoff(0.05, 0.5)
         while not self._halt.is_set():
             try:
                 records = self.poller.next_commands(self.run_id, after_seq=after, wait_s=0.5)
+                backoff.reset()
             except (RunsteerError, OSError):
-                time.sleep(0.05)
+                self._halt.wait(backoff.next_delay())
                 continue
             for record in records:
                 after = max(after, record.seq)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from uuid import uuid4
 
+from protocols.client.core import Backoff
 from protocols.commands import CommandRecord, CommandResult
 from protocols.errors import RunsteerError, ServerUnavailable
 from protocols.records import (
@@ -72,7 +73,9 @@ class IOConfig:
     spill_path: Path | None = None
     """The local JSONL file for spilled samples; a temporary file when left out."""
     retry_min_s: float = 0.2
+    """First wait before retrying while the server is unreachable; it doubles with each failure..."""
     retry_max_s: float = 5.0
+    """...up to this."""
 
 
 @dataclass
@@ -245,7 +248,7 @@ class IOWorker:
         self._flushes: list[FlushItem] = []
         self._stop: StopItem | None = None
         self._next_attempt = 0.0
-        self._backoff = config.retry_min_s
+        self._backoff = Backoff(config.retry_min_s, config.retry_max_s)
         self._last_heartbeat = 0.0
         self._oldest_unsent: float | None = None
         self.connected = False
@@ -293,14 +296,13 @@ class IOWorker:
         assert self.run_info is not None
         run_id = self.run_info.run_id
         after = self._after_seq if self._after_seq is not None else 0
-        backoff = self.config.retry_min_s
+        backoff = Backoff(self.config.retry_min_s, self.config.retry_max_s)
         while not self._stopping.is_set():
             try:
                 records = self._poll_transport.next_commands(run_id, after_seq=after, wait_s=self.config.poll_wait_s)
-                backoff = self.config.retry_min_s
+                backoff.reset()
             except UNAVAILABLE:
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, self.config.retry_max_s)
+                self._stopping.wait(backoff.next_delay())
                 continue
             except RunsteerError as exc:
                 log.error("runsteer: polling for commands failed: %s", exc)
@@ -325,14 +327,13 @@ class IOWorker:
             if now >= self._next_attempt:
                 try:
                     self._send_due(now)
-                    self._backoff = self.config.retry_min_s
+                    self._backoff.reset()
                     self.connected = True
                 except UNAVAILABLE as exc:
                     if self.connected:
                         log.warning("runsteer: server unavailable, buffering: %s", exc)
                     self.connected = False
-                    self._next_attempt = now + self._backoff
-                    self._backoff = min(self._backoff * 2, self.config.retry_max_s)
+                    self._next_attempt = now + self._backoff.next_delay()
                 except RunsteerError as exc:
                     self._refuse(exc)
                     continue

@@ -60,6 +60,41 @@ class HttpRequest(Generic[Model]):
         return f"{self.path}?{urlencode(self.params)}" if self.params else self.path
 
 
+class Backoff:
+    """The waits between tries of one call or one connection, for every caller that retries (the trainer's I/O
+    threads, the agent runtime, the LLM client): `first_s`, doubling up to `max_s`, back to `first_s` after a
+    success. A server that says how long to wait (`Retry-After`) is believed, within `max_s`. It only computes
+    delays; each caller waits in its own way (a stop event, asyncio)."""
+
+    def __init__(self, first_s: float = 0.2, max_s: float = 5.0) -> None:
+        if not 0 < first_s <= max_s:
+            raise ValueError(f"backoff needs 0 < first_s <= max_s, got first_s={first_s:g}, max_s={max_s:g}")
+        self.first_s, self.max_s = first_s, max_s
+        self.failures = 0
+        """Failures since the last success."""
+
+    def next_delay(self, retry_after_s: float | None = None) -> float:
+        """Count one more failure and return how long to wait before the next try."""
+        if retry_after_s is not None:
+            delay = min(self.max_s, max(0.0, retry_after_s))
+        else:
+            delay = min(self.max_s, self.first_s * 2.0 ** min(self.failures, 64))
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        """A try succeeded: the next failure waits `first_s` again."""
+        self.failures = 0
+
+
+def retry_after_s(header: str | None) -> float | None:
+    """The seconds of a `Retry-After` header given in seconds; None when it is absent or not a number."""
+    try:
+        return float(header) if header else None
+    except ValueError:
+        return None
+
+
 def decode(request: HttpRequest[Model], status: int, body: bytes) -> Model:
     """The response's model, or the client error that the status and error body describe."""
     if 200 <= status < 300:
@@ -275,6 +310,7 @@ def envelope_of(
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "Backoff",
     "HttpRequest",
     "Requests",
     "RunsteerError",
@@ -284,5 +320,6 @@ __all__ = [
     "envelope_of",
     "normalise_base_url",
     "parse_stream_message",
+    "retry_after_s",
     "stream_url",
 ]
