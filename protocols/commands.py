@@ -132,7 +132,6 @@ class Rollback(WireModel):
         return self
 
 
-
 def rollback_branch(base: str, step: int, taken: Collection[str] = ()) -> str:
     """The branch a rollback to `step` opens when it names none: `{base}.r{step}` (base cut to 40 characters, so
     the name stays a valid `Name`), then `-2`, `-3`, ... while that name is in `taken`."""

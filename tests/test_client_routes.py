@@ -36,6 +36,7 @@ ARGUMENTS = {
     "after_seq": 0,
     "wait_s": 1.0,
     "approve": True,
+    "deadline": 0.0,
 }
 """A value for every parameter name of the `Requests` builders."""
 
@@ -45,7 +46,8 @@ def _requests() -> list:
     for name, function in inspect.getmembers(Requests, inspect.isfunction):
         parameters = inspect.signature(function).parameters
         args = {p: ARGUMENTS[p] for p, spec in parameters.items() if spec.default is inspect.Parameter.empty}
-        built.append((name, function(**args)))
+        request = function(**args)
+        built.append((name, request[0] if isinstance(request, tuple) else request))
     built.append(("decide", Requests.decide("run 1/x", "c1", CommandDecision(), approve=False)))
     return built
 

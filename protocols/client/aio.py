@@ -120,9 +120,9 @@ class AsyncClient:
         """Return once the command is finished or `timeout_s` passes, with its latest record."""
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            record = await self.send(Requests.get_command(run_id, command_id, wait_s=max(0.0, min(remaining, 25.0))))
-            if record.finished or remaining <= 0:
+            request, last = Requests.wait_for(run_id, command_id, deadline)
+            record = await self.send(request)
+            if record.finished or last:
                 return record
 
     async def list_commands(

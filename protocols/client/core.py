@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -41,6 +42,9 @@ Model = TypeVar("Model", bound=BaseModel)
 
 DEFAULT_TIMEOUT_S = 10.0
 """How long a plain request may take before the client gives up on it."""
+
+LONGEST_WAIT_S = 25.0
+"""The longest a client asks the server to hold one answer while it waits for a command to finish."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,13 @@ class Requests:
             run_id=run_id,
             command_id=command_id,
         )
+
+    @staticmethod
+    def wait_for(run_id: str, command_id: str, deadline: float) -> tuple[HttpRequest[CommandRecord], bool]:
+        """The next request of a wait for a command to finish by `deadline` (monotonic), and whether it is the last:
+        each asks the server to hold the answer for what is left, at most `LONGEST_WAIT_S`."""
+        remaining = deadline - time.monotonic()
+        return Requests.get_command(run_id, command_id, wait_s=max(0.0, min(remaining, LONGEST_WAIT_S))), remaining <= 0
 
     @staticmethod
     def decide(run_id: str, command_id: str, decision: CommandDecision, *, approve: bool) -> HttpRequest[CommandRecord]:

@@ -161,9 +161,9 @@ class Client:
         """Block until the command is finished or `timeout_s` passes; returns its latest record."""
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            record = self.send(Requests.get_command(run_id, command_id, wait_s=max(0.0, min(remaining, 25.0))))
-            if record.finished or remaining <= 0:
+            request, last = Requests.wait_for(run_id, command_id, deadline)
+            record = self.send(request)
+            if record.finished or last:
                 return record
 
     def list_commands(
