@@ -72,9 +72,6 @@ def hparams_form(run: RunInfo, state: RunState | None) -> None:
             if (beta1 is None) != (beta2 is None):
                 st.error("Set both betas, or neither.", icon=":material/block:")
                 return
-            if all(value is None for value in (lr, weight_decay, grad_clip, beta1)):
-                st.warning("Nothing to change: every field was blank.")
-                return
             betas = (beta1, beta2) if beta1 is not None else None
             send(run.run_id, build(SetHparams, lr=lr, weight_decay=weight_decay, grad_clip=grad_clip, betas=betas))
 

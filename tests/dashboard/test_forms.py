@@ -45,3 +45,14 @@ def test_each_number_input_has_its_command_fields_bounds_default_and_help(
         assert (widget.min, widget.max) == _bounds(model, field), key
         assert info.description and widget.help.startswith(info.description), key
         assert widget.value == (None if key.startswith("hp_") else info.default), key
+
+
+def test_a_blank_hyperparameter_form_is_refused_with_the_models_own_words(
+    trainer: ScriptedTrainer, server_url: str
+) -> None:
+    """Applying with every field blank shows the command model's refusal, and nothing is sent."""
+    app = open_app(server_url, "views/control.py")
+    [button] = [button for button in app.button if button.label == "Apply hyperparameters"]
+    button.click().run()
+    assert any("set_hparams must set at least one of" in str(error.value) for error in app.error)
+    assert trainer.client.list_commands(trainer.run_id) == []
