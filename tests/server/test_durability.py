@@ -53,6 +53,7 @@ def history(client: Client, run_id: str) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill", [False, True], ids=["SIGTERM", "SIGKILL"])
 def test_a_restarted_server_shows_all_history_and_redelivers_unanswered_commands(
     processes: list[ServerProcess], tmp_path: Path, kill: bool
