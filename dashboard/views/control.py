@@ -145,6 +145,7 @@ def data_mix(run: RunInfo, state: RunState | None) -> None:
             1.0,
             value=float(current.get(domain, 1.0 / len(run.domains))),
             step=0.05,
+            help=f"{field_spec(SetDataMix, 'weights').help} Relative: the mix is normalised to sum to one.",
             key=f"mix_{run.run_id}_{domain}",
         )
         for domain in run.domains
