@@ -285,14 +285,19 @@ class ScriptedTrainer:
             self.branches.add(self.branch)
             self.step = target.step
             effective = {
-                "branch": self.branch,
+                "checkpoint_id": target.checkpoint_id,
                 "step": target.step,
+                "branch": self.branch,
                 "from_branch": old_branch,
                 "from_step": old_step,
                 "skipped_batches": command.skip_batches,
+                "source": "memory",
             }
             return CommandResult(status="applied", step=old_step, effective=effective)
         elif command.type in ("pause", "resume"):
+            if self.paused == (command.type == "pause"):
+                message = "the run is already paused" if self.paused else "the run is not paused"
+                return CommandResult(status="rejected", step=self.step, message=message)
             self.paused = command.type == "pause"
             status = StatusReport(status="paused" if self.paused else "running")
             self._send(lambda: self.client.push_reports(self.run_id, [status]))
