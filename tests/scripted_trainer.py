@@ -292,6 +292,7 @@ class ScriptedTrainer:
                 "from_step": old_step,
                 "skipped_batches": command.skip_batches,
                 "source": "memory",
+                "restore_ms": 0.0,
             }
             return CommandResult(status="applied", step=old_step, effective=effective)
         elif command.type in ("pause", "resume"):
