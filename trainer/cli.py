@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from protocols.errors import RunsteerError
+from trainer.distributed import launch, without_option
 from trainer.run import PRESETS, BuiltinRun, RunConfig
 
 log = logging.getLogger("runsteer.trainer")
@@ -51,12 +52,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--spike-factor", type=float, default=defaults.spike_factor, help="see --inject-spike")
     parser.add_argument("--quiet", action="store_true", help="print no per-step progress")
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N ranks of this machine: runs `torchrun --nproc-per-node N -m trainer` with the other flags",
+    )
+    parser.add_argument(
+        "--process-group-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="under torchrun: timeout of the training process group's collectives (default: torch's)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `runsteer train`; returns the process exit status."""
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(arguments)
+    if args.nproc_per_node is not None:
+        return launch(args.nproc_per_node, without_option(arguments, "--nproc-per-node"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RunConfig(
         server=args.server,
@@ -74,20 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         domain_files=args.domain_file,
         inject_spikes=args.inject_spike,
         spike_factor=args.spike_factor,
+        process_group_timeout_s=args.process_group_timeout,
     )
     try:
         run = BuiltinRun(config)
     except (ValueError, OSError, RunsteerError) as exc:
         print(f"runsteer train: {exc}", file=sys.stderr)
         return 2
-    print(
-        f"run {run.steer.run_id or '(not registered yet)'} on {config.server}: preset {config.preset}, "
-        f"{run.steps} steps, device {run.device}",
-        flush=True,
-    )
+    if run.rank == 0:
+        print(
+            f"run {run.steer.run_id or '(not registered yet)'} on {config.server}: preset {config.preset}, "
+            f"{run.steps} steps, device {run.device}",
+            flush=True,
+        )
 
     def progress(step: int, values: dict[str, float]) -> None:
-        if not args.quiet and step % 50 == 0:
+        if not args.quiet and run.rank == 0 and step % 50 == 0:
             print(
                 f"step {step:6d} [{run.steer.branch}] loss {values['loss']:.4f} lr {values['lr']:.2e} "
                 f"{values['step_time_ms']:.1f} ms/step",
@@ -98,5 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     # freezing the heap at exit skips them, so the process ends well within a second of the final checkpoint.
     atexit.register(gc.freeze)
     trained = run.train(progress)
-    print(f"done: {trained} steps trained, run at step {run.steer.step} on branch {run.steer.branch}", flush=True)
+    if run.rank == 0:
+        print(f"done: {trained} steps trained, run at step {run.steer.step} on branch {run.steer.branch}", flush=True)
     return 0

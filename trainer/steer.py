@@ -15,6 +15,7 @@ out of `poll` after the final checkpoint, and the `with` block ends quietly on i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import queue
@@ -42,6 +43,7 @@ from protocols.records import (
 )
 from trainer.appliers import APPLIERS, CommandRejected
 from trainer.checkpoints import CheckpointStore
+from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks
 from trainer.io import FlushItem, IOConfig, IOWorker, ResultItem, SampleItem, Transport
 from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
 from trainer.schedule import Schedule
@@ -101,6 +103,8 @@ class SteerConfig:
     run_config: dict[str, JsonValue] = field(default_factory=dict)
     """Free-form configuration shown with the run."""
     io: IOConfig = field(default_factory=IOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """The side channel between ranks under torchrun (unused in one process)."""
 
 
 class Steer:
@@ -137,8 +141,20 @@ class Steer:
         self.last_applied_seq = 0
         self.results: deque[tuple[CommandRecord, CommandResult]] = deque(maxlen=1000)
         """The latest commands applied here with their results, newest last."""
-        self.checkpoints = CheckpointStore(
-            self.config.checkpoint_dir, ring_size=self.config.ring_size, keep_files=self.config.keep_files
+        self.ranks = Ranks.detect(model, self.config.distributed)
+        """The side channel to the other ranks under torchrun; None in one process."""
+        self.checkpoints: CheckpointStore = (
+            CheckpointStore(
+                self.config.checkpoint_dir, ring_size=self.config.ring_size, keep_files=self.config.keep_files
+            )
+            if self.ranks is None
+            else RankCheckpoints(
+                self.ranks,
+                self.config.checkpoint_dir,
+                ring_size=self.config.ring_size,
+                keep_files=self.config.keep_files,
+                live_state=self.capture,
+            )
         )
         self._offset = 0
         self._pending: deque[CommandRecord] = deque()
@@ -151,27 +167,29 @@ class Steer:
         registration = RunRegistration(
             name=self.config.run_name, run_id=self.config.run_id, config=self.config.run_config, domains=domains
         )
-        self.io = IOWorker(factory, registration, self.config.io)
-        self.io.outbox.put(self.run_state())
-        self.io.start()
-        if not self.io.registered.wait(self.config.register_timeout_s):
-            if self.io.registration_error is not None:
-                raise self.io.registration_error
-            log.warning("runsteer: server %s not reachable yet; training on and buffering", self.config.server)
+        self.io: IOWorker | FollowerIO
+        if self.ranks is None or self.ranks.leader:
+            self.io = IOWorker(factory, registration, self.config.io)
+            self.io.outbox.put(self.run_state())
+            self.io.start()
+            if not self.io.registered.wait(self.config.register_timeout_s):
+                if self.io.registration_error is not None:
+                    raise self.io.registration_error
+                log.warning("runsteer: server %s not reachable yet; training on and buffering", self.config.server)
+        if self.ranks is not None:
+            run_info = self.ranks.share(self.io.run_info if self.ranks.leader else None)
+            if not self.ranks.leader:
+                self.io = FollowerIO(run_info)
 
     # The three calls of the loop
 
     def poll(self, step: int) -> int:
         """At the boundary before `step` runs: apply fetched commands in order; returns the run's step."""
         self.step = step + self._offset
-        self._take_inbox()
-        self._apply_pending()
+        self._boundary(0.0)
+        wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
         while self.paused and not self.stopped:
-            try:
-                self._pending.append(self.io.inbox.get(timeout=0.05))
-            except queue.Empty:
-                continue
-            self._apply_pending()
+            self._boundary(wait_s)
         if self.stopped:
             raise StopTraining(f"stopped by command at step {self.step}")
         if self.schedule is not None:
@@ -184,6 +202,8 @@ class Steer:
         floats = {name: float(value) for name, value in values.items()}
         if loss is not None:
             floats["loss"] = float(loss)
+        if self.ranks is not None:
+            floats = self.ranks.reduce(floats)
         if "lr" not in floats:
             floats["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if not all(math.isfinite(value) for value in floats.values()):
@@ -203,9 +223,7 @@ class Steer:
     def __enter__(self) -> Steer:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if kind is None or issubclass(kind, StopTraining):
             self.close("finished")
             return True
@@ -245,8 +263,12 @@ class Steer:
         """The settings in force, for heartbeats and the server's view of the run."""
         group = self.optimizer.param_groups[0]
         return RunState(
-            step=self.step, branch=self.branch, paused=self.paused, lr=float(group["lr"]),
-            weight_decay=float(group.get("weight_decay", 0.0)), grad_clip=self.grad_clip,
+            step=self.step,
+            branch=self.branch,
+            paused=self.paused,
+            lr=float(group["lr"]),
+            weight_decay=float(group.get("weight_decay", 0.0)),
+            grad_clip=self.grad_clip,
             optimizer=optimizer_name(self.optimizer),
             schedule=self.schedule.state() if self.schedule is not None else None,
             data_mix=self.sampler.mix() if self.sampler is not None else {},
@@ -292,7 +314,11 @@ class Steer:
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
         """Snapshot the run now, report it to the server, and report what retention evicted."""
         info, evicted = self.checkpoints.save(
-            self.capture(), branch=self.branch, step=self.step, tag=tag, to_disk=to_disk,
+            self.capture(),
+            branch=self.branch,
+            step=self.step,
+            tag=tag,
+            to_disk=to_disk,
             healthy=self._healthy_since_checkpoint,
             metrics={k: v for k, v in self._last_values.items() if math.isfinite(v)},
         )
@@ -319,6 +345,30 @@ class Steer:
 
     # Internals
 
+    def _boundary(self, wait_s: float) -> None:
+        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank."""
+        if wait_s > 0.0:
+            with contextlib.suppress(queue.Empty):
+                self._pending.append(self.io.inbox.get(timeout=wait_s))
+        self._take_inbox()
+        due = self._due()
+        if self.ranks is not None:
+            due = self.ranks.share_commands(due)
+        applied: list[CommandRecord] = []
+        results: list[CommandResult] = []
+        for record in due:
+            if self.stopped:
+                break
+            applied.append(record)
+            results.append(self._apply(record))
+        if self.ranks is not None and due:
+            results = self.ranks.agree(results)
+        for record, result in zip(applied, results, strict=True):
+            self.results.append((record, result))
+            self.io.outbox.put(ResultItem(record.id, result))
+        if applied:
+            self.publish_state()
+
     def _take_inbox(self) -> None:
         while True:
             try:
@@ -326,16 +376,17 @@ class Steer:
             except queue.Empty:
                 return
 
-    def _apply_pending(self) -> None:
-        applied = 0
-        while self._pending and applied < self.config.max_commands_per_step and not self.stopped:
+    def _due(self) -> list[CommandRecord]:
+        """The next commands to apply, in order: at most `max_commands_per_step`, none applied before."""
+        due: list[CommandRecord] = []
+        while self._pending and len(due) < self.config.max_commands_per_step and not self.stopped:
             record = self._pending.popleft()
-            if record.seq <= self.last_applied_seq:
-                continue
-            self._apply(record)
-            applied += 1
+            if record.seq > (due[-1].seq if due else self.last_applied_seq):
+                due.append(record)
+        return due
 
-    def _apply(self, record: CommandRecord) -> None:
+    def _apply(self, record: CommandRecord) -> CommandResult:
+        """Apply one command on this rank; a failure is answered, never raised."""
         step = self.step
         try:
             effective = APPLIERS[record.command.type](self, record.command)
@@ -346,9 +397,7 @@ class Steer:
             log.exception("runsteer: command %s (%s) failed", record.id, record.command.type)
             result = CommandResult(status="failed", step=step, message=f"{type(exc).__name__}: {exc}"[:2000])
         self.last_applied_seq = record.seq
-        self.results.append((record, result))
-        self.io.outbox.put(ResultItem(record.id, result))
-        self.publish_state()
+        return result
 
     def _apply_schedule(self) -> None:
         assert self.schedule is not None

@@ -1,0 +1,118 @@
+"""Two ranks under torchrun (gloo, CPU) steered as one run against a real server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from protocols.client import Client
+from tests.distributed.conftest import HEARTBEAT_TIMEOUT_S, Job
+from tests.polling import wait_until
+
+pytestmark = pytest.mark.slow
+
+PLAN: dict[int, list[dict[str, Any]]] = {
+    1: [{"type": "set_hparams", "lr": 1e-3}],
+    2: [{"type": "set_schedule", "kind": "cosine", "peak_lr": 2e-3, "warmup_steps": 0, "horizon_steps": 40}],
+    3: [{"type": "save_checkpoint", "tag": "mid"}],
+    4: [{"type": "set_data_mix", "weights": {"code": 4.0}}],
+    5: [{"type": "rollback", "step": 3, "skip_batches": 1}],
+    6: [{"type": "set_data_mix", "weights": {"arithmetic": 3.0}}],
+    7: [{"type": "set_optimizer", "name": "sgd", "momentum": 0.9, "lr": 0.02}],
+    8: [{"type": "evaluate", "max_batches": 1}],
+}
+"""One command of each kind that changes training, at known iterations; the evaluation fails on rank 1."""
+
+
+def tensors_of(state: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested state, by path."""
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in tensors_of(value, f"{prefix}/{key}").items()}
+    if isinstance(state, (list, tuple)):
+        return {k: v for i, value in enumerate(state) for k, v in tensors_of(value, f"{prefix}/{i}").items()}
+    return {}
+
+
+def run_of(client: Client, job: Job) -> str:
+    """The id of the run the job registered (the only one it made)."""
+    return str(wait_until(lambda: job.state(0)["run_id"] if (job.out / "rank0.pt").exists() else None, 5))
+
+
+def test_every_command_lands_on_both_ranks_alike_and_as_in_one_process(
+    torchrun: Callable[..., Job], client: Client
+) -> None:
+    """After lr, schedule, optimizer, data-mix changes and a rollback, both ranks hold the same parameters and
+    optimizer state, equal to one process training the same global batch; a failure on rank 1 is named."""
+    two = torchrun(2, "--steps", "10", "--unreadable-eval-on-rank", "1", plan=PLAN)
+    one = torchrun(1, "--steps", "10", "--unreadable-eval-on-rank", "1", plan=PLAN)
+    assert two.wait() == 0, two.log()
+    assert one.wait() == 0, one.log()
+    ranks = [two.state(0), two.state(1)]
+    single = one.state(0)
+
+    for state in (*ranks, single):
+        assert (state["step"], state["optimizer_name"], state["sampler"]["index"]) == (7, "sgd", 9)
+        assert state["branch"] == "main.r3"
+    model0, model1 = tensors_of(ranks[0]["model"]), tensors_of(ranks[1]["model"])
+    optim0, optim1 = tensors_of(ranks[0]["optimizer"]), tensors_of(ranks[1]["optimizer"])
+    assert model0.keys() == model1.keys() and optim0.keys() == optim1.keys() and optim0
+    assert all(torch.equal(model0[key], model1[key]) for key in model0), "the ranks' parameters drifted apart"
+    assert all(torch.equal(optim0[key], optim1[key]) for key in optim0), "the ranks' optimizer states differ"
+    assert ranks[0]["optimizer"]["param_groups"] == ranks[1]["optimizer"]["param_groups"]
+    # Two half batches averaged by DDP equal the whole batch up to float32 rounding.
+    reference, reference_optim = tensors_of(single["model"]), tensors_of(single["optimizer"])
+    for key, value in model0.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-4, atol=1e-5, msg=f"parameter {key}")
+    for key, value in optim0.items():
+        torch.testing.assert_close(value, reference_optim[key], rtol=1e-3, atol=1e-6, msg=f"optimizer {key}")
+
+    records = client.list_commands(run_of(client, two))
+    statuses = {record.command.type: (record.status, record.message) for record in records}
+    failed = statuses.pop("evaluate")
+    assert failed[0] == "failed" and "rank 1" in failed[1] and "unreadable on rank 1" in failed[1], failed
+    assert "rank 0" not in failed[1].split("applied on")[0]
+    assert all(status == "applied" for status, _ in statuses.values()), statuses
+    assert len(records) == 8
+    single_records = client.list_commands(run_of(client, one))
+    assert all(record.status == "applied" for record in single_records)
+
+
+def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(
+    torchrun: Callable[..., Job], client: Client
+) -> None:
+    """SIGKILL on rank 1: torchrun ends rank 0, which reports the run `failed` before the server would call it lost."""
+    job = torchrun(2, "--steps", "10000", "--die-rank", "1", "--die-at", "3")
+    assert job.wait() != 0
+    killed_at = (job.out / "died_at").stat().st_mtime
+    run = wait_until(lambda: next((r for r in client.list_runs() if r.status != "running"), None), HEARTBEAT_TIMEOUT_S)
+    assert run.status == "failed", (run.status, job.log())
+    assert run.updated_at - killed_at < HEARTBEAT_TIMEOUT_S
+
+
+def test_a_pause_outlasts_the_process_group_timeout_and_stop_ends_every_rank(
+    torchrun: Callable[..., Job], client: Client
+) -> None:
+    """Paused for twice the group's 3 s timeout, the run resumes and trains on; `stop` ends both ranks cleanly
+    after the final checkpoint."""
+    job = torchrun(2, "--steps", "10000", "--process-group-timeout", "3")
+    run = wait_until(lambda: next((r for r in client.list_runs() if r.step >= 2), None), 90, "two steps")
+    client.submit(run.run_id, {"type": "pause"}, wait=True, timeout_s=30)
+    paused_at = client.get_run(run.run_id).step
+    time.sleep(6.0)
+    assert job.process.poll() is None, job.log()
+    assert client.get_run(run.run_id).status == "paused"
+    assert client.submit(run.run_id, {"type": "resume"}, wait=True, timeout_s=30).status == "applied"
+    wait_until(lambda: client.get_run(run.run_id).step >= paused_at + 2, 60, "steps after resume")
+    stop = client.submit(run.run_id, {"type": "stop"}, wait=True, timeout_s=30)
+    assert stop.status == "applied", stop.message
+    assert job.wait(60) == 0, job.log()
+    assert client.get_run(run.run_id).status == "finished"
+    final = [info for info in client.list_checkpoints(run.run_id) if info.tag == "final"]
+    assert len(final) == 1 and final[0].path is not None
+    assert (job.out / "checkpoints" / final[0].path.rsplit("/", 1)[-1]).is_file()
