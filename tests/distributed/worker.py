@@ -69,7 +69,7 @@ def main() -> None:
         def unreadable(max_batches: int | None) -> dict[str, float]:
             raise OSError(f"held-out data unreadable on rank {run.rank}")
 
-        steer.evaluator = unreadable
+        steer.live.evaluator = unreadable
     if args.plan is None:
 
         def fault(step: int, values: dict[str, float]) -> None:
