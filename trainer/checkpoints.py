@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ def detached_copy(state: Any) -> Any:
     if isinstance(state, tuple):
         return tuple(detached_copy(value) for value in state)
     return copy.deepcopy(state)
+
+
+def remove_file(path: Path) -> None:
+    """Delete a checkpoint file, or the directory of a sharded (`torch.distributed.checkpoint`) one."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -169,7 +178,7 @@ class CheckpointStore:
         on_disk = [key for key, entry in self.entries.items() if entry.info.path and entry.info.tag is None]
         for key in on_disk[: max(0, len(on_disk) - self.keep_files)]:
             entry = self.entries.pop(key)
-            Path(entry.info.path).unlink(missing_ok=True)
+            remove_file(Path(entry.info.path))
             evicted.append(entry.info)
         return evicted
 

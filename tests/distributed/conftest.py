@@ -19,7 +19,6 @@ from tests.serving import ServerThread
 HEARTBEAT_TIMEOUT_S = 10.0
 """The server marks a run lost after this long without a heartbeat; a dead rank must end the run sooner."""
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("worker.py")
 
 
 @pytest.fixture
@@ -68,7 +67,9 @@ def torchrun(server: ServerThread, tmp_path: Path) -> Iterator[Callable[..., Job
     """Start the worker under torchrun against the test server; every job is killed at the end of the test."""
     jobs: list[Job] = []
 
-    def start(nproc: int, *args: str, plan: dict[int, list[dict[str, Any]]] | None = None) -> Job:
+    def start(
+        nproc: int, *args: str, plan: dict[int, list[dict[str, Any]]] | None = None, worker: str = "worker.py"
+    ) -> Job:
         out = tmp_path / f"job{len(jobs)}"
         out.mkdir()
         extra = list(args)
@@ -77,7 +78,7 @@ def torchrun(server: ServerThread, tmp_path: Path) -> Iterator[Callable[..., Job
             extra += ["--plan", str(out / "plan.json")]
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(WORKER), "--server", server.url, "--out", str(out), *extra,
+            str(Path(__file__).with_name(worker)), "--server", server.url, "--out", str(out), *extra,
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         with open(out / "torchrun.log", "wb") as log:

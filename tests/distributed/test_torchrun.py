@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -116,3 +117,32 @@ def test_a_pause_outlasts_the_process_group_timeout_and_stop_ends_every_rank(
     final = [info for info in client.list_checkpoints(run.run_id) if info.tag == "final"]
     assert len(final) == 1 and final[0].path is not None
     assert (job.out / "checkpoints" / final[0].path.rsplit("/", 1)[-1]).is_file()
+
+
+def test_fsdp2_saves_each_shard_with_dcp_and_rolls_back_from_it(torchrun: Callable[..., Job], client: Client) -> None:
+    """Under `fully_shard` each rank writes its shard into one DCP directory, a rollback reads it back exactly, and
+    the gradient norm the server shows is the global one, combined from the ranks' shard norms."""
+    plan = {
+        1: [{"type": "set_hparams", "lr": 1e-3}],
+        3: [{"type": "save_checkpoint", "tag": "sharded"}],
+        5: [{"type": "rollback", "step": 3}],
+    }
+    job = torchrun(2, "--steps", "8", plan=plan, worker="fsdp_worker.py")
+    assert job.wait() == 0, job.log()
+    rank0, rank1 = job.state(0), job.state(1)
+    for state in (rank0, rank1):
+        at_save, after_rollback = state["saved"]["save_checkpoint"], state["saved"]["rollback"]
+        for part in ("model", "optimizer"):
+            saved, restored = tensors_of(at_save[part]), tensors_of(after_rollback[part])
+            assert saved.keys() == restored.keys() and saved
+            assert all(torch.equal(saved[key], restored[key]) for key in saved), f"{part} not restored exactly"
+    statuses = {kind: (status, effective) for kind, status, effective in rank0["results"]}
+    assert statuses["rollback"][0] == "applied" and statuses["rollback"][1]["source"] == "disk"
+    path = Path(statuses["save_checkpoint"][1]["path"])
+    assert path.is_dir() and sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    history = client.metrics_history(rank0["run_id"], keys=["grad_norm"], branch="main")
+    shown = dict(zip(history.series["grad_norm"].steps, history.series["grad_norm"].values, strict=True))
+    assert shown.keys() == {0, 1, 2, 3, 4}
+    for step, value in shown.items():
+        assert value == pytest.approx(rank0["norms"][("main", step)], rel=1e-5)

@@ -21,6 +21,7 @@ from protocols.client import Client
 from trainer.io import IOConfig
 from trainer.optim import optimizer_name
 from trainer.run import BuiltinRun, RunConfig
+from trainer.steer import Steer
 
 FAST_IO = IOConfig(poll_wait_s=0.5, flush_interval_s=0.1, heartbeat_interval_s=0.5, retry_max_s=0.5)
 
@@ -38,13 +39,13 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def deliver(client: Client, run: BuiltinRun, command: dict[str, Any]) -> None:
+def deliver(client: Client, steer: Steer, command: dict[str, Any]) -> None:
     """Submit `command` and wait until the poller fetched it, so the next `poll` applies it."""
-    assert run.steer.run_id is not None
-    before = run.steer.io.inbox.qsize()
-    client.submit(run.steer.run_id, command)
+    assert steer.run_id is not None
+    before = steer.io.inbox.qsize()
+    client.submit(steer.run_id, command)
     deadline = time.monotonic() + 30
-    while run.steer.io.inbox.qsize() <= before:
+    while steer.io.inbox.qsize() <= before:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{command['type']} was not delivered")
         time.sleep(0.005)
@@ -84,7 +85,7 @@ def main() -> None:
         for iteration in range(args.steps):
             if run.rank == 0:
                 for command in plan.get(iteration, []):
-                    deliver(client, run, command)
+                    deliver(client, steer, command)
             step = steer.poll(iteration)
             steer.record(step, **run.train_step(step))
     state = {
