@@ -418,19 +418,12 @@ def without_option(argv: list[str], option: str) -> list[str]:
 
 
 def launch(nproc_per_node: int, argv: list[str]) -> int:
-    """Replace this process with `torchrun --nproc-per-node N -m trainer ARGV` (the built-in run on every rank)."""
+    """Replace this process with `torchrun --standalone --nproc-per-node N -m trainer ARGV` (one machine, N ranks)."""
     if nproc_per_node < 1:
         print(f"runsteer train: --nproc-per-node must be at least 1, not {nproc_per_node}", file=sys.stderr)
         return 2
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc_per_node}",
-        "-m",
-        "trainer",
-        *argv,
-    ]
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}"]
+    command = [*runner, "-m", "trainer", *argv]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)

@@ -68,18 +68,24 @@ def torchrun(server: ServerThread, tmp_path: Path) -> Iterator[Callable[..., Job
     jobs: list[Job] = []
 
     def start(
-        nproc: int, *args: str, plan: dict[int, list[dict[str, Any]]] | None = None, worker: str = "worker.py"
+        nproc: int,
+        *args: str,
+        plan: dict[int, list[dict[str, Any]]] | None = None,
+        worker: str | None = "worker.py",
     ) -> Job:
+        """torchrun on `worker` (a script here), or with `worker=None` the `runsteer train --nproc-per-node` CLI."""
         out = tmp_path / f"job{len(jobs)}"
         out.mkdir()
-        extra = list(args)
+        extra = [*args, "--server", server.url]
         if plan is not None:
             (out / "plan.json").write_text(json.dumps(plan))
             extra += ["--plan", str(out / "plan.json")]
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            str(Path(__file__).with_name(worker)), "--server", server.url, "--out", str(out), *extra,
-        ]  # fmt: skip
+        if worker is None:
+            launcher = [sys.executable, "-m", "protocols.entry", "train", f"--nproc-per-node={nproc}"]
+            command = [*launcher, "--checkpoint-dir", str(out / "checkpoints"), *extra]
+        else:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+            command = [*launcher, str(Path(__file__).with_name(worker)), "--out", str(out), *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         with open(out / "torchrun.log", "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

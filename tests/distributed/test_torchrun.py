@@ -82,6 +82,10 @@ def test_every_command_lands_on_both_ranks_alike_and_as_in_one_process(
     assert len(records) == 8
     single_records = client.list_commands(run_of(client, one))
     assert all(record.status == "applied" for record in single_records)
+    # The loss rank 0 reports is the mean over ranks: the loss of the whole global batch.
+    losses = [client.metrics_history(run_of(client, job), keys=["loss"]).series["loss"] for job in (two, one)]
+    assert losses[0].steps == losses[1].steps == [0, 1, 2, 3, 4]
+    assert losses[0].values == pytest.approx(losses[1].values, rel=1e-5)
 
 
 def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(
@@ -94,14 +98,19 @@ def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(
     run = wait_until(lambda: next((r for r in client.list_runs() if r.status != "running"), None), HEARTBEAT_TIMEOUT_S)
     assert run.status == "failed", (run.status, job.log())
     assert run.updated_at - killed_at < HEARTBEAT_TIMEOUT_S
+    # Rank 0 said so itself (the server's liveness would have said `lost`): either its next collective saw rank 1
+    # gone, or torchrun's SIGTERM to the survivors reached it first.
+    reasons = [event.message for event in client.list_events(run.run_id, kinds=["log"]) if event.level == "warning"]
+    assert any("RankFailure" in reason or "remote worker" in reason for reason in reasons), reasons
+    print("rank 0 reported:", reasons)
 
 
 def test_a_pause_outlasts_the_process_group_timeout_and_stop_ends_every_rank(
     torchrun: Callable[..., Job], client: Client
 ) -> None:
-    """Paused for twice the group's 3 s timeout, the run resumes and trains on; `stop` ends both ranks cleanly
-    after the final checkpoint."""
-    job = torchrun(2, "--steps", "10000", "--process-group-timeout", "3")
+    """`runsteer train --nproc-per-node 2`, paused for twice its group's 3 s timeout, resumes and trains on; `stop`
+    ends both ranks cleanly after the final checkpoint."""
+    job = torchrun(2, "--steps", "10000", "--process-group-timeout", "3", "--quiet", worker=None)
     run = wait_until(lambda: next((r for r in client.list_runs() if r.step >= 2), None), 90, "two steps")
     client.submit(run.run_id, {"type": "pause"}, wait=True, timeout_s=30)
     paused_at = client.get_run(run.run_id).step
