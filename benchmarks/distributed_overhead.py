@@ -1,0 +1,129 @@
+"""Step-time cost of the `Steer` hook under torchrun: the built-in `cpu-tiny` run on 2 DDP ranks (gloo, CPU).
+
+Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
+model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`poll`
+before it: one broadcast of a length on the gloo side group; `record` after it: one all-gather of the reduced
+metrics; the in-memory snapshot every 25 steps). It then times the side channel's two collectives alone. Prints
+figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from benchmarks._common import REPO, Server, load_average
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """The `fraction` quantile of `samples` (nearest rank)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rank_main(args: argparse.Namespace) -> int:
+    """One rank: train interleaved blocks of plain and steered steps, then time the side channel alone."""
+    from trainer.run import BuiltinRun, RunConfig
+
+    torch.set_num_threads(1)
+    run = BuiltinRun(RunConfig(server=args.server, steps=10**9, run_name="distributed-overhead"))
+    steer, ranks = run.steer, run.steer.ranks
+    assert ranks is not None, "run me without torchrun: I start it"
+    times: dict[str, list[float]] = {"plain": [], "steered": []}
+    hook: list[float] = []
+    iteration = 0
+    for _ in range(3):  # warm-up: allocator, autograd graph, DDP buckets
+        run.train_step(iteration)
+    for block in range(2 * args.steps // args.block):
+        kind = ("plain", "steered")[block % 2]
+        for _ in range(args.block):
+            started = time.perf_counter()
+            if kind == "plain":
+                run.train_step(iteration)
+            else:
+                step = steer.poll(iteration)
+                polled = time.perf_counter()
+                values = run.train_step(step)
+                recording = time.perf_counter()
+                steer.record(step, **values)
+                hook.append(polled - started + time.perf_counter() - recording)
+            times[kind].append(time.perf_counter() - started)
+            iteration += 1
+    empty: list[float] = []
+    reduce: list[float] = []
+    values = {"loss": 1.0, "tokens_per_s": 1.0, "step_time_ms": 1.0, "grad_norm": 1.0, "lr": 1.0}
+    for _ in range(args.collectives):
+        started = time.perf_counter()
+        ranks.share_commands([])
+        empty.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ranks.reduce(values)
+        reduce.append(time.perf_counter() - started)
+    steer.close()
+    mine = {
+        "plain": statistics.median(times["plain"]),
+        "steered": statistics.median(times["steered"]),
+        "hook": statistics.median(hook),
+        "hook_p99": percentile(hook, 0.99),
+        "empty": statistics.median(empty),
+        "reduce": statistics.median(reduce),
+    }
+    everyone: list[dict[str, float]] = [{} for _ in range(ranks.world)]
+    dist.all_gather_object(everyone, mine)
+    if ranks.leader:
+        print(
+            f"torch {torch.__version__}, {ranks.world} ranks (DDP, gloo, 1 thread each), {len(times['steered'])} steps "
+            f"of each kind in blocks of {args.block}, load average {load_average()}"
+        )
+        for rank, figures in enumerate(everyone):
+            step_ms, steered_ms, hook_us = figures["plain"] * 1e3, figures["steered"] * 1e3, figures["hook"] * 1e6
+            print(
+                f"  rank {rank}: plain {step_ms:.2f} ms/step, steered {steered_ms:.2f} ms/step "
+                f"({100 * (steered_ms / step_ms - 1):+.2f}%); in poll + record median {hook_us:.0f} us, "
+                f"p99 {figures['hook_p99'] * 1e6:.0f} us"
+            )
+        print(
+            "  (time in poll + record includes waiting there for the slower rank, which DDP's all-reduce would "
+            "otherwise wait for in backward)"
+        )
+        per_step = (everyone[0]["empty"] + everyone[0]["reduce"]) * 1e3
+        print(
+            f"  side channel per step: {per_step:.2f} ms = {100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% "
+            "of a plain step"
+        )
+        print(
+            f"  side channel alone (median of {args.collectives}): nothing pending "
+            f"{everyone[0]['empty'] * 1e6:.0f} us (one broadcast of a length), "
+            f"metric reduction {everyone[0]['reduce'] * 1e6:.0f} us (one all-gather)"
+        )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=60, help="steps of each kind (default %(default)s)")
+    parser.add_argument("--block", type=int, default=10, help="steps per interleaved block (default %(default)s)")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="ranks (default %(default)s)")
+    parser.add_argument("--collectives", type=int, default=500, help="side-channel calls timed alone")
+    parser.add_argument("--server", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if "RANK" in os.environ:
+        return rank_main(args)
+    with Server() as server:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+            "-m", "benchmarks.distributed_overhead", "--server", server.url, "--steps", str(args.steps),
+            "--block", str(args.block), "--collectives", str(args.collectives),
+        ]  # fmt: skip
+        return subprocess.run(command, cwd=REPO, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
