@@ -142,6 +142,7 @@ class LiveRun:
                     group["initial_lr"] = group["initial_lr"] * ratio if ratio is not None else lr
         for index in indices:
             self.optimizer.param_groups[index]["lr"] = lr
+        self._tell_scheduler()
 
     def apply_schedule(self) -> None:
         """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
@@ -149,6 +150,12 @@ class LiveRun:
             return
         for group, lr in zip(self.optimizer.param_groups, self.schedule.lrs(self.step), strict=True):
             group["lr"] = lr
+        self._tell_scheduler()
+
+    def _tell_scheduler(self) -> None:
+        """Make the scheduler's `get_last_lr()` (what HF and Lightning log) the learning rates now in force."""
+        if self.scheduler is not None:
+            self.scheduler._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
 
     def run_state(self) -> RunState:
         """The settings in force, for heartbeats and the server's view of the run."""
