@@ -1,9 +1,10 @@
 """Step-time cost of the `Steer` hook under torchrun: the built-in `cpu-tiny` run on 2 DDP ranks (gloo, CPU).
 
 Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
-model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`poll`
-before it: one broadcast of a length on the gloo side group; `record` after it: one all-gather of the reduced
-metrics; the in-memory snapshot every 25 steps). It then times the side channel's two collectives alone. Prints
+model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`record`
+after it buffers the values; `poll` before the next makes one all-gather on the gloo side group that carries rank
+0's pending-command count and the values to reduce; the in-memory snapshot every 25 steps). It then times that
+collective alone. Prints
 figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores).
 """
 
@@ -58,13 +59,12 @@ def rank_main(args: argparse.Namespace) -> int:
             iteration += 1
     empty: list[float] = []
     reduce: list[float] = []
-    values = {"loss": 1.0, "tokens_per_s": 1.0, "step_time_ms": 1.0, "grad_norm": 1.0, "lr": 1.0}
     for _ in range(args.collectives):
         started = time.perf_counter()
-        ranks.share_commands([])
+        ranks.exchange([], [])
         empty.append(time.perf_counter() - started)
         started = time.perf_counter()
-        ranks.reduce(values)
+        ranks.exchange([], [(iteration, values)])
         reduce.append(time.perf_counter() - started)
     steer.close()
     mine = {
@@ -93,15 +93,11 @@ def rank_main(args: argparse.Namespace) -> int:
             "  (time in poll + record includes waiting there for the slower rank, which DDP's all-reduce would "
             "otherwise wait for in backward)"
         )
-        per_step = (everyone[0]["empty"] + everyone[0]["reduce"]) * 1e3
+        per_step = everyone[0]["reduce"] * 1e3
         print(
-            f"  side channel per step: {per_step:.2f} ms = {100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% "
-            "of a plain step"
-        )
-        print(
-            f"  side channel alone (median of {args.collectives}): nothing pending "
-            f"{everyone[0]['empty'] * 1e6:.0f} us (one broadcast of a length), "
-            f"metric reduction {everyone[0]['reduce'] * 1e6:.0f} us (one all-gather)"
+            f"  the boundary's one collective, timed alone (median of {args.collectives}): "
+            f"{everyone[0]['empty'] * 1e6:.0f} us with nothing to carry, {per_step * 1e3:.0f} us with a step's "
+            f"values to reduce = {100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step"
         )
     return 0
 

@@ -49,6 +49,9 @@ shard's norm under FSDP (combined as the root of the summed squares) and already
 
 _records = TypeAdapter(list[CommandRecord])
 
+Sample = tuple[int, dict[str, float]]
+"""One `record` call: the step and its values."""
+
 
 @dataclass
 class DistributedConfig:
@@ -92,7 +95,9 @@ class Ranks:
         self.sharded = sharded
         # Every rank must create every group, in the same order; this one carries only small CPU tensors.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.config.side_timeout_s))
-        self._length = torch.zeros(1, dtype=torch.int64)
+        self._capacity = 16
+        """Values to reduce that the boundary's one all-gather carries; grows when a boundary needs more."""
+        end_on_sigterm()
 
     @classmethod
     def detect(cls, model: nn.Module, config: DistributedConfig | None = None) -> Ranks | None:
@@ -106,21 +111,56 @@ class Ranks:
         """Rank 0: the one that talks to the server."""
         return self.rank == 0
 
-    def share_commands(self, records: list[CommandRecord]) -> list[CommandRecord]:
-        """Rank 0's commands on every rank: one tiny broadcast when there are none, then the payload."""
+    def exchange(self, records: list[CommandRecord], samples: list[Sample]) -> tuple[list[CommandRecord], list[Sample]]:
+        """At a boundary: rank 0's commands on every rank, and the samples recorded since the last boundary reduced
+        across ranks (see `REDUCTIONS`).
+
+        One all-gather of a small fixed-size vector per call: rank 0's payload length, a checksum of the names
+        recorded, their count and the values to reduce. The commands follow in a broadcast only when there are
+        some, and the values in a second all-gather only when more were recorded than the vector holds (which
+        then grows for the next boundaries, on every rank alike).
+        """
         payload = _records.dump_json(records) if self.leader and records else b""
-        self._length.fill_(len(payload))
-        dist.broadcast(self._length, src=0, group=self.group)
-        size = int(self._length.item())
+        names = [sorted(key for key in values if reduction_of(key) is not None) for _, values in samples]
+        flat = [values[key] for (_, values), keys in zip(samples, names, strict=True) for key in keys]
+        layout = repr([(step, keys) for (step, _), keys in zip(samples, names, strict=True)])
+        local = torch.zeros(3 + self._capacity, dtype=torch.float64)
+        local[:3] = torch.tensor([len(payload), zlib.crc32(layout.encode()), len(flat)], dtype=torch.float64)
+        local[3 : 3 + min(len(flat), self._capacity)] = torch.tensor(flat[: self._capacity], dtype=torch.float64)
+        table = self._all_gather(local)
+        if not (bool((table[:, 1] == table[0, 1]).all()) and bool((table[:, 2] == table[0, 2]).all())):
+            raise RuntimeError(
+                "the ranks recorded different metrics since the last step boundary; record the same names at the "
+                "same steps on every rank"
+            )
+        count = int(table[0, 2])
+        if count > self._capacity:
+            self._capacity = 1 << (count - 1).bit_length()
+            table = torch.cat([table[:, :3], self._all_gather(torch.tensor(flat, dtype=torch.float64))], dim=1)
+        reduced: list[Sample] = []
+        column = 3
+        for (step, values), keys in zip(samples, names, strict=True):
+            combined = dict(values)
+            for key in keys:
+                combined[key] = combine_values(table[:, column], reduction_of(key), sharded=self.sharded)
+                column += 1
+            reduced.append((step, combined))
+        size = int(table[0, 0])
         if size == 0:
-            return []
+            return [], reduced
         buffer = (
             torch.frombuffer(bytearray(payload), dtype=torch.uint8)
             if self.leader
             else torch.empty(size, dtype=torch.uint8)
         )
         dist.broadcast(buffer, src=0, group=self.group)
-        return records if self.leader else _records.validate_json(buffer.numpy().tobytes())
+        return (records if self.leader else _records.validate_json(buffer.numpy().tobytes())), reduced
+
+    def _all_gather(self, local: Tensor) -> Tensor:
+        """Every rank's `local` (of the same size on every rank), one row per rank."""
+        rows = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(rows, local, group=self.group)
+        return torch.stack(rows)
 
     def agree(self, results: list[CommandResult]) -> list[CommandResult]:
         """Every rank's outcome of the same commands combined on rank 0 (others get their own back)."""
@@ -130,24 +170,6 @@ class Ranks:
             return results
         per_rank = [ranked for ranked in gathered if ranked is not None]
         return [combine([outcomes[index] for outcomes in per_rank]) for index in range(len(results))]
-
-    def reduce(self, values: dict[str, float]) -> dict[str, float]:
-        """The step's values as one run reports them (see `REDUCTIONS`); one small all-gather of the reduced keys."""
-        keys = sorted(key for key in values if reduction_of(key) is not None)
-        if not keys:
-            return values
-        local = torch.tensor(
-            [float(zlib.crc32(",".join(keys).encode()))] + [values[key] for key in keys], dtype=torch.float64
-        )
-        rows = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(rows, local, group=self.group)
-        table = torch.stack(rows)
-        if not bool((table[:, 0] == table[0, 0]).all()):
-            raise RuntimeError("ranks recorded different metric names in the same step; record the same on every rank")
-        reduced = dict(values)
-        for column, key in enumerate(keys, start=1):
-            reduced[key] = combine_values(table[:, column], reduction_of(key), sharded=self.sharded)
-        return reduced
 
     def share(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a run id, a checkpoint's info): for rare, small objects."""
@@ -359,12 +381,14 @@ def unshard_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
 
 def end_on_sigterm() -> None:
     """Turn torchrun's SIGTERM (sent to the survivors when a rank dies) into `RankFailure` in the training thread,
-    so the hook's `with` block reports the run `failed` before the process ends."""
+    so the hook's `with` block reports the run `failed` before the process ends; a handler of the program's own
+    is left in place."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise RankFailure("ended by torchrun (signal SIGTERM): another rank failed")
+        raise RankFailure("ended by SIGTERM (torchrun ends the other ranks when one fails)")
 
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, handler)
 
 
@@ -385,7 +409,6 @@ def place(device: torch.device, timeout_s: float | None = None) -> tuple[int, in
             timeout=timeout,
         )
         atexit.register(_leave)
-        end_on_sigterm()
     return rank, world, where
 
 

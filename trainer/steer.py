@@ -33,7 +33,7 @@ from protocols.commands import CommandRecord, CommandResult
 from protocols.records import CheckpointInfo, LogReport, RunRegistration, StatusReport
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
-from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks
+from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
 from trainer.schedule import Schedule
@@ -132,6 +132,7 @@ class Steer:
         """The run's live parts, which commands change."""
         self._offset = 0
         self._pending: deque[CommandRecord] = deque()
+        self._unreduced: list[Sample] = []
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
         factory = transport_factory or (lambda: Client(self.config.server, token=self.config.token))
@@ -184,7 +185,9 @@ class Steer:
         if "lr" not in floats:
             floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.ranks is not None:
-            floats = self.ranks.reduce(floats)
+            # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
+            self._unreduced.append((step, floats))
+            return
         self.live.record(step, floats)
 
     def close(self, status: str = "finished", message: str = "") -> bool:
@@ -192,6 +195,14 @@ class Steer:
         if self._closed:
             return True
         self._closed = True
+        if self.ranks is not None and status == "finished":
+            try:
+                self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
+            except RuntimeError as exc:
+                log.warning("runsteer: the last metrics could not be reduced across ranks: %s", exc)
+        if self._unreduced:
+            for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
+                self.live.record(step, values)
         if status != "finished" or not self.live.stopped:
             self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
         return self.io.stop(self.config.close_timeout_s)
@@ -288,7 +299,7 @@ class Steer:
         self._take_inbox()
         due = self._due()
         if self.ranks is not None:
-            due = self.ranks.share_commands(due)
+            due = self._exchange(due)
         applied: list[CommandRecord] = []
         results: list[CommandResult] = []
         for record in due:
@@ -302,6 +313,15 @@ class Steer:
             self.results.append((record, result))
             self.io.outbox.put(ResultItem(record.id, result))
             self.io.outbox.put(self.live.run_state())
+
+    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
+        """Hand rank 0's commands to every rank and report the metrics recorded since the last boundary, reduced."""
+        assert self.ranks is not None
+        samples, self._unreduced = self._unreduced, []
+        due, reduced = self.ranks.exchange(due, samples)
+        for step, values in reduced:
+            self.live.record(step, values)
+        return due
 
     def _due(self) -> list[CommandRecord]:
         """The next commands to apply, in order: at most `max_commands_per_step`, none applied before."""
