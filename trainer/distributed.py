@@ -2,9 +2,10 @@
 
 Rank 0 alone talks to the server. At each step boundary it hands the commands its I/O thread fetched to every
 rank over a CPU `gloo` side group created beside the user's process group (NCCL or gloo alike), so steering adds
-no GPU sync: one broadcast of a length when nothing is pending, the payload only when there is one. Every rank
-applies the same commands in the same order, and the outcomes are gathered back: a command is `applied` only when
-every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it in one
+no GPU sync: one small all-gather per boundary carries rank 0's payload length and the metrics recorded since the
+last boundary (reduced there, so reporting them costs no collective of its own), and the payload follows only when
+there is one. Every rank applies the same commands in the same order, and the outcomes are gathered back: a
+command is `applied` only when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it in one
 short collective per slice, so no rank ever sits in a collective for long and a pause may outlast any process
 group timeout. Side-group collectives get their own, long timeout (`DistributedConfig.side_timeout_s`): rank 0
 may be writing a checkpoint file while the others wait for it.
