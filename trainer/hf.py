@@ -22,7 +22,6 @@ training values as `hf/<name>` and its evaluation values under their `eval_*` na
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,12 @@ import torch
 import transformers
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
-from torch import Tensor, nn
+from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trainer.appliers import CommandRejected
-from trainer.io import Transport
-from trainer.live import Sampler
-from trainer.steer import Steer, SteerConfig, StopTraining
+from trainer.framework import Boundary, SteeredCallback
+from trainer.steer import SteerConfig
 
 METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:-")
 
@@ -65,80 +63,49 @@ def log_values(logs: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-class SteerCallback(TrainerCallback):
+class SteerCallback(SteeredCallback, TrainerCallback):
     """Takes runsteer commands at every step boundary of a Hugging Face `Trainer` and reports its metrics."""
 
-    def __init__(
-        self,
-        server: str | None = None,
-        *,
-        sampler: Sampler | None = None,
-        config: SteerConfig | None = None,
-        transport_factory: Callable[[], Transport] | None = None,
-    ) -> None:
-        """`config` defaults to checkpoints under `<output_dir>/runsteer` and a snapshot every 25 steps."""
-        self.server = server
-        self.sampler = sampler
-        self.config = config
-        self.transport_factory = transport_factory
-        self.steer: Steer | None = None
-        """The hook, from `on_train_begin` on."""
-        self._args: TrainingArguments | None = None
-        self._losses: list[Tensor] = []
-        self._lr = 0.0
-        self._evaluate_requested = False
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+    _args: TrainingArguments | None = None
+    _evaluate_requested = False
+    _hook: torch.utils.hooks.RemovableHandle | None = None
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Register the run and apply what is already waiting, at step `global_step`."""
         model: nn.Module = kwargs["model"]
-        optimizer = unwrap_optimizer(kwargs["optimizer"])
-        config = self.config or SteerConfig(
+        config = self.run.config or SteerConfig(
             run_name=args.run_name or "hf", checkpoint_dir=Path(args.output_dir or ".") / "runsteer", snapshot_every=25
         )
         config.grad_clip = float(args.max_grad_norm or 0.0)
-        config.run_config = {
-            "framework": f"transformers {transformers.__version__}",
-            "model": type(model).__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "max_steps": state.max_steps,
-            "learning_rate": args.learning_rate,
-            **config.run_config,
-        }
         self._args = args
-        self.steer = Steer(
+        self.run.start(
             model,
-            optimizer,
-            scheduler=unwrap_scheduler(kwargs.get("lr_scheduler")),
-            sampler=self.sampler,
-            evaluate=self._request_evaluation,
-            server=self.server,
-            config=config,
-            transport_factory=self.transport_factory,
+            unwrap_optimizer(kwargs["optimizer"]),
+            unwrap_scheduler(kwargs.get("lr_scheduler")),
+            self._request_evaluation,
+            config,
+            {
+                "framework": f"transformers {transformers.__version__}",
+                "max_steps": state.max_steps,
+                "learning_rate": args.learning_rate,
+            },
         )
         self._hook = model.register_forward_hook(self._capture_loss)
-        self._boundary(args, state, control)
+        self._follow(self.run.boundary(state.global_step), args, state, control)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Note the learning rate this optimizer step uses (a Python float: no device sync)."""
-        if self.steer is not None:
-            self._lr = float(self.steer.live.optimizer.param_groups[0]["lr"])
+        """Note the learning rate this optimizer step uses."""
+        self.run.note_lr()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record the step just done, then apply commands at the boundary before the next one."""
-        if self.steer is None:
-            return
-        values = {"lr": self._lr}
-        if self._losses:
-            # The one host-device sync of the step: the mean of its micro-batch losses.
-            values["loss"] = float(torch.stack(self._losses).mean())
-            self._losses.clear()
-        self.steer.record(state.global_step - 1, **values)
-        self._boundary(args, state, control)
+        boundary = self.run.end_step(state.global_step)
+        if boundary is not None:
+            self._follow(boundary, args, state, control)
 
     def on_log(
         self,
@@ -149,15 +116,10 @@ class SteerCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """Record HF's logs: evaluation values at the boundary's step, training values at the step just done."""
-        if self.steer is None or not logs:
-            return
-        values = log_values(logs)
+        values = log_values(logs or {})
         evaluation = {k: v for k, v in values.items() if k.startswith("eval_")}
-        training = {k: v for k, v in values.items() if k not in evaluation}
-        if evaluation:
-            self.steer.record(state.global_step, **evaluation)
-        if training:
-            self.steer.record(max(0, state.global_step - 1), **training)
+        self.run.record(state.global_step, evaluation)
+        self.run.record(max(0, state.global_step - 1), {k: v for k, v in values.items() if k not in evaluation})
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -170,21 +132,19 @@ class SteerCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
-        if self.steer is not None:
-            self.steer.close(status, message)
+        self.run.close(status, message)
 
-    def _boundary(self, args: TrainingArguments, state: TrainerState, control: TrainerControl) -> None:
-        assert self.steer is not None
-        try:
-            step = self.steer.boundary(state.global_step)
-        except StopTraining:
+    def _follow(
+        self, boundary: Boundary, args: TrainingArguments, state: TrainerState, control: TrainerControl
+    ) -> None:
+        if boundary.stop:
             control.should_training_stop = True
             return
-        if step != state.global_step:
+        if boundary.step != state.global_step:
             # A rollback: the run goes on from the checkpoint's step, and HF's stop-at-max_steps follows it.
-            state.global_step = step
-            control.should_training_stop = step >= state.max_steps
-        args.max_grad_norm = self.steer.live.grad_clip
+            state.global_step = boundary.step
+            control.should_training_stop = boundary.step >= state.max_steps
+        args.max_grad_norm = boundary.grad_clip
         if self._evaluate_requested:
             self._evaluate_requested = False
             control.should_evaluate = True
@@ -200,6 +160,5 @@ class SteerCallback(TrainerCallback):
         self._evaluate_requested = True
 
     def _capture_loss(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        loss = getattr(output, "loss", None)
-        if module.training and isinstance(loss, Tensor):
-            self._losses.append(loss.detach())
+        if module.training:
+            self.run.note_loss(getattr(output, "loss", None))

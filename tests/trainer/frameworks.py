@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -71,3 +72,47 @@ class Script:
         steer = self.steer_of()
         assert steer is not None and steer.run_id is not None
         return self.client.wait_for(steer.run_id, self.records[name].id, timeout_s=10.0)
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=Closable)
+
+
+def built_and_closed(build: Callable[[int], S]) -> Iterator[Callable[[int], S]]:
+    """A fixture body: hands out `build(max_steps)` and closes everything it built when the test ends."""
+    made: list[S] = []
+
+    def make(max_steps: int) -> S:
+        made.append(build(max_steps))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.close()
+
+
+def resume_after_a_heartbeat(
+    client: Client, steer_of: Callable[[], Steer | None], step_of: Callable[[], int], seen: dict[str, Any]
+) -> threading.Thread:
+    """From another thread: wait for the pause, see a heartbeat arrive and the step held while paused, then resume."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        steer = steer_of()
+        assert steer is not None and steer.run_id is not None
+        while not steer.live.paused and time.monotonic() < deadline:
+            time.sleep(0.02)
+        step, run_id = step_of(), steer.run_id
+        first = client.get_run(run_id).last_heartbeat
+        while client.get_run(run_id).last_heartbeat == first and time.monotonic() < deadline:
+            time.sleep(0.1)
+        seen["heartbeat_while_paused"] = client.get_run(run_id).last_heartbeat != first
+        seen["held"] = step_of() == step and client.get_run(run_id).status == "paused"
+        client.submit(run_id, {"type": "resume"})
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

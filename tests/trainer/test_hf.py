@@ -7,8 +7,6 @@ Each command's effect is checked where it lives: the optimizer inside Accelerate
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from transformers.trainer_utils import TrainOutput
 from protocols.client import Client
 from protocols.errors import RequestRejected
 from tests.trainer.conftest import FAST_IO
-from tests.trainer.frameworks import BLOCK, Script, byte_domains, mixture
+from tests.trainer.frameworks import BLOCK, Script, built_and_closed, byte_domains, mixture, resume_after_a_heartbeat
 from trainer.hf import SteerCallback
 from trainer.mixture import DomainMixture
 from trainer.schedule import Schedule
@@ -100,6 +98,10 @@ class Setup:
     def scheduler(self) -> Any:
         return self.trainer.lr_scheduler
 
+    def close(self) -> None:
+        """End the run (a test that failed midway leaves it open)."""
+        self.callback.close()
+
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
@@ -113,15 +115,7 @@ class Setup:
 
 @pytest.fixture
 def setup(tmp_path: Path, server_url: str, client: Client):  # type: ignore[no-untyped-def]
-    made: list[Setup] = []
-
-    def make(max_steps: int) -> Setup:
-        made.append(Setup(tmp_path, server_url, client, max_steps))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.callback.close()
+    yield from built_and_closed(lambda max_steps: Setup(tmp_path, server_url, client, max_steps))
 
 
 def test_hparams_survive_hf_lambdalr_and_a_new_schedule_drives_it(setup) -> None:  # type: ignore[no-untyped-def]
@@ -237,19 +231,7 @@ def test_rollback_evaluate_pause_and_stop_act_on_the_trainer(setup) -> None:  # 
 
     def pause() -> None:
         run.script.send("pause", {"type": "pause"})
-        threading.Thread(target=resume_when_paused, daemon=True).start()
-
-    def resume_when_paused() -> None:
-        deadline = time.monotonic() + 20
-        while not steer().live.paused and time.monotonic() < deadline:
-            time.sleep(0.02)
-        step, run_id = run.trainer.state.global_step, steer().run_id
-        first = run.client.get_run(run_id).last_heartbeat
-        while run.client.get_run(run_id).last_heartbeat == first and time.monotonic() < deadline:
-            time.sleep(0.1)
-        seen["heartbeat_while_paused"] = run.client.get_run(run_id).last_heartbeat != first
-        seen["held"] = run.trainer.state.global_step == step and run.client.get_run(run_id).status == "paused"
-        run.client.submit(run_id, {"type": "resume"})
+        resume_after_a_heartbeat(run.client, steer, lambda: run.trainer.state.global_step, seen)
 
     run.script.at(3, after_save)
     run.script.at(6, rollback)
