@@ -5,10 +5,10 @@ rank over a CPU `gloo` side group created beside the user's process group (NCCL 
 no GPU sync: one small all-gather per boundary carries rank 0's payload length and the metrics recorded since the
 last boundary (reduced there, so reporting them costs no collective of its own), and the payload follows only when
 there is one. Every rank applies the same commands in the same order, and the outcomes are gathered back: a
-command is `applied` only when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it in one
-short collective per slice, so no rank ever sits in a collective for long and a pause may outlast any process
-group timeout. Side-group collectives get their own, long timeout (`DistributedConfig.side_timeout_s`): rank 0
-may be writing a checkpoint file while the others wait for it.
+command is `applied` only when every rank applied it. While paused, rank 0 waits for commands in short slices and
+every rank meets it in one short collective per slice, so no rank sits in a collective for long and a pause may
+outlast any process group timeout. Side-group collectives get their own, long timeout
+(`DistributedConfig.side_timeout_s`): rank 0 may be writing a checkpoint file while the others wait for it.
 """
 
 from __future__ import annotations
@@ -221,13 +221,7 @@ class FollowerIO:
     def __init__(self, run_info: RunInfo | None) -> None:
         self.run_info = run_info
         self.inbox: queue.Queue[CommandRecord] = queue.Queue()
-        self.registered = threading.Event()
-        self.registered.set()
-        self.registration_error = None
         self.outbox = _Discard()
-
-    def start(self) -> None:
-        """Nothing to start."""
 
     def stop(self, timeout_s: float) -> bool:
         """Nothing to send."""
