@@ -39,6 +39,7 @@ def rank_main(args: argparse.Namespace) -> int:
     assert ranks is not None, "run me without torchrun: I start it"
     times: dict[str, list[float]] = {"plain": [], "steered": []}
     hook: list[float] = []
+    hook_cpu: list[float] = []
     iteration = 0
     for _ in range(3):  # warm-up: allocator, autograd graph, DDP buckets
         run.train_step(iteration)
@@ -49,12 +50,14 @@ def rank_main(args: argparse.Namespace) -> int:
             if kind == "plain":
                 run.train_step(iteration)
             else:
+                cpu_started = time.thread_time()
                 step = steer.poll(iteration)
-                polled = time.perf_counter()
+                polled, polled_cpu = time.perf_counter(), time.thread_time()
                 values = run.train_step(step)
-                recording = time.perf_counter()
+                recording, recording_cpu = time.perf_counter(), time.thread_time()
                 steer.record(step, **values)
                 hook.append(polled - started + time.perf_counter() - recording)
+                hook_cpu.append(polled_cpu - cpu_started + time.thread_time() - recording_cpu)
             times[kind].append(time.perf_counter() - started)
             iteration += 1
     empty: list[float] = []
@@ -72,6 +75,7 @@ def rank_main(args: argparse.Namespace) -> int:
         "steered": statistics.median(times["steered"]),
         "hook": statistics.median(hook),
         "hook_p99": percentile(hook, 0.99),
+        "hook_cpu": statistics.median(hook_cpu),
         "empty": statistics.median(empty),
         "reduce": statistics.median(reduce),
     }
@@ -87,11 +91,12 @@ def rank_main(args: argparse.Namespace) -> int:
             print(
                 f"  rank {rank}: plain {step_ms:.2f} ms/step, steered {steered_ms:.2f} ms/step "
                 f"({100 * (steered_ms / step_ms - 1):+.2f}%); in poll + record median {hook_us:.0f} us, "
-                f"p99 {figures['hook_p99'] * 1e6:.0f} us"
+                f"p99 {figures['hook_p99'] * 1e6:.0f} us; training-thread CPU in them median "
+                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step)"
             )
         print(
-            "  (time in poll + record includes waiting there for the slower rank, which DDP's all-reduce would "
-            "otherwise wait for in backward)"
+            "  (wall time in poll + record includes waiting there for the slower rank, which DDP's all-reduce "
+            "would otherwise wait for in backward; their CPU time leaves waits out)"
         )
         per_step = everyone[0]["reduce"] * 1e3
         print(

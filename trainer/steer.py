@@ -225,7 +225,8 @@ class Steer:
         return self.io.run_info.run_id if self.io.run_info else None
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Block until everything recorded so far was sent; False if that did not happen in time."""
+        """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
+        values recorded since the last boundary are reduced and sent at the next one)."""
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)
