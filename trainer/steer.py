@@ -171,6 +171,7 @@ class Steer:
         if self._closed:
             return True
         self._closed = True
+        self.live.checkpoints.close()
         if status != "finished" or not self.live.stopped:
             self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
         return self.io.stop(self.config.close_timeout_s)
