@@ -28,6 +28,11 @@ class Domain:
     train: Tensor
     eval: Tensor
 
+    def blocks(self, size: int, split: str = "train") -> list[Tensor]:
+        """The split cut into consecutive blocks of `size` bytes: examples for a framework's dataset."""
+        data = self.train if split == "train" else self.eval
+        return list(data[: len(data) // size * size].view(-1, size))
+
 
 def _split(name: str, data: bytes) -> Domain:
     tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)

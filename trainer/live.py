@@ -199,7 +199,8 @@ class LiveRun:
     def capture(self) -> dict[str, Any]:
         """Everything a checkpoint restores (references; the store copies them)."""
         state: dict[str, Any] = {
-            "model": self.model.state_dict(),
+            # Parameters as `nn.Parameter`s: the ring copies those off the training thread (see checkpoints.py).
+            "model": self.model.state_dict(keep_vars=True),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": optimizer_name(self.optimizer) or type(self.optimizer).__name__,
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,

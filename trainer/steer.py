@@ -203,6 +203,7 @@ class Steer:
         if self._unreduced:
             for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
                 self.live.record(step, values)
+        self.live.checkpoints.close()
         if status != "finished" or not self.live.stopped:
             self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
         return self.io.stop(self.config.close_timeout_s)
