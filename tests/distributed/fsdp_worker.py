@@ -1,7 +1,7 @@
 """A hand-written loop with the `Steer` hook on an FSDP2 (`fully_shard`) model, as torchrun starts it.
 
 Rank 0 submits the planned commands through the server at fixed iterations. Every rank writes the full parameters
-and optimizer state at the checkpoint and after the rollback, and the true global gradient norm of each step, to
+and optimizer state after each planned boundary, and the true global gradient norm of each step, to
 `DIR/rank<r>.pt`.
 """
 
@@ -64,7 +64,7 @@ def main() -> None:
         snapshot_every=2, io=FAST_IO,
     )  # fmt: skip
     plan = {int(iteration): commands for iteration, commands in json.loads(args.plan.read_text()).items()}
-    saved: dict[str, Any] = {}
+    saved: dict[int, Any] = {}
     norms: dict[tuple[str, int], float] = {}
     with Client(args.server) as client, Steer(model, optimizer, config=config) as steer:
         for iteration in range(args.steps):
@@ -72,8 +72,8 @@ def main() -> None:
                 for command in plan.get(iteration, []):
                     deliver(client, steer, command)
             step = steer.poll(iteration)
-            for command in plan.get(iteration, []):
-                saved[command["type"]] = {"model": full(model.state_dict()), "optimizer": full(optimizer.state_dict())}
+            if iteration in plan:
+                saved[iteration] = {"model": full(model.state_dict()), "optimizer": full(optimizer.state_dict())}
             generator = torch.Generator().manual_seed(step)
             inputs = torch.randn(8 * world, 16, generator=generator).chunk(world)[rank]
             targets = torch.randn(8 * world, 4, generator=generator).chunk(world)[rank]

@@ -133,21 +133,23 @@ def test_fsdp2_saves_each_shard_with_dcp_and_rolls_back_from_it(torchrun: Callab
     the gradient norm the server shows is the global one, combined from the ranks' shard norms."""
     plan = {
         1: [{"type": "set_hparams", "lr": 1e-3}],
-        3: [{"type": "save_checkpoint", "tag": "sharded"}],
-        5: [{"type": "rollback", "step": 3}],
+        2: [{"type": "save_checkpoint", "tag": "sharded"}],
+        3: [{"type": "save_checkpoint"}],
+        5: [{"type": "rollback", "step": 2}],
     }
     job = torchrun(2, "--steps", "8", plan=plan, worker="fsdp_worker.py")
     assert job.wait() == 0, job.log()
     rank0, rank1 = job.state(0), job.state(1)
     for state in (rank0, rank1):
-        at_save, after_rollback = state["saved"]["save_checkpoint"], state["saved"]["rollback"]
+        at_save, after_rollback = state["saved"][2], state["saved"][5]
         for part in ("model", "optimizer"):
             saved, restored = tensors_of(at_save[part]), tensors_of(after_rollback[part])
             assert saved.keys() == restored.keys() and saved
             assert all(torch.equal(saved[key], restored[key]) for key in saved), f"{part} not restored exactly"
-    statuses = {kind: (status, effective) for kind, status, effective in rank0["results"]}
-    assert statuses["rollback"][0] == "applied" and statuses["rollback"][1]["source"] == "disk"
-    path = Path(statuses["save_checkpoint"][1]["path"])
+    rollback = next(effective for kind, status, effective in rank0["results"] if kind == "rollback")
+    assert rollback["source"] == "disk" and rollback["step"] == 2, rollback
+    assert all(status == "applied" for _, status, _ in rank0["results"]), rank0["results"]
+    path = Path(next(effective["path"] for kind, _, effective in rank0["results"] if kind == "save_checkpoint"))
     assert path.is_dir() and sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
     history = client.metrics_history(rank0["run_id"], keys=["grad_norm"], branch="main")
