@@ -440,6 +440,11 @@ def launch(nproc_per_node: int, argv: list[str]) -> int:
     if nproc_per_node < 1:
         print(f"runsteer train: --nproc-per-node must be at least 1, not {nproc_per_node}", file=sys.stderr)
         return 2
+    if "RANK" in os.environ:
+        print(
+            "runsteer train: --nproc-per-node starts torchrun, and this process already runs under it", file=sys.stderr
+        )
+        return 2
     runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}"]
     command = [*runner, "-m", "trainer", *argv]
     sys.stdout.flush()

@@ -98,6 +98,13 @@ def test_nproc_per_node_below_one_is_refused_naming_the_flag(capsys: pytest.Capt
     assert "--nproc-per-node must be at least 1, not 0" in capsys.readouterr().err
 
 
+def test_nproc_per_node_under_torchrun_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """A rank does not start a torchrun of its own."""
+    monkeypatch.setenv("RANK", "1")
+    assert train_main(["--nproc-per-node", "2"]) == 2
+    assert "already runs under it" in capsys.readouterr().err
+
+
 def test_the_launcher_passes_every_other_flag_on() -> None:
     """The ranks get the flags without `--nproc-per-node`, in either spelling."""
     argv = ["--nproc-per-node", "2", "--steps", "5", "--nproc-per-node=4", "--quiet"]
