@@ -1,4 +1,5 @@
-"""What the Hugging Face and Lightning callbacks share: a `Steer` built at train start, per-step values, boundaries.
+"""What the Hugging Face and Lightning callbacks share: a `Steer` built at train start, the health metrics
+(trainer/health.py) of every step with its loss and learning rate, and the boundary between steps.
 
 A framework keeps its own step counter (HF's `global_step`, Lightning's `trainer.global_step`) and calls
 `end_step` after each optimizer and scheduler step; the returned `Boundary` says what the framework must change:
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from trainer.health import Health
 from trainer.io import Transport
 from trainer.live import Evaluator, Sampler
 from trainer.steer import Steer, SteerConfig, StopTraining
@@ -46,6 +48,8 @@ class FrameworkSteer:
         self.transport_factory = transport_factory
         self.steer: Steer | None = None
         """The hook, from train start on."""
+        self.health: Health | None = None
+        """The model's health metrics, from train start on."""
         self._losses: list[Tensor] = []
         self._lr = 0.0
 
@@ -75,29 +79,41 @@ class FrameworkSteer:
             config=config,
             transport_factory=self.transport_factory,
         )
+        self.health = Health(model)
         return self.steer
+
+    def begin_step(self, step: int) -> None:
+        """Before the step's first forward (attention logits are measured on due steps)."""
+        if self.health is not None:
+            self.health.begin_step(step)
+
+    def before_optimizer_step(self) -> None:
+        """Gradients are final: note the learning rate this step uses and measure the gradients."""
+        if self.steer is not None and self.health is not None:
+            self._lr = float(self.steer.live.optimizer.param_groups[0]["lr"])
+            self.health.before_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """The optimizer wrote the parameters: measure the update."""
+        if self.health is not None:
+            self.health.after_optimizer_step()
 
     def note_loss(self, loss: Any) -> None:
         """Keep a micro-batch's loss tensor (read once per step, in `end_step`)."""
         if isinstance(loss, Tensor):
             self._losses.append(loss.detach())
 
-    def note_lr(self) -> None:
-        """Note the learning rate the coming optimizer step uses (a Python float: no device sync)."""
-        if self.steer is not None:
-            self._lr = float(self.steer.live.optimizer.param_groups[0]["lr"])
-
     def end_step(self, done: int) -> Boundary | None:
         """After `done` optimizer steps: record the step just done, then apply commands at the boundary."""
-        steer = self.steer
-        if steer is None:
+        steer, health = self.steer, self.health
+        if steer is None or health is None:
             return None
-        values = {"lr": self._lr}
+        extra: dict[str, Tensor | float] = {"lr": self._lr}
         if self._losses:
-            # The one host-device sync of the step: the mean of its micro-batch losses.
-            values["loss"] = float(torch.stack(self._losses).mean())
+            extra["loss"] = torch.stack(self._losses).mean()
             self._losses.clear()
-        steer.record(done - 1, **values)
+        # The one host-device sync of the step: the health metrics and the loss come back in one transfer.
+        steer.record(done - 1, **health.end_step(**extra))
         return self.boundary(done)
 
     def boundary(self, step: int) -> Boundary:
@@ -115,7 +131,9 @@ class FrameworkSteer:
             self.steer.record(step, **values)
 
     def close(self, status: str = "finished", message: str = "") -> None:
-        """End the run on the server and stop the I/O threads."""
+        """End the run on the server, stop the I/O threads and detach the health hooks."""
+        if self.health is not None:
+            self.health.close()
         if self.steer is not None:
             self.steer.close(status, message)
 

@@ -16,8 +16,10 @@ hook to the same appliers, with HF's parts in it:
   evaluation reports its `eval_*` metrics through `on_log`;
 - the data mix is a `DomainMixture` the user passes both as `train_dataset` and as `sampler=` (trainer/mixture.py).
 
-Every step records `loss` (read from the model's outputs) and `lr`; HF's own logs are recorded beside them, its
-training values as `hf/<name>` and its evaluation values under their `eval_*` names.
+Every step records `loss` (read from the model's outputs), `lr` and the health metrics of trainer/health.py
+(gradient norms per block, parameter norm, update ratio, output-logit max and log Z from the outputs' `logits`,
+attention logits of GPT-2 and Llama-family models every 10 steps), read back in one transfer; HF's own logs are
+recorded beside them, its training values as `hf/<name>` and its evaluation values under their `eval_*` names.
 """
 
 from __future__ import annotations
@@ -93,13 +95,28 @@ class SteerCallback(SteeredCallback, TrainerCallback):
             },
         )
         self._hook = model.register_forward_hook(self._capture_loss)
+        assert self.run.health is not None
+        self.run.health.watch_output(model)
         self._follow(self.run.boundary(state.global_step), args, state, control)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Start the step's health metrics."""
+        self.run.begin_step(state.global_step)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Note the learning rate this optimizer step uses."""
-        self.run.note_lr()
+        """Gradient norms (HF has clipped by now: above `max_grad_norm`, this is the clipped norm; HF's own
+        pre-clip norm is recorded as `hf/grad_norm`) and the learning rate this step uses."""
+        self.run.before_optimizer_step()
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Parameter norm and update ratio."""
+        self.run.after_optimizer_step()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record the step just done, then apply commands at the boundary before the next one."""

@@ -14,7 +14,9 @@ appliers, with Lightning's parts in it:
 - `evaluate` runs the fit's own validation loop now and records what `validation_step` logs, under its names;
 - the data mix is a `DomainMixture` the user serves from `train_dataloader` and passes as `sampler=`.
 
-Every step records `loss` (from what `training_step` returns: the loss tensor, or a dict with `loss`) and `lr`.
+Every step records `loss` and `lr` and the health metrics of trainer/health.py, read back in one transfer. What
+`training_step` returns feeds them: the loss tensor, or a dict with `loss` and, for the output-logit max and log Z,
+`logits` (a dict's other keys are Lightning's as usual).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class SteerCallback(SteeredCallback, Callback):
     """Takes runsteer commands at every step boundary of a Lightning `Trainer` and reports its metrics."""
 
     _trainer: Trainer | None = None
+    _stepped = -1
+    """`global_step` at the last boundary; a batch that ends with it unchanged only accumulated gradients."""
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Register the run and apply what is already waiting, at step `global_step`."""
@@ -69,15 +73,29 @@ class SteerCallback(SteeredCallback, Callback):
         )
         self._follow(self.run.boundary(trainer.global_step), trainer)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        """Start the step's health metrics."""
+        self.run.begin_step(trainer.global_step)
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        """Note the learning rate this optimizer step uses."""
-        self.run.note_lr()
+        """Gradient norms (before Lightning clips) and the learning rate this step uses."""
+        self.run.before_optimizer_step()
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Record the step just done, then apply commands at the boundary before the next one."""
-        self.run.note_loss(outputs.get("loss") if isinstance(outputs, Mapping) else outputs)
+        """Record the step just done, then apply commands at the boundary before the next one (a batch that only
+        accumulated gradients adds its loss to the step)."""
+        if isinstance(outputs, Mapping):
+            self.run.note_loss(outputs.get("loss"))
+            logits = outputs.get("logits")
+            if isinstance(logits, torch.Tensor) and self.run.health is not None:
+                self.run.health.observe_logits(logits)
+        else:
+            self.run.note_loss(outputs)
+        if trainer.global_step == self._stepped:
+            return
+        self.run.after_optimizer_step()
         boundary = self.run.end_step(trainer.global_step)
         if boundary is not None:
             self._follow(boundary, trainer)
@@ -91,6 +109,7 @@ class SteerCallback(SteeredCallback, Callback):
         self.run.close("failed", f"{type(exception).__name__}: {exception}")
 
     def _follow(self, boundary: Boundary, trainer: Trainer) -> None:
+        self._stepped = boundary.step
         if boundary.stop:
             trainer.should_stop = True
             return

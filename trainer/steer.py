@@ -23,10 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 from pydantic import JsonValue
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult
@@ -34,6 +36,7 @@ from protocols.records import CheckpointInfo, LogReport, RunRegistration, Status
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
 from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
+from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
 from trainer.schedule import Schedule
@@ -93,6 +96,7 @@ class Steer:
         schedule: Schedule | None = None,
         sampler: Sampler | None = None,
         evaluate: Evaluator | None = None,
+        health: Health | None = None,
         server: str | None = None,
         config: SteerConfig | None = None,
         transport_factory: Callable[[], Transport] | None = None,
@@ -135,6 +139,12 @@ class Steer:
         self._unreduced: list[Sample] = []
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
+        self.health = health
+        """With one, every `record` adds the model's health metrics (trainer/health.py) in the same transfer, and the
+        optimizer clips to `grad_clip` by itself (in its step pre-hook)."""
+        self._health_hooks: list[RemovableHandle] = []
+        if health is not None:
+            self._health_hooks = self._watch(health, model, optimizer)
         factory = transport_factory or (lambda: Client(self.config.server, token=self.config.token))
         domains = list(sampler.names) if sampler is not None else []
         registration = RunRegistration(
@@ -175,13 +185,17 @@ class Steer:
             raise StopTraining(f"stopped by command at step {live.step}")
         live.apply_schedule()
         self._periodic_checkpoints()
+        if self.health is not None:
+            self.health.begin_step(live.step)
         return live.step
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
-        """Buffer one step's metrics (a tensor is read with one sync each; pass floats to avoid that)."""
-        floats = {name: float(value) for name, value in values.items()}
-        if loss is not None:
-            floats["loss"] = float(loss)
+        """Buffer one step's metrics (a tensor is read with one sync each, or all in one with `health`)."""
+        given = {**values, "loss": loss} if loss is not None else values
+        if self.health is not None:
+            floats = self.health.end_step(**given)
+        else:
+            floats = {name: float(value) for name, value in given.items()}
         if "lr" not in floats:
             floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.ranks is not None:
@@ -203,6 +217,8 @@ class Steer:
         if self._unreduced:
             for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
                 self.live.record(step, values)
+        for handle in self._health_hooks:
+            handle.remove()
         self.live.checkpoints.close()
         if status != "finished" or not self.live.stopped:
             self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
@@ -333,6 +349,24 @@ class Steer:
             if record.seq > (due[-1].seq if due else self.live.last_applied_seq):
                 due.append(record)
         return due
+
+    def _watch(self, health: Health, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+        """Measure gradients and updates from the optimizer's own step hooks, and the logits from the model's output.
+
+        Clipping to `grad_clip` moves into the pre-hook, so `grad_norm` is the norm before clipping.
+        """
+
+        def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            health.before_optimizer_step(self.live.grad_clip)
+
+        def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            health.after_optimizer_step()
+
+        return [
+            optimizer.register_step_pre_hook(before),
+            optimizer.register_step_post_hook(after),
+            health.watch_output(model),
+        ]
 
     def _emit(self, item: OutItem) -> None:
         self.io.outbox.put(item)

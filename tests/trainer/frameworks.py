@@ -116,3 +116,10 @@ def resume_after_a_heartbeat(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def metrics_of(client: Client, steer: Steer | None, branch: str = "main") -> dict[str, dict[int, float]]:
+    """Every metric the server stored for the run on `branch`, as {name: {step: value}}."""
+    assert steer is not None and steer.run_id is not None
+    history = client.metrics_history(steer.run_id, branch=branch)
+    return {name: dict(zip(s.steps, s.values, strict=True)) for name, s in history.series.items()}

@@ -29,7 +29,15 @@ from transformers.trainer_utils import TrainOutput
 from protocols.client import Client
 from protocols.errors import RequestRejected
 from tests.trainer.conftest import FAST_IO
-from tests.trainer.frameworks import BLOCK, Script, built_and_closed, byte_domains, mixture, resume_after_a_heartbeat
+from tests.trainer.frameworks import (
+    BLOCK,
+    Script,
+    built_and_closed,
+    byte_domains,
+    metrics_of,
+    mixture,
+    resume_after_a_heartbeat,
+)
 from trainer.hf import SteerCallback
 from trainer.mixture import DomainMixture
 from trainer.schedule import Schedule
@@ -106,11 +114,7 @@ class Setup:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def metrics(self, branch: str = "main") -> dict[str, dict[int, float]]:
-        """Every metric the server stored for the run on `branch`, as {name: {step: value}}."""
-        steer = self.callback.steer
-        assert steer is not None and steer.run_id is not None
-        history = self.client.metrics_history(steer.run_id, branch=branch)
-        return {name: dict(zip(s.steps, s.values, strict=True)) for name, s in history.series.items()}
+        return metrics_of(self.client, self.callback.steer, branch)
 
 
 @pytest.fixture
@@ -156,8 +160,24 @@ def test_hparams_survive_hf_lambdalr_and_a_new_schedule_drives_it(setup) -> None
     assert seen["lr8"] == pytest.approx(schedule.lrs(8)[0]) and seen["last8"] == pytest.approx(seen["lr8"])
     assert run.script.result("hp").status == "applied" and run.script.result("sched").status == "applied"
     metrics = run.metrics()
-    for name in ("loss", "lr", "hf/loss", "hf/grad_norm", "hf/learning_rate"):
+    for name in (
+        "loss",
+        "lr",
+        "hf/loss",
+        "hf/grad_norm",
+        "hf/learning_rate",
+        "grad_norm",
+        "grad_norm/embed",
+        "grad_norm/block.1",
+        "grad_norm/final_norm",
+        "param_norm",
+        "update_ratio",
+        "logit_max",
+        "logit_z",
+    ):
         assert len(metrics[name]) >= 10, name
+    assert sorted(metrics["attn_logit_max/1"]) == [0, 10], "attention logits every 10 steps, per layer"
+    assert metrics["nonfinite"][5] == 0.0 and metrics["logit_max"][5] > 0
     assert metrics["lr"][8] == pytest.approx(seen["lr8"]), "the lr recorded is the one the step used"
 
 

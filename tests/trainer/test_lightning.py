@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader
 
 from protocols.client import Client
 from tests.trainer.conftest import FAST_IO
-from tests.trainer.frameworks import Script, built_and_closed, byte_domains, mixture, resume_after_a_heartbeat
+from tests.trainer.frameworks import (
+    Script,
+    built_and_closed,
+    byte_domains,
+    metrics_of,
+    mixture,
+    resume_after_a_heartbeat,
+)
 from trainer.lightning import SteerCallback
 from trainer.mixture import DomainMixture
 from trainer.steer import SteerConfig
@@ -44,15 +51,17 @@ class ByteLM(L.LightningModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.embed(ids)))
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
-        return F.cross_entropy(self(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), logits
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._loss(batch)
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        loss, logits = self._loss(batch)
+        return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val_loss", self._loss(batch))
+        self.log("val_loss", self._loss(batch)[0])
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -163,6 +172,20 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
         assert record.status == "rejected" and words in record.message, (name, record.message)
     evaluate = run.script.result("eval")
     assert evaluate.status == "applied" and evaluate.effective is not None and evaluate.effective["val_loss"] > 0
+    metrics = metrics_of(run.client, run.callback.steer)
+    for name in (
+        "loss",
+        "lr",
+        "grad_norm",
+        "grad_norm/embed",
+        "grad_norm/head",
+        "param_norm",
+        "update_ratio",
+        "logit_max",
+        "logit_z",
+    ):
+        assert sorted(metrics[name])[:12] == list(range(12)), name
+    assert metrics["lr"][6] == pytest.approx(2e-3) and metrics["val_loss"][evaluate.applied_step] > 0
 
 
 def test_rollback_pause_and_stop_act_on_the_lightning_trainer(setup) -> None:  # type: ignore[no-untyped-def]
