@@ -102,7 +102,21 @@ def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(
     # gone, or torchrun's SIGTERM to the survivors reached it first.
     reasons = [event.message for event in client.list_events(run.run_id, kinds=["log"]) if event.level == "warning"]
     assert any("RankFailure" in reason or "remote worker" in reason for reason in reasons), reasons
-    print("rank 0 reported:", reasons)
+
+
+def test_a_killed_rank_0_leaves_no_rank_hanging_and_the_server_marks_the_run_lost(
+    torchrun: Callable[..., Job], client: Client
+) -> None:
+    """SIGKILL on rank 0, the one that talks to the server: rank 1's next collective fails and torchrun ends, and
+    the server's liveness marks the run `lost` once its heartbeat timeout has passed."""
+    job = torchrun(2, "--steps", "10000", "--die-rank", "0", "--die-at", "3")
+    assert job.wait(60) != 0
+    killed_at = (job.out / "died_at").stat().st_mtime
+    run = wait_until(
+        lambda: next((r for r in client.list_runs() if r.status != "running"), None), HEARTBEAT_TIMEOUT_S + 5
+    )
+    assert run.status == "lost", (run.status, job.log())
+    assert run.updated_at - killed_at < HEARTBEAT_TIMEOUT_S + 1.5
 
 
 def test_a_pause_outlasts_the_process_group_timeout_and_stop_ends_every_rank(
