@@ -41,8 +41,10 @@ class FrameworkSteer:
         sampler: Sampler | None,
         config: SteerConfig | None,
         transport_factory: Callable[[], Transport] | None,
+        health: bool,
     ) -> None:
         self.server = server
+        self.measure_health = health
         self.sampler = sampler
         self.config = config
         self.transport_factory = transport_factory
@@ -79,7 +81,7 @@ class FrameworkSteer:
             config=config,
             transport_factory=self.transport_factory,
         )
-        self.health = Health(model)
+        self.health = Health(model) if self.measure_health else None
         return self.steer
 
     def begin_step(self, step: int) -> None:
@@ -89,8 +91,9 @@ class FrameworkSteer:
 
     def before_optimizer_step(self) -> None:
         """Gradients are final: note the learning rate this step uses and measure the gradients."""
-        if self.steer is not None and self.health is not None:
+        if self.steer is not None:
             self._lr = float(self.steer.live.optimizer.param_groups[0]["lr"])
+        if self.health is not None:
             self.health.before_optimizer_step()
 
     def after_optimizer_step(self) -> None:
@@ -106,14 +109,14 @@ class FrameworkSteer:
     def end_step(self, done: int) -> Boundary | None:
         """After `done` optimizer steps: record the step just done, then apply commands at the boundary."""
         steer, health = self.steer, self.health
-        if steer is None or health is None:
+        if steer is None:
             return None
         extra: dict[str, Tensor | float] = {"lr": self._lr}
         if self._losses:
             extra["loss"] = torch.stack(self._losses).mean()
             self._losses.clear()
         # The one host-device sync of the step: the health metrics and the loss come back in one transfer.
-        steer.record(done - 1, **health.end_step(**extra))
+        steer.record(done - 1, **(health.end_step(**extra) if health is not None else extra))
         return self.boundary(done)
 
     def boundary(self, step: int) -> Boundary:
@@ -148,10 +151,12 @@ class SteeredCallback:
         sampler: Sampler | None = None,
         config: SteerConfig | None = None,
         transport_factory: Callable[[], Transport] | None = None,
+        health: bool = True,
     ) -> None:
         """`sampler` is the `DomainMixture` the framework reads (for `set_data_mix`); `config` defaults to checkpoints
-        under the framework's output directory in `runsteer/` and a snapshot every 25 steps."""
-        self.run = FrameworkSteer(server, sampler, config, transport_factory)
+        under the framework's output directory in `runsteer/` and a snapshot every 25 steps; `health=False` records
+        the loss and the learning rate only."""
+        self.run = FrameworkSteer(server, sampler, config, transport_factory, health)
 
     @property
     def steer(self) -> Steer | None:

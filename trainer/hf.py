@@ -95,8 +95,8 @@ class SteerCallback(SteeredCallback, TrainerCallback):
             },
         )
         self._hook = model.register_forward_hook(self._capture_loss)
-        assert self.run.health is not None
-        self.run.health.watch_output(model)
+        if self.run.health is not None:
+            self.run.health.watch_output(model)
         self._follow(self.run.boundary(state.global_step), args, state, control)
 
     def on_step_begin(
