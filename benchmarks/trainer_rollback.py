@@ -46,7 +46,7 @@ def main() -> int:
                     hashlib.sha256(Path(info.path).read_bytes()).hexdigest()
                 else:
                     entry.state = ring_copy if kind == "memory" else None
-                    effective = apply_rollback(steer, Rollback(checkpoint_id=info.checkpoint_id))
+                    effective = apply_rollback(steer.live, Rollback(checkpoint_id=info.checkpoint_id))
                     assert effective["source"] == kind
                 times[kind].append(time.perf_counter() - started)
         parameters = sum(p.numel() for p in run.model.parameters())

@@ -2,6 +2,16 @@
 
 A file is written to a temporary name in the same directory, hashed, fsynced and renamed, so a crash leaves
 either the old state or the new one; its sha256 is kept in `index.json` and checked before every load.
+
+An in-memory snapshot does not copy on the training thread the tensors that only the optimizer writes: the
+model's parameters (given as `nn.Parameter`s, as `state_dict(keep_vars=True)` gives them) and the optimizer's
+state. A background thread copies them while the next step's forward and backward run (which only read them),
+and a global optimizer step pre-hook makes the next `optimizer.step()` of any optimizer wait until the copy has
+finished, so the snapshot holds exactly the values of the moment it was taken. On CUDA the copy goes to pinned
+host memory on a side stream that first waits for the training stream; the pre-hook then makes the training
+stream wait for the copy's event, so the host never blocks on the device. Every other tensor (buffers, which a
+forward may write, the RNG state) and every non-tensor value is copied at once. Anything else that writes the
+parameters must call `wait()` first; `load` does, so a rollback restores exactly what was saved.
 """
 
 from __future__ import annotations
@@ -10,15 +20,21 @@ import copy
 import hashlib
 import json
 import os
+import shutil
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from protocols.records import CheckpointInfo
 
@@ -42,6 +58,94 @@ def detached_copy(state: Any) -> Any:
     return copy.deepcopy(state)
 
 
+def remove_file(path: Path) -> None:
+    """Delete a checkpoint file, or the directory of a sharded (`torch.distributed.checkpoint`) one."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+Deferred = list[tuple[dict[Any, Any] | list[Any], Any, Tensor]]
+"""(container, key, source tensor): the background copy sets `container[key]` to the copy of the tensor."""
+
+
+_IMMUTABLE = (int, float, str, bool, bytes, type(None))
+
+
+def split_copy(state: Any, deferred: Deferred, *, defer_all: bool = False) -> Any:
+    """Like `detached_copy`, except that parameters and (with `defer_all`) every tensor are left out and listed in
+    `deferred`, for a `BackgroundCopy` to fill in. The optimizer's `state` is deferred whole. Kept lean: it runs on
+    the training thread at every snapshot."""
+    if isinstance(state, Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        copied: dict[Any, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                if defer_all or isinstance(value, nn.Parameter):
+                    deferred.append((copied, key, value))
+                    copied[key] = None
+                else:
+                    copied[key] = value.detach().to("cpu", copy=True)
+            elif isinstance(value, _IMMUTABLE):
+                copied[key] = value
+            else:
+                inner = defer_all or (key == "state" and "param_groups" in state)
+                copied[key] = split_copy(value, deferred, defer_all=inner)
+        return copied
+    if isinstance(state, (list, tuple)):
+        items = [value if isinstance(value, _IMMUTABLE) else split_copy(value, deferred) for value in state]
+        return items if isinstance(state, list) else tuple(items)
+    return copy.deepcopy(state)
+
+
+class BackgroundCopy:
+    """The copies of one snapshot's deferred tensors, made on a worker thread (and a CUDA side stream)."""
+
+    def __init__(self, deferred: Deferred, executor: ThreadPoolExecutor) -> None:
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        for _, _, tensor in deferred:
+            if tensor.device.type == "cuda" and tensor.device not in self.streams:
+                stream = torch.cuda.Stream(tensor.device)  # type: ignore[no-untyped-call]
+                # The side stream starts where the training stream is now: the values of this moment.
+                stream.wait_stream(torch.cuda.current_stream(tensor.device))
+                self.streams[tensor.device] = stream
+        self.events: dict[torch.device, torch.cuda.Event] = {}
+        self.future: Future[None] = executor.submit(self._copy, deferred)
+        self._device_waited = False
+
+    def _copy(self, deferred: Deferred) -> None:
+        for container, key, source in deferred:
+            tensor = source.detach()
+            if tensor.device.type == "cuda":
+                stream = self.streams[tensor.device]
+                with torch.cuda.stream(stream):
+                    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                    host.copy_(tensor, non_blocking=True)
+                    # The allocator must not hand the source's memory to the training stream while this reads it.
+                    tensor.record_stream(stream)
+                container[key] = host
+            else:
+                container[key] = tensor.to("cpu", copy=True)
+        for device, stream in self.streams.items():
+            self.events[device] = stream.record_event()
+
+    def before_write(self) -> None:
+        """Block the host until the copies are made (CPU) or issued, and make the device wait for them (CUDA)."""
+        self.future.result()
+        if not self._device_waited:
+            for device, event in self.events.items():
+                torch.cuda.current_stream(device).wait_event(event)
+            self._device_waited = True
+
+    def finish(self) -> None:
+        """Block until the copies are in host memory."""
+        self.future.result()
+        for event in self.events.values():
+            event.synchronize()
+
+
 @dataclass
 class Entry:
     """A checkpoint the store knows: its info and, while it is in the ring, its state in memory."""
@@ -53,11 +157,20 @@ class Entry:
 class CheckpointStore:
     """Keeps the newest `ring_size` snapshots in memory and up to `keep_files` files (tagged ones always)."""
 
-    def __init__(self, directory: Path | None, *, ring_size: int = 4, keep_files: int = 5) -> None:
+    def __init__(
+        self, directory: Path | None, *, ring_size: int = 4, keep_files: int = 5, overlap: bool = True
+    ) -> None:
         self.directory = directory
         self.ring_size = ring_size
         self.keep_files = keep_files
         self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.overlap = overlap
+        """Copy parameters and optimizer state of in-memory snapshots off the training thread; turn it off for a
+        loop that writes parameters between a snapshot and its next `optimizer.step()` other than by a load."""
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[BackgroundCopy] = []
+        self._hook: RemovableHandle | None = None
+        self._lock = threading.Lock()
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             for info in self._read_index():
@@ -76,7 +189,11 @@ class CheckpointStore:
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
         """Snapshot `state`; returns the new checkpoint's info and the infos of checkpoints it evicted."""
         checkpoint_id = f"{branch[:40]}.s{step}.{uuid4().hex[:8]}"
-        snapshot = detached_copy(state)
+        self.wait()
+        if (to_disk and self.directory is not None) or not self.overlap:
+            snapshot = detached_copy(state)
+        else:
+            snapshot = self._copy_in_background(state)
         info = CheckpointInfo(
             checkpoint_id=checkpoint_id,
             branch=branch,
@@ -126,10 +243,62 @@ class CheckpointStore:
         entry = self.entries.get(checkpoint_id)
         if entry is None:
             raise CheckpointError(f"no checkpoint {checkpoint_id!r}")
+        self.wait()
         if entry.state is not None:
             state: dict[str, Any] = detached_copy(entry.state)
             return state
         return self.load_file(entry.info)
+
+    def wait(self) -> None:
+        """Block until every background copy is in host memory; call it before writing parameters other than
+        through `optimizer.step()` (which waits by itself)."""
+        for background in self._take_pending():
+            background.finish()
+
+    def _copy_in_background(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The snapshot's structure, copied now except for the deferred tensors a worker thread fills in."""
+        deferred: Deferred = []
+        snapshot: dict[str, Any] = split_copy(state, deferred)
+        if not deferred:
+            return snapshot
+        background = BackgroundCopy(deferred, self._worker())
+        with self._lock:
+            self._pending.append(background)
+            if self._hook is None:
+                self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step())
+        return snapshot
+
+    def _take_pending(self) -> list[BackgroundCopy]:
+        """The copies in flight, handed to the caller to wait for; the optimizer hook goes with them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
+        return pending
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runsteer-snapshot")
+        return self._executor
+
+    def _before_optimizer_step(self) -> Callable[..., None]:
+        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            pending = self._take_pending()
+            for background in pending:
+                background.before_write()
+            with self._lock:
+                # On CUDA the host copies may still be landing; `wait` (before a load) syncs on their events.
+                self._pending[:0] = [background for background in pending if background.events]
+
+        return pre_hook
+
+    def close(self) -> None:
+        """Finish the background copies and stop the worker thread."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
     def load_file(self, info: CheckpointInfo) -> dict[str, Any]:
         """Read a checkpoint file after checking its sha256 against the one recorded when it was written."""
@@ -157,20 +326,31 @@ class CheckpointStore:
         return final, final.stat().st_size, digest
 
     def _enforce_retention(self) -> list[CheckpointInfo]:
-        """Drop ring copies past `ring_size` and files past `keep_files` (tagged files are kept)."""
+        """Drop ring copies past `ring_size` and files past `keep_files`, keeping every tagged file and the newest
+        healthy checkpoint in memory and on disk whatever came after it, so `latest_healthy` always has a target."""
+        healthy = [key for key, entry in self.entries.items() if entry.info.healthy]
+        healthy_in_memory = [key for key in healthy if self.entries[key].state is not None]
+        healthy_on_disk = [key for key in healthy if self.entries[key].info.path]
+        kept = {keys[-1] for keys in (healthy_in_memory, healthy_on_disk) if keys}
         evicted: list[CheckpointInfo] = []
-        in_memory = [key for key, entry in self.entries.items() if entry.state is not None]
-        for key in in_memory[: max(0, len(in_memory) - self.ring_size)]:
+        dropped: list[dict[str, Any]] = []
+        in_memory = [key for key, entry in self.entries.items() if entry.state is not None and key not in kept]
+        for key in in_memory[: max(0, len(in_memory) - max(0, self.ring_size - len(kept & set(healthy_in_memory))))]:
             entry = self.entries[key]
+            if entry.state is not None:
+                dropped.append(entry.state)
             entry.state = None
             if not entry.info.path:
                 del self.entries[key]
                 evicted.append(entry.info)
-        on_disk = [key for key, entry in self.entries.items() if entry.info.path and entry.info.tag is None]
-        for key in on_disk[: max(0, len(on_disk) - self.keep_files)]:
+        on_disk = [key for key, e in self.entries.items() if e.info.path and e.info.tag is None and key not in kept]
+        for key in on_disk[: max(0, len(on_disk) - max(0, self.keep_files - len(kept & set(healthy_on_disk))))]:
             entry = self.entries.pop(key)
-            Path(entry.info.path).unlink(missing_ok=True)
+            remove_file(Path(entry.info.path))
             evicted.append(entry.info)
+        if dropped and self.overlap:
+            # Freeing a snapshot's memory costs milliseconds (munmap); the worker thread does it.
+            self._worker().submit(dropped.clear)
         return evicted
 
     def _read_index(self) -> list[CheckpointInfo]:

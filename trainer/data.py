@@ -10,10 +10,11 @@ import random
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from trainer.mixture import DomainWeights
 
 EVAL_FRACTION = 0.1
 """The tail of every domain held out for evaluation."""
@@ -26,6 +27,11 @@ class Domain:
     name: str
     train: Tensor
     eval: Tensor
+
+    def blocks(self, size: int, split: str = "train") -> list[Tensor]:
+        """The split cut into consecutive blocks of `size` bytes: examples for a framework's dataset."""
+        data = self.train if split == "train" else self.eval
+        return list(data[: len(data) // size * size].view(-1, size))
 
 
 def _split(name: str, data: bytes) -> Domain:
@@ -82,7 +88,7 @@ def builtin_domains(max_bytes: int) -> list[Domain]:
     return [prose_domain(max_bytes), code_domain(max_bytes), arithmetic_domain(max_bytes)]
 
 
-class MixtureSampler:
+class MixtureSampler(DomainWeights):
     """Draws (inputs, targets, domain ids) batches from weighted domains; `Stateful` and skippable."""
 
     def __init__(
@@ -99,34 +105,12 @@ class MixtureSampler:
         for domain in domains:
             if len(domain.train) <= block_size + 1 or len(domain.eval) <= block_size + 1:
                 raise ValueError(f"domain {domain.name!r} is shorter than one block of {block_size + 1} bytes")
+        super().__init__([domain.name for domain in domains], seed)
         self.domains = domains
-        self.names = [domain.name for domain in domains]
         self.batch_size = batch_size
         self.block_size = block_size
-        self.seed = seed
-        self.index = 0
-        self.weights = {name: 1.0 for name in self.names}
         if weights:
             self.set_weights(weights)
-
-    def set_weights(self, weights: dict[str, float]) -> dict[str, float]:
-        """Change some domains' weights (others keep theirs); returns the normalised mix in force."""
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise ValueError(f"unknown domain(s) {', '.join(unknown)}; this run has {', '.join(self.names)}")
-        negative = sorted(name for name, weight in weights.items() if not weight >= 0.0)
-        if negative:
-            raise ValueError(f"weights must be finite and non-negative: {', '.join(negative)}")
-        merged = {**self.weights, **weights}
-        if sum(merged.values()) <= 0.0:
-            raise ValueError("the mix would give every domain weight zero")
-        self.weights = merged
-        return self.mix()
-
-    def mix(self) -> dict[str, float]:
-        """The weights normalised to sum to one."""
-        total = sum(self.weights.values())
-        return {name: weight / total for name, weight in self.weights.items()}
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
         """The batch at the current index, then advance: inputs and targets (B, T) and domain ids (B,)."""
@@ -159,13 +143,3 @@ class MixtureSampler:
         stride = (len(data) - span) // max(1, blocks - 1) if blocks > 1 else 0
         rows = torch.stack([data[i * stride : i * stride + span] for i in range(blocks)])
         return [(chunk[:, :-1], chunk[:, 1:]) for chunk in torch.split(rows, self.batch_size)]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Index, weights and seed."""
-        return {"index": self.index, "weights": dict(self.weights), "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` saved."""
-        self.index = int(state["index"])
-        self.weights = dict(state["weights"])
-        self.seed = int(state["seed"])

@@ -54,14 +54,26 @@ def lm_loss(
     with torch.no_grad():
         if z_loss <= 0.0:
             lse = nll + flat.gather(1, flat_targets.unsqueeze(1)).squeeze(1)
-        low, high = torch.aminmax(flat)
-        scalars = {"loss": ce.detach(), "logit_max": torch.maximum(high, low.neg()), "logit_z": lse.mean()}
+        scalars = {"loss": ce.detach(), **logit_scalars(flat, lse.detach())}
         if domain_ids is None or not domains:
             return LossOutput(loss, scalars)
         rows = nll.detach().view(targets.shape).mean(dim=1)
         sums = torch.zeros(len(domains), device=logits.device).index_add_(0, domain_ids, rows)
         counts = torch.bincount(domain_ids, minlength=len(domains)).float()
     return LossOutput(loss, scalars, sums, counts)
+
+
+@torch.no_grad()
+def logit_scalars(logits: Tensor, lse: Tensor | None = None) -> dict[str, Tensor]:
+    """`logit_max` (the largest |logit|) and `logit_z` (the mean log-sum-exp, log Z) of output logits.
+
+    `lse` is the per-token log-sum-exp when the caller already has it (as the loss does); else it is computed.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    if lse is None:
+        lse = torch.logsumexp(flat.float(), dim=-1)
+    low, high = torch.aminmax(flat)
+    return {"logit_max": torch.maximum(high, low.neg()).float(), "logit_z": lse.float().mean()}
 
 
 class GradientStats:
@@ -72,7 +84,7 @@ class GradientStats:
     reduction over that buffer.
     """
 
-    def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]]) -> None:
+    def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]], *, track_updates: bool = True) -> None:
         self.names = [name for name, _ in blocks]
         self.params: list[Tensor] = [param for _, params in blocks for param in params if param.requires_grad]
         device = self.params[0].device
@@ -80,14 +92,17 @@ class GradientStats:
         self._block_index = torch.tensor(block_of, device=device)
         self._block_keys = [f"grad_norm/{name}" for name in self.names]
         self._per_block = torch.zeros(len(self.names), device=device)
+        self.track_updates = track_updates
+        """Without it, no copy of the parameters is kept and `update_ratio` is not reported."""
         dtypes = {param.dtype for param in self.params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        sizes = [param.numel() for param in self.params]
+        sizes = [param.numel() for param in self.params] if track_updates else []
         self._flat_before = torch.empty(sum(sizes), dtype=dtype, device=device)
         self._before = [
             self._flat_before[end - size : end].view_as(param)
-            for end, size, param in zip(accumulate(sizes), sizes, self.params, strict=True)
+            for end, size, param in zip(accumulate(sizes), sizes, self.params, strict=False)
         ]
+        self._copied = False
         self._scalars: dict[str, Tensor] = {}
 
     @torch.no_grad()
@@ -101,17 +116,30 @@ class GradientStats:
             # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again.
             scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
-        torch._foreach_copy_(self._before, self.params)
+        if self.track_updates:
+            torch._foreach_copy_(self._before, self.params)
+            self._copied = True
         self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block.unbind(), strict=True))}
         return total
 
+    @property
+    def pending(self) -> bool:
+        """True between `before_step` and `after_step`."""
+        return bool(self._scalars)
+
     @torch.no_grad()
     def after_step(self) -> dict[str, Tensor]:
-        """After the optimizer step: parameter norm and update ratio, plus the gradient norms of `before_step`."""
-        torch._foreach_sub_(self._before, self.params)
-        update_norm = torch.linalg.vector_norm(self._flat_before)
+        """After the optimizer step: parameter norm and update ratio, plus the gradient norms of `before_step`.
+
+        The update ratio is reported only when `before_step` copied the parameters since the last call.
+        """
         param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.params)))
-        return {**self._scalars, "param_norm": param_norm, "update_ratio": update_norm / (param_norm + 1e-12)}
+        scalars, self._scalars = {**self._scalars, "param_norm": param_norm}, {}
+        if self._copied:
+            torch._foreach_sub_(self._before, self.params)
+            scalars["update_ratio"] = torch.linalg.vector_norm(self._flat_before) / (param_norm + 1e-12)
+            self._copied = False
+        return scalars
 
 
 def read_scalars(

@@ -157,24 +157,37 @@ def _state_keys(optimizer: torch.optim.Optimizer) -> set[str]:
     return keys
 
 
+REFUSED: dict[tuple[str, str], str] = {
+    ("sgd", "adam-family"): "a first moment without a second one would step up to |momentum|/|gradient| times lr",
+}
+"""Carries that are never made, and why: the reason goes into the swap's `dropped` list."""
+
+
+def _family(name: OptimizerName | None) -> str | None:
+    return "adam-family" if name in ADAM_FAMILY else name
+
+
 def _carry_map(old: OptimizerName | None, new: OptimizerName) -> list[tuple[str, str]]:
-    """(new key, old key) pairs of state that mean the same thing in both optimizers; `_carry_value` converts."""
-    if old is None:
+    """(new key, old key) pairs of state that mean the same thing in both optimizers; `_carry_value` converts.
+
+    Each pair keeps the update the new optimizer makes no larger than it would make itself from its own history:
+    second moments travel bias-corrected (an estimate of E[g^2]) and are re-biased for the new optimizer's step
+    count, and a first moment travels only with a second moment to scale it (or into SGD, whose buffer is the
+    same sum of past gradients that Adam's exp_avg/(1-beta1) is).
+    """
+    if old is None or (_family(old), _family(new)) in REFUSED:
         return []
-    pairs: list[tuple[str, str]] = []
     if old in ADAM_FAMILY and new in ADAM_FAMILY:
-        pairs = [("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "step")]
-    elif old in ADAM_FAMILY and new == "rmsprop":
-        pairs = [("square_avg", "exp_avg_sq"), ("step", "step")]
-    elif old == "rmsprop" and new in ADAM_FAMILY:
-        pairs = [("exp_avg_sq", "square_avg"), ("step", "step")]
-    elif old in ADAM_FAMILY and new == "sgd":
-        pairs = [("momentum_buffer", "exp_avg")]
-    elif old == "sgd" and new in ADAM_FAMILY:
-        pairs = [("exp_avg", "momentum_buffer")]
-    elif old in ADAM_FAMILY and new == "adafactor":
-        pairs = [("row_var|col_var|variance", "exp_avg_sq"), ("step", "step")]
-    return pairs
+        return [("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_sq"), ("step", "step")]
+    if old in ADAM_FAMILY and new == "rmsprop":
+        return [("square_avg", "exp_avg_sq"), ("step", "step")]
+    if old == "rmsprop" and new in ADAM_FAMILY:
+        return [("exp_avg_sq", "square_avg"), ("step", "step")]
+    if old in ADAM_FAMILY and new == "sgd":
+        return [("momentum_buffer", "exp_avg")]
+    if old in ADAM_FAMILY and new == "adafactor":
+        return [("row_var|col_var|variance", "exp_avg_sq"), ("step", "step")]
+    return []
 
 
 def _describe_carry(
@@ -189,9 +202,16 @@ def _describe_carry(
         if old_key in present:
             carried.append(old_key if new_key == old_key else f"{old_key}->{new_key}")
             used.add(old_key)
-    if new == "nadam" and "exp_avg" in used:
+    if new == "nadam" and "step" in used:
         carried.append("mu_product (recomputed from step)")
-    return carried, sorted(present - used)
+    reason = REFUSED.get((str(_family(old)), str(_family(new))))
+    dropped = [f"{key} ({reason})" if reason and key != "step" else key for key in sorted(present - used)]
+    return carried, dropped
+
+
+def _unbiased(value: Tensor, beta: float, step: float) -> Tensor:
+    """An exponential average's estimate of its mean: divided by 1 - beta^step, the weight its terms sum to."""
+    return value / (1.0 - beta**step) if step > 0 else value.clone()
 
 
 def _carry_value(
@@ -204,25 +224,31 @@ def _carry_value(
 ) -> dict[str, Any]:
     """The new optimizer's state for one parameter, converted from the old one's where compatible."""
     if old_name == new_name:
-        return {key: (value.clone() if isinstance(value, Tensor) else value) for key, value in old_state.items()}
-    state: dict[str, Any] = {}
+        state = {key: (value.clone() if isinstance(value, Tensor) else value) for key, value in old_state.items()}
+        return _complete_state(new_name, state, new_group, param)
+    state = {}
+    old_step = float(old_state["step"]) if "step" in old_state else 0.0
     for new_key, old_key in _carry_map(old_name, new_name):
         if old_key not in old_state:
             continue
         value = old_state[old_key]
         if new_key == "row_var|col_var|variance":
+            estimate = _unbiased(value, old_group["betas"][1], old_step)
             if param.dim() > 1:
-                state["row_var"] = value.mean(dim=-1, keepdim=True).clone()
-                state["col_var"] = value.mean(dim=-2, keepdim=True).clone()
+                state["row_var"] = estimate.mean(dim=-1, keepdim=True)
+                state["col_var"] = estimate.mean(dim=-2, keepdim=True)
             else:
-                state["variance"] = value.clone()
+                state["variance"] = estimate
+        elif new_key == "square_avg":
+            state[new_key] = _unbiased(value, old_group["betas"][1], old_step)
+        elif new_key == "exp_avg_sq" and old_key == "square_avg":
+            # Re-biased so that Adam's own bias correction at this step gives back the RMSprop estimate.
+            state[new_key] = _unbiased(value, old_group["alpha"], old_step) * (1.0 - new_group["betas"][1] ** old_step)
         elif new_key == "momentum_buffer" and old_key == "exp_avg":
             # SGD's buffer sums gradients (b = m*b + g) where Adam averages them (m = b1*m + (1-b1)*g).
             state[new_key] = value / (1.0 - old_group["betas"][0])
-        elif new_key == "exp_avg" and old_key == "momentum_buffer":
-            state[new_key] = value * (1.0 - new_group["betas"][0])
         elif new_key == "step":
-            state[new_key] = value.clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+            state[new_key] = torch.tensor(old_step)
         else:
             state[new_key] = value.clone()
     if not state:
@@ -242,10 +268,11 @@ def _complete_state(name: OptimizerName, state: dict[str, Any], group: dict[str,
         if name == "nadam":
             beta1 = group["betas"][0]
             decay = group.get("momentum_decay", 4e-3)
-            mu_product = math.prod(beta1 * (1.0 - 0.5 * 0.96 ** (t * decay)) for t in range(1, int(step.item()) + 1))
-            state["mu_product"] = torch.tensor(mu_product)
+            steps = int(float(step))
+            mu_product = math.prod(beta1 * (1.0 - 0.5 * 0.96 ** (t * decay)) for t in range(1, steps + 1))
+            state["mu_product"] = torch.tensor(float(mu_product))
         if group.get("amsgrad"):
-            state.setdefault("max_exp_avg_sq", torch.zeros_like(param, memory_format=torch.preserve_format))
+            state.setdefault("max_exp_avg_sq", state["exp_avg_sq"].clone())
     elif name == "rmsprop":
         state.setdefault("square_avg", torch.zeros_like(param, memory_format=torch.preserve_format))
         if group.get("momentum", 0) > 0:
@@ -256,7 +283,40 @@ def _complete_state(name: OptimizerName, state: dict[str, Any], group: dict[str,
         state.pop("step", None)
         if group.get("momentum", 0) == 0:
             state.pop("momentum_buffer", None)
-    return state
+    elif name == "adagrad":
+        state.setdefault("sum", torch.zeros_like(param, memory_format=torch.preserve_format))
+    return _conform(state, state_template(name, group, param))
+
+
+_TEMPLATES: dict[tuple[Any, ...], dict[str, Tensor]] = {}
+
+
+def state_template(name: OptimizerName, group: dict[str, Any], param: Tensor) -> dict[str, Tensor]:
+    """The state a fresh optimizer of this kind and group settings gives a parameter of this dtype, device and
+    rank after one step: the keys, dtypes and devices a carried state must have."""
+    settings = {key: value for key, value in group.items() if key not in ("params", "initial_lr", "param_names")}
+    key = (name, param.dtype, param.device, param.dim(), repr(sorted(settings.items(), key=lambda item: item[0])))
+    if key not in _TEMPLATES:
+        probe = torch.zeros((2,) * param.dim(), dtype=param.dtype, device=param.device, requires_grad=True)
+        probe.grad = torch.ones_like(probe)
+        optimizer = optimizer_classes()[name]([{**settings, "params": [probe]}])  # type: ignore[call-arg]
+        optimizer.step()
+        _TEMPLATES[key] = {k: v for k, v in optimizer.state[probe].items() if isinstance(v, Tensor)}
+    return _TEMPLATES[key]
+
+
+def _conform(state: dict[str, Any], template: dict[str, Tensor]) -> dict[str, Any]:
+    """The carried state with exactly the template's keys, each in the template's dtype and on its device
+    (scalars such as `step` stay where torch keeps them); empty, so the optimizer starts fresh, if a key is missing."""
+    if set(template) - set(state):
+        return {}
+    conformed: dict[str, Any] = {}
+    for key, reference in template.items():
+        value = state[key]
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value))
+        conformed[key] = value.to(dtype=reference.dtype, device=reference.device)
+    return conformed
 
 
 def swap_optimizer(optimizer: torch.optim.Optimizer, plan: SwapPlan) -> None:

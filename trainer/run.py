@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from trainer.data import MixtureSampler, builtin_domains, text_file_domain
+from trainer.distributed import RankSampler, place, replicate
 from trainer.io import IOConfig, Transport
 from trainer.metrics import GradientStats, lm_loss, read_scalars
 from trainer.model import GPT, GPTConfig
@@ -105,6 +106,8 @@ class RunConfig:
     """Poisoned batch indices: the step that trains on one runs at `spike_factor` times the learning rate."""
     spike_factor: float = 100.0
     """Learning-rate multiplier of a poisoned batch's step (see `inject_spikes`)."""
+    process_group_timeout_s: float | None = None
+    """Under torchrun: the timeout of the training process group's collectives (torch's default when left out)."""
     io: IOConfig = field(default_factory=IOConfig)
 
 
@@ -131,14 +134,18 @@ class BuiltinRun:
         self.preset = preset
         self.steps = config.steps if config.steps is not None else preset.steps
         self.z_loss = config.z_loss if config.z_loss is not None else preset.z_loss
-        self.device = resolve_device(config.device)
+        self.rank, self.world, self.device = place(resolve_device(config.device), config.process_group_timeout_s)
         torch.manual_seed(config.seed)
         domains = builtin_domains(preset.domain_bytes)
         domains += [text_file_domain(path.stem, path, preset.domain_bytes) for path in config.domain_files]
-        self.sampler = MixtureSampler(
+        sampler = MixtureSampler(
             domains, batch_size=preset.batch_size, block_size=model_config.block_size, seed=config.seed
         )
+        # Under torchrun every rank trains on its slice of the same global batch, so N ranks see what one would.
+        self.sampler = RankSampler(sampler, self.rank, self.world) if self.world > 1 else sampler
         self.model = GPT(model_config).to(self.device)
+        self.net = replicate(self.model, self.device)
+        """What the step runs forward through: the model, or its DDP wrapper under torchrun."""
         lr = config.lr if config.lr is not None else preset.lr
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(preset.weight_decay), lr=lr, betas=(0.9, 0.95), eps=1e-8
@@ -164,6 +171,7 @@ class BuiltinRun:
                 "steps": self.steps,
                 "seed": config.seed,
                 "device": str(self.device),
+                "ranks": self.world,
                 "parameters": n_params,
                 "batch_size": preset.batch_size,
                 "block_size": model_config.block_size,
@@ -183,7 +191,7 @@ class BuiltinRun:
             config=steer_config,
             transport_factory=transport_factory,
         )
-        self.tokens_per_step = preset.batch_size * model_config.block_size
+        self.tokens_per_step = preset.batch_size // self.world * model_config.block_size
         self.history: list[tuple[str, int, float]] = []
         """(branch, step, loss) of every step trained, in order."""
 
@@ -200,7 +208,7 @@ class BuiltinRun:
         inputs, targets, domain_ids = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch())
         measure = self.preset.attn_every > 0 and step % self.preset.attn_every == 0
         with self.autocast():
-            logits = self.model(inputs, measure_attention=measure)
+            logits = self.net(inputs, measure_attention=measure)
         out = lm_loss(logits, targets, domain_ids, self.sampler.names, self.z_loss)
         torch.autograd.backward(out.loss)
         self.stats.before_step(self.steer.grad_clip)

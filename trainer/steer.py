@@ -15,54 +15,33 @@ out of `poll` after the final checkpoint, and the `with` block ends quietly on i
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import queue
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from pydantic import JsonValue
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult
-from protocols.records import (
-    CheckpointInfo,
-    CheckpointSaved,
-    LogReport,
-    RunRegistration,
-    RunState,
-    StatusReport,
-)
-from trainer.appliers import APPLIERS, CommandRejected
+from protocols.records import CheckpointInfo, LogReport, RunRegistration, StatusReport
+from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
-from trainer.io import FlushItem, IOConfig, IOWorker, ResultItem, SampleItem, Transport
-from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
+from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
+from trainer.health import Health
+from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
+from trainer.live import Evaluator, LiveRun, Sampler
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
-
-Evaluator = Callable[[int | None], dict[str, float]]
-"""Runs evaluation on at most `max_batches` batches per domain (the run's default for None); returns
-`eval_loss` and `eval_loss/<domain>` values."""
-
-
-class Sampler(Protocol):
-    """What `set_data_mix` and rollback need from a data sampler."""
-
-    names: list[str]
-
-    def set_weights(self, weights: dict[str, float]) -> dict[str, float]: ...
-    def mix(self) -> dict[str, float]: ...
-    def skip(self, batches: int) -> None: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class StopTraining(Exception):
@@ -101,6 +80,8 @@ class SteerConfig:
     run_config: dict[str, JsonValue] = field(default_factory=dict)
     """Free-form configuration shown with the run."""
     io: IOConfig = field(default_factory=IOConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """The side channel between ranks under torchrun (unused in one process)."""
 
 
 class Steer:
@@ -115,6 +96,7 @@ class Steer:
         schedule: Schedule | None = None,
         sampler: Sampler | None = None,
         evaluate: Evaluator | None = None,
+        health: Health | None = None,
         server: str | None = None,
         config: SteerConfig | None = None,
         transport_factory: Callable[[], Transport] | None = None,
@@ -122,90 +104,130 @@ class Steer:
         self.config = config or SteerConfig()
         if server is not None:
             self.config.server = server
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.schedule = schedule
-        self.sampler = sampler
-        self.evaluator = evaluate
-        self.grad_clip = self.config.grad_clip
-        self.branch = self.config.branch
-        self.branches = {self.branch}
-        self.step = 0
-        self.paused = False
-        self.stopped = False
-        self.last_applied_seq = 0
         self.results: deque[tuple[CommandRecord, CommandResult]] = deque(maxlen=1000)
         """The latest commands applied here with their results, newest last."""
-        self.checkpoints = CheckpointStore(
-            self.config.checkpoint_dir, ring_size=self.config.ring_size, keep_files=self.config.keep_files
+        self.ranks = Ranks.detect(model, self.config.distributed)
+        """The side channel to the other ranks under torchrun; None in one process."""
+        checkpoints = (
+            CheckpointStore(
+                self.config.checkpoint_dir, ring_size=self.config.ring_size, keep_files=self.config.keep_files
+            )
+            if self.ranks is None
+            else RankCheckpoints(
+                self.ranks,
+                self.config.checkpoint_dir,
+                ring_size=self.config.ring_size,
+                keep_files=self.config.keep_files,
+                live_state=lambda: self.live.capture(),
+            )
         )
+        self.live = LiveRun(
+            model,
+            optimizer,
+            checkpoints=checkpoints,
+            emit=self._emit,
+            scheduler=scheduler,
+            schedule=schedule,
+            sampler=sampler,
+            evaluate=evaluate,
+            grad_clip=self.config.grad_clip,
+            branch=self.config.branch,
+        )
+        """The run's live parts, which commands change."""
         self._offset = 0
         self._pending: deque[CommandRecord] = deque()
-        self._healthy_since_checkpoint = True
-        self._last_values: dict[str, float] = {}
+        self._unreduced: list[Sample] = []
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
+        self.health = health
+        """With one, every `record` adds the model's health metrics (trainer/health.py) in the same transfer, and the
+        optimizer clips to `grad_clip` by itself (in its step pre-hook)."""
+        self._health_hooks: list[RemovableHandle] = []
+        if health is not None:
+            self._health_hooks = self._watch(health, model, optimizer)
         factory = transport_factory or (lambda: Client(self.config.server, token=self.config.token))
         domains = list(sampler.names) if sampler is not None else []
         registration = RunRegistration(
             name=self.config.run_name, run_id=self.config.run_id, config=self.config.run_config, domains=domains
         )
-        self.io = IOWorker(factory, registration, self.config.io)
-        self.io.outbox.put(self.run_state())
-        self.io.start()
-        if not self.io.registered.wait(self.config.register_timeout_s):
-            if self.io.registration_error is not None:
-                raise self.io.registration_error
-            log.warning("runsteer: server %s not reachable yet; training on and buffering", self.config.server)
+        self.io: IOWorker | FollowerIO
+        if self.ranks is None or self.ranks.leader:
+            self.io = IOWorker(factory, registration, self.config.io)
+            self.io.outbox.put(self.live.run_state())
+            self.io.start()
+            if not self.io.registered.wait(self.config.register_timeout_s):
+                if self.io.registration_error is not None:
+                    raise self.io.registration_error
+                log.warning("runsteer: server %s not reachable yet; training on and buffering", self.config.server)
+        if self.ranks is not None:
+            # Rank 0 alone talks to the server; the others learn the run's id from it.
+            run_info = self.ranks.share(self.io.run_info if self.ranks.leader else None)
+            if not self.ranks.leader:
+                self.io = FollowerIO(run_info)
 
     # The three calls of the loop
 
     def poll(self, step: int) -> int:
-        """At the boundary before `step` runs: apply fetched commands in order; returns the run's step."""
-        self.step = step + self._offset
-        self._take_inbox()
-        self._apply_pending()
-        while self.paused and not self.stopped:
-            try:
-                self._pending.append(self.io.inbox.get(timeout=0.05))
-            except queue.Empty:
-                continue
-            self._apply_pending()
-        if self.stopped:
-            raise StopTraining(f"stopped by command at step {self.step}")
-        if self.schedule is not None:
-            self._apply_schedule()
+        """At the boundary before loop iteration `step`: apply fetched commands in order; returns the run's step."""
+        return self.boundary(step + self._offset)
+
+    def boundary(self, step: int) -> int:
+        """At the boundary before the run's own `step` runs (a framework keeps the count and rollback moves it):
+        apply fetched commands in order, hold while paused; returns the run's step, raises `StopTraining` on stop."""
+        live = self.live
+        live.step = step
+        self._apply_due(0.0)
+        wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
+        while live.paused and not live.stopped:
+            self._apply_due(wait_s)
+        self._offset += live.step - step
+        if live.stopped:
+            raise StopTraining(f"stopped by command at step {live.step}")
+        live.apply_schedule()
         self._periodic_checkpoints()
-        return self.step
+        if self.health is not None:
+            self.health.begin_step(live.step)
+        return live.step
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
-        """Buffer one step's metrics (a tensor is read with one sync each; pass floats to avoid that)."""
-        floats = {name: float(value) for name, value in values.items()}
-        if loss is not None:
-            floats["loss"] = float(loss)
+        """Buffer one step's metrics (a tensor is read with one sync each, or all in one with `health`)."""
+        given = {**values, "loss": loss} if loss is not None else values
+        if self.health is not None:
+            floats = self.health.end_step(**given)
+        else:
+            floats = {name: float(value) for name, value in given.items()}
         if "lr" not in floats:
-            floats["lr"] = float(self.optimizer.param_groups[0]["lr"])
-        if not all(math.isfinite(value) for value in floats.values()):
-            self._healthy_since_checkpoint = False
-        self._last_values = floats
-        self.io.outbox.put(SampleItem(self.branch, step, time.time(), floats))
+            floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
+        if self.ranks is not None:
+            # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
+            self._unreduced.append((step, floats))
+            return
+        self.live.record(step, floats)
 
     def close(self, status: str = "finished", message: str = "") -> bool:
         """Mark the run finished (or `status`), send what is queued and stop the I/O threads."""
         if self._closed:
             return True
         self._closed = True
-        if status != "finished" or not self.stopped:
+        if self.ranks is not None and status == "finished":
+            try:
+                self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
+            except RuntimeError as exc:
+                log.warning("runsteer: the last metrics could not be reduced across ranks: %s", exc)
+        if self._unreduced:
+            for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
+                self.live.record(step, values)
+        for handle in self._health_hooks:
+            handle.remove()
+        self.live.checkpoints.close()
+        if status != "finished" or not self.live.stopped:
             self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
         return self.io.stop(self.config.close_timeout_s)
 
     def __enter__(self) -> Steer:
         return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if kind is None or issubclass(kind, StopTraining):
             self.close("finished")
             return True
@@ -220,102 +242,62 @@ class Steer:
         return self.io.run_info.run_id if self.io.run_info else None
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Block until everything recorded so far was sent; False if that did not happen in time."""
+        """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
+        values recorded since the last boundary are reduced and sent at the next one)."""
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)
 
     def clip_gradients(self) -> float | None:
         """Clip gradients to `grad_clip` when it is on; returns the pre-clip global norm, or None."""
-        if self.grad_clip <= 0:
+        if self.live.grad_clip <= 0:
             return None
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip))
+        return float(torch.nn.utils.clip_grad_norm_(self.live.model.parameters(), self.live.grad_clip))
 
     def log(self, message: str, level: str = "info") -> None:
         """Send a log line to the server."""
-        self.io.outbox.put(LogReport(level=level, message=message[:2000], step=self.step))  # type: ignore[arg-type]
-
-    # State
-
-    def group_names(self) -> list[str]:
-        """Names of the optimizer's parameter groups."""
-        return [group_name(group, index) for index, group in enumerate(self.optimizer.param_groups)]
-
-    def run_state(self) -> RunState:
-        """The settings in force, for heartbeats and the server's view of the run."""
-        group = self.optimizer.param_groups[0]
-        return RunState(
-            step=self.step, branch=self.branch, paused=self.paused, lr=float(group["lr"]),
-            weight_decay=float(group.get("weight_decay", 0.0)), grad_clip=self.grad_clip,
-            optimizer=optimizer_name(self.optimizer),
-            schedule=self.schedule.state() if self.schedule is not None else None,
-            data_mix=self.sampler.mix() if self.sampler is not None else {},
-            param_groups=self.group_names(),
-        )
-
-    def capture(self) -> dict[str, Any]:
-        """Everything a checkpoint restores (references; the store copies them)."""
-        state: dict[str, Any] = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_name": optimizer_name(self.optimizer) or type(self.optimizer).__name__,
-            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
-            "rng": {"torch": torch.get_rng_state()},
-            "step": self.step,
-            "branch": self.branch,
-            "hparams": {"grad_clip": self.grad_clip},
-            "last_applied_seq": self.last_applied_seq,
-        }
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Load a captured state into the model, optimizer, schedule, sampler and RNG (not the branch)."""
-        self.model.load_state_dict(state["model"])
-        saved_name = state["optimizer_name"]
-        if saved_name != optimizer_name(self.optimizer):
-            swap_optimizer(self.optimizer, plan_swap(self.optimizer, saved_name, {}, carry_state=False))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule = Schedule.from_state_dict(state["schedule"]) if state["schedule"] is not None else None
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.sampler is not None and state["sampler"] is not None:
-            self.sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.grad_clip = float(state["hparams"]["grad_clip"])
+        self.io.outbox.put(LogReport(level=level, message=message[:2000], step=self.live.step))  # type: ignore[arg-type]
 
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
-        """Snapshot the run now, report it to the server, and report what retention evicted."""
-        info, evicted = self.checkpoints.save(
-            self.capture(), branch=self.branch, step=self.step, tag=tag, to_disk=to_disk,
-            healthy=self._healthy_since_checkpoint,
-            metrics={k: v for k, v in self._last_values.items() if math.isfinite(v)},
-        )
-        self._healthy_since_checkpoint = True
-        self.io.outbox.put(CheckpointSaved(checkpoint=info))
-        for old in evicted:
-            self.io.outbox.put(CheckpointSaved(checkpoint=old, deleted=True))
-        return info
+        """Snapshot the run now and report it to the server."""
+        return self.live.save_checkpoint(tag, to_disk=to_disk)
 
-    def move_to(self, step: int, branch: str) -> None:
-        """Continue as `step` on `branch` (after a rollback); later loop counters map onto it."""
-        self._offset += step - self.step
-        self.step = step
-        self.branch = branch
-        self.branches.add(branch)
+    # What loops read of the live run
 
-    def publish_state(self) -> None:
-        """Queue the current settings for the next heartbeat."""
-        self.io.outbox.put(self.run_state())
+    @property
+    def step(self) -> int:
+        """The run's step (after a rollback, the checkpoint's step and on from there)."""
+        return self.live.step
 
-    def report_status(self, status: str, message: str = "") -> None:
-        """Tell the server the run changed status (paused, running, finished)."""
-        self.io.outbox.put(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
+    @property
+    def branch(self) -> str:
+        """The branch the run is on."""
+        return self.live.branch
+
+    @property
+    def grad_clip(self) -> float:
+        """The gradient clipping threshold in force (0: off)."""
+        return self.live.grad_clip
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being trained."""
+        return self.live.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer (the same object after a swap)."""
+        return self.live.optimizer
+
+    @property
+    def checkpoints(self) -> CheckpointStore:
+        """The checkpoint ring and files."""
+        return self.live.checkpoints
+
+    @property
+    def branches(self) -> set[str]:
+        """Every branch this run has been on."""
+        return self.live.branches
 
     # Internals
 
@@ -326,46 +308,81 @@ class Steer:
             except queue.Empty:
                 return
 
-    def _apply_pending(self) -> None:
-        applied = 0
-        while self._pending and applied < self.config.max_commands_per_step and not self.stopped:
+    def _apply_due(self, wait_s: float) -> None:
+        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank,
+        each answered `applied` only when every rank applied it."""
+        if wait_s > 0.0:
+            with contextlib.suppress(queue.Empty):
+                self._pending.append(self.io.inbox.get(timeout=wait_s))
+        self._take_inbox()
+        due = self._due()
+        if self.ranks is not None:
+            due = self._exchange(due)
+        applied: list[CommandRecord] = []
+        results: list[CommandResult] = []
+        for record in due:
+            if self.live.stopped:
+                break
+            applied.append(record)
+            results.append(apply_command(self.live, record))
+        if self.ranks is not None and due:
+            results = self.ranks.agree(results)
+        for record, result in zip(applied, results, strict=True):
+            self.results.append((record, result))
+            self.io.outbox.put(ResultItem(record.id, result))
+            self.io.outbox.put(self.live.run_state())
+
+    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
+        """Hand rank 0's commands to every rank and report the metrics recorded since the last boundary, reduced."""
+        assert self.ranks is not None
+        samples, self._unreduced = self._unreduced, []
+        due, reduced = self.ranks.exchange(due, samples)
+        for step, values in reduced:
+            self.live.record(step, values)
+        return due
+
+    def _due(self) -> list[CommandRecord]:
+        """The next commands to apply, in order: at most `max_commands_per_step`, none applied before."""
+        due: list[CommandRecord] = []
+        while self._pending and len(due) < self.config.max_commands_per_step and not self.live.stopped:
             record = self._pending.popleft()
-            if record.seq <= self.last_applied_seq:
-                continue
-            self._apply(record)
-            applied += 1
+            if record.seq > (due[-1].seq if due else self.live.last_applied_seq):
+                due.append(record)
+        return due
 
-    def _apply(self, record: CommandRecord) -> None:
-        step = self.step
-        try:
-            effective = APPLIERS[record.command.type](self, record.command)
-            result = CommandResult(status="applied", step=step, effective=effective)
-        except CommandRejected as exc:
-            result = CommandResult(status="rejected", step=step, message=str(exc)[:2000])
-        except Exception as exc:
-            log.exception("runsteer: command %s (%s) failed", record.id, record.command.type)
-            result = CommandResult(status="failed", step=step, message=f"{type(exc).__name__}: {exc}"[:2000])
-        self.last_applied_seq = record.seq
-        self.results.append((record, result))
-        self.io.outbox.put(ResultItem(record.id, result))
-        self.publish_state()
+    def _watch(self, health: Health, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
+        """Measure gradients and updates from the optimizer's own step hooks, and the logits from the model's output.
 
-    def _apply_schedule(self) -> None:
-        assert self.schedule is not None
-        for group, lr in zip(self.optimizer.param_groups, self.schedule.lrs(self.step), strict=True):
-            group["lr"] = lr
+        Clipping to `grad_clip` moves into the pre-hook, so `grad_norm` is the norm before clipping.
+        """
+
+        def before(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            health.before_optimizer_step(self.live.grad_clip)
+
+        def after(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            health.after_optimizer_step()
+
+        return [
+            optimizer.register_step_pre_hook(before),
+            optimizer.register_step_post_hook(after),
+            health.watch_output(model),
+        ]
+
+    def _emit(self, item: OutItem) -> None:
+        self.io.outbox.put(item)
 
     def _periodic_checkpoints(self) -> None:
-        if (self.branch, self.step) == self._last_periodic:
+        live = self.live
+        if (live.branch, live.step) == self._last_periodic:
             return
         if not (self.config.snapshot_every or self.config.checkpoint_every):
             return
-        self._last_periodic = (self.branch, self.step)
-        if self.step == 0:
+        self._last_periodic = (live.branch, live.step)
+        if live.step == 0:
             # Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first
             # periodic snapshot (a learning rate far too high does its damage during warm-up).
-            self.save_checkpoint(to_disk=False)
-        elif self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
-            self.save_checkpoint(to_disk=True)
-        elif self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
-            self.save_checkpoint(to_disk=False)
+            live.save_checkpoint(to_disk=False)
+        elif self.config.checkpoint_every and live.step % self.config.checkpoint_every == 0:
+            live.save_checkpoint(to_disk=True)
+        elif self.config.snapshot_every and live.step % self.config.snapshot_every == 0:
+            live.save_checkpoint(to_disk=False)

@@ -52,9 +52,9 @@ def test_new_lr_under_the_cosine_schedule_is_current_and_the_schedule_continues(
 ) -> None:
     """After lr=1e-4 mid-cosine, the lr is 1e-4 now and later steps follow the cosine scaled by new/old."""
     run = make_run(steps=200)
-    run.steer.schedule = Schedule("cosine", (3e-3, 3e-3), warmup_steps=2, horizon_steps=30)
+    run.steer.live.schedule = Schedule("cosine", (3e-3, 3e-3), warmup_steps=2, horizon_steps=30)
     train(run, range(10))
-    original = run.steer.schedule
+    original = run.steer.live.schedule
     _apply(client, run, {"type": "set_hparams", "lr": 1e-4}, 10)
     assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     train(run, range(10, 15))

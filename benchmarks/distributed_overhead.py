@@ -1,0 +1,130 @@
+"""Step-time cost of the `Steer` hook under torchrun: the built-in `cpu-tiny` run on 2 DDP ranks (gloo, CPU).
+
+Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
+model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`record`
+after it buffers the values; `poll` before the next makes one all-gather on the gloo side group that carries rank
+0's pending-command count and the values to reduce; the in-memory snapshot every 25 steps). It then times that
+collective alone. Prints
+figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from benchmarks._common import REPO, Server, load_average
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    """The `fraction` quantile of `samples` (nearest rank)."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def rank_main(args: argparse.Namespace) -> int:
+    """One rank: train interleaved blocks of plain and steered steps, then time the side channel alone."""
+    from trainer.run import BuiltinRun, RunConfig
+
+    torch.set_num_threads(1)
+    run = BuiltinRun(RunConfig(server=args.server, steps=10**9, run_name="distributed-overhead"))
+    steer, ranks = run.steer, run.steer.ranks
+    assert ranks is not None, "run me without torchrun: I start it"
+    times: dict[str, list[float]] = {"plain": [], "steered": []}
+    hook: list[float] = []
+    hook_cpu: list[float] = []
+    iteration = 0
+    for _ in range(3):  # warm-up: allocator, autograd graph, DDP buckets
+        run.train_step(iteration)
+    for block in range(2 * args.steps // args.block):
+        kind = ("plain", "steered")[block % 2]
+        for _ in range(args.block):
+            started = time.perf_counter()
+            if kind == "plain":
+                run.train_step(iteration)
+            else:
+                cpu_started = time.thread_time()
+                step = steer.poll(iteration)
+                polled, polled_cpu = time.perf_counter(), time.thread_time()
+                values = run.train_step(step)
+                recording, recording_cpu = time.perf_counter(), time.thread_time()
+                steer.record(step, **values)
+                hook.append(polled - started + time.perf_counter() - recording)
+                hook_cpu.append(polled_cpu - cpu_started + time.thread_time() - recording_cpu)
+            times[kind].append(time.perf_counter() - started)
+            iteration += 1
+    empty: list[float] = []
+    reduce: list[float] = []
+    for _ in range(args.collectives):
+        started = time.perf_counter()
+        ranks.exchange([], [])
+        empty.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        ranks.exchange([], [(iteration, values)])
+        reduce.append(time.perf_counter() - started)
+    steer.close()
+    mine = {
+        "plain": statistics.median(times["plain"]),
+        "steered": statistics.median(times["steered"]),
+        "hook": statistics.median(hook),
+        "hook_p99": percentile(hook, 0.99),
+        "hook_cpu": statistics.median(hook_cpu),
+        "empty": statistics.median(empty),
+        "reduce": statistics.median(reduce),
+    }
+    everyone: list[dict[str, float]] = [{} for _ in range(ranks.world)]
+    dist.all_gather_object(everyone, mine)
+    if ranks.leader:
+        print(
+            f"torch {torch.__version__}, {ranks.world} ranks (DDP, gloo, 1 thread each), {len(times['steered'])} steps "
+            f"of each kind in blocks of {args.block}, load average {load_average()}"
+        )
+        for rank, figures in enumerate(everyone):
+            step_ms, steered_ms, hook_us = figures["plain"] * 1e3, figures["steered"] * 1e3, figures["hook"] * 1e6
+            print(
+                f"  rank {rank}: plain {step_ms:.2f} ms/step, steered {steered_ms:.2f} ms/step "
+                f"({100 * (steered_ms / step_ms - 1):+.2f}%); in poll + record median {hook_us:.0f} us, "
+                f"p99 {figures['hook_p99'] * 1e6:.0f} us; training-thread CPU in them median "
+                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step)"
+            )
+        print(
+            "  (wall time in poll + record includes waiting there for the slower rank, which DDP's all-reduce "
+            "would otherwise wait for in backward; their CPU time leaves waits out)"
+        )
+        per_step = everyone[0]["reduce"] * 1e3
+        print(
+            f"  the boundary's one collective, timed alone (median of {args.collectives}): "
+            f"{everyone[0]['empty'] * 1e6:.0f} us with nothing to carry, {per_step * 1e3:.0f} us with a step's "
+            f"values to reduce = {100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step"
+        )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=60, help="steps of each kind (default %(default)s)")
+    parser.add_argument("--block", type=int, default=10, help="steps per interleaved block (default %(default)s)")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="ranks (default %(default)s)")
+    parser.add_argument("--collectives", type=int, default=500, help="side-channel calls timed alone")
+    parser.add_argument("--server", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if "RANK" in os.environ:
+        return rank_main(args)
+    with Server() as server:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+            "-m", "benchmarks.distributed_overhead", "--server", server.url, "--steps", str(args.steps),
+            "--block", str(args.block), "--collectives", str(args.collectives),
+        ]  # fmt: skip
+        return subprocess.run(command, cwd=REPO, check=False).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

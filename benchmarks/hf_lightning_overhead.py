@@ -1,0 +1,278 @@
+"""Per-step cost of the Hugging Face and Lightning callbacks, and steps from a command's arrival to its effect.
+
+For each framework, three kinds of run train the same tiny model on the same data, interleaved in rounds so that
+machine load hits them alike: without the callback, with the callback's hook machinery only (`health=False`: the
+loss and learning rate recorded, commands taken at every boundary, snapshots every 25 steps) and with the full
+metric set (trainer/health.py). Prints the median step time of each, the callback's own time per step (its hooks
+timed directly, which a loaded machine blurs far less than a difference of step times) and, from a steered run
+that is sent `set_hparams` commands at random moments, how many step boundaries each took from the moment the
+server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
+
+Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both] [--steps 60] [--rounds 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging as hf_logging
+
+from benchmarks._common import UNLIMITED, Server, load_average
+from protocols.client import Client
+from trainer.data import arithmetic_domain, code_domain, prose_domain
+from trainer.hf import SteerCallback as HFSteer
+from trainer.lightning import SteerCallback as LightningSteer
+from trainer.mixture import DomainMixture
+from trainer.steer import SteerConfig
+
+BLOCK = 64
+BATCH = 8
+WARMUP_STEPS = 5
+"""Steps left out of every figure: the first steps build caches and allocators."""
+HOOKS = {
+    "hf": ("on_train_begin", "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log"),
+    "lightning": ("on_train_start", "on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"),
+}
+
+
+def domains() -> dict[str, list[torch.Tensor]]:
+    """Byte blocks of three domains that ship with Python."""
+    return {d.name: d.blocks(BLOCK) for d in (prose_domain(100_000), code_domain(100_000), arithmetic_domain(50_000))}
+
+
+class Clock:
+    """Timestamps at every step end, and the callback's own seconds in each step (its hook methods, wrapped)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.hook_s: list[float] = []
+        self._current = 0.0
+
+    def tick(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.hook_s.append(self._current)
+        self._current = 0.0
+
+    def wrap(self, callback: Any, names: tuple[str, ...]) -> None:
+        """Time these hook methods of `callback` (frameworks look hooks up by name on the instance)."""
+        for name in names:
+            method = getattr(callback, name)
+
+            def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self._current += time.perf_counter() - started
+
+            setattr(callback, name, timed)
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][WARMUP_STEPS:]
+
+    def hook_times(self) -> list[float]:
+        return self.hook_s[WARMUP_STEPS + 1 :]
+
+
+class HFClock(TrainerCallback):
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.clock.tick()
+
+
+class LightningClock(L.Callback):
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.clock.tick()
+
+
+class ByteLM(L.LightningModule):
+    """A small next-byte model: embedding, one GRU layer, projection (returns the logits for the logit metrics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, 64)
+        self.rnn = nn.GRU(64, 64, batch_first=True)
+        self.head = nn.Linear(64, 256)
+
+    def training_step(self, ids: torch.Tensor, batch_idx: int) -> dict[str, torch.Tensor]:
+        hidden, _ = self.rnn(self.embed(ids[:, :-1]))
+        logits = self.head(hidden)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()), "logits": logits.detach()}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1000)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+def train(
+    framework: str,
+    kind: str,
+    steps: int,
+    server: str,
+    clock: Clock,
+    workdir: Path,
+    started: Callable[[Any], None] | None = None,
+) -> Any:
+    """One run of `steps` steps; `kind` is `without`, `machinery` or `full`. Returns the steering callback, which
+    `started` is also handed before training starts."""
+    torch.manual_seed(0)
+    blocks = domains()
+    examples: DomainMixture[Any] = (
+        DomainMixture({k: [{"input_ids": b, "labels": b} for b in v] for k, v in blocks.items()}, batch_size=BATCH)
+        if framework == "hf"
+        else DomainMixture(blocks, batch_size=BATCH)
+    )
+    callbacks: list[Any] = [HFClock(clock) if framework == "hf" else LightningClock(clock)]
+    callback = None
+    if kind != "without":
+        config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
+        factory = HFSteer if framework == "hf" else LightningSteer
+        callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
+        clock.wrap(callback, HOOKS[framework])
+        callbacks.insert(0, callback)
+        if started is not None:
+            started(callback)
+    if framework == "hf":
+        config = GPT2Config(
+            vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        )
+        args = TrainingArguments(
+            output_dir=str(workdir / "hf"),
+            max_steps=steps,
+            per_device_train_batch_size=BATCH,
+            learning_rate=1e-3,
+            warmup_steps=10,
+            logging_steps=10,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=examples, callbacks=callbacks).train()
+    else:
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            gradient_clip_val=1.0,
+            callbacks=callbacks,
+        )
+        trainer.fit(ByteLM(), DataLoader(examples, batch_size=BATCH))
+    return callback
+
+
+def command_latency(framework: str, steps: int, server: str, workdir: Path) -> list[int]:
+    """Steps from acceptance to application of `set_hparams` commands sent at random moments of a steered run."""
+    clock = Clock()
+    accepted: dict[str, int] = {}
+    started = threading.Event()
+    holder: list[Any] = []
+
+    def send() -> None:
+        started.wait(60)
+        steer = None
+        while steer is None or steer.run_id is None:
+            time.sleep(0.01)
+            steer = holder[0].steer
+        with Client(server) as client:
+            client.set_policy(steer.run_id, UNLIMITED)
+            rng = random.Random(0)
+            while len(clock.ends) < steps - 10:
+                time.sleep(rng.uniform(0.01, 0.15))
+                record = client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                accepted[record.id] = len(clock.ends)  # steps completed when the server accepted it
+
+    def hand_over(callback: Any) -> None:
+        holder.append(callback)
+        started.set()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    callback = train(framework, "full", steps, server, clock, workdir, started=hand_over)
+    sender.join(30)
+    applied = {record.id: result.step for record, result in callback.steer.results}
+    return [applied[cid] - running for cid, running in accepted.items() if cid in applied]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--framework", choices=("hf", "lightning", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=60, help="steps per run (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default %(default)s)")
+    parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    frameworks = ("hf", "lightning") if args.framework == "both" else (args.framework,)
+    with Server() as server, TemporaryDirectory(prefix="runsteer-frameworks-") as tmp:
+        for framework in frameworks:
+            steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": []}
+            hooks: dict[str, list[float]] = {"machinery": [], "full": []}
+            for round_index in range(args.rounds):
+                for kind in steps:
+                    clock = Clock()
+                    train(framework, kind, args.steps, server.url, clock, Path(tmp) / f"{framework}{round_index}{kind}")
+                    steps[kind] += clock.step_times()
+                    if kind in hooks:
+                        hooks[kind] += clock.hook_times()
+            latency = command_latency(framework, args.latency_steps, server.url, Path(tmp) / f"{framework}-latency")
+            base = statistics.median(steps["without"])
+            print(
+                f"\n{framework}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+                f"load average {load_average()}, {args.rounds} rounds x {args.steps} steps per kind"
+            )
+            print(f"  median step without the callback        {base * 1e3:8.2f} ms")
+            for kind in hooks:
+                median = statistics.median(steps[kind])
+                own = statistics.median(hooks[kind])
+                print(
+                    f"  {kind:9s} median step {median * 1e3:8.2f} ms ({(median / base - 1) * 100:+.1f} %); "
+                    f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
+                    f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
+                )
+            if latency:
+                next_boundary = sum(1 for d in latency if d <= 1) / len(latency)
+                print(
+                    f"  commands: {len(latency)} set_hparams; applied at the next boundary {next_boundary * 100:.1f} %,"
+                    f" steps from acceptance to effect max {max(latency)}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

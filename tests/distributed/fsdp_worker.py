@@ -1,0 +1,96 @@
+"""A hand-written loop with the `Steer` hook on an FSDP2 (`fully_shard`) model, as torchrun starts it.
+
+Rank 0 submits the planned commands through the server at fixed iterations. Every rank writes the full parameters
+and optimizer state after each planned boundary, and the true global gradient norm of each step, to
+`DIR/rank<r>.pt`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from protocols.client import Client
+from tests.distributed.worker import FAST_IO, deliver
+from trainer.steer import Steer, SteerConfig
+
+
+def full(state: Any) -> Any:
+    """A nested state with every DTensor gathered into a plain tensor (a collective on every rank)."""
+    if isinstance(state, DTensor):
+        return state.full_tensor()
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {key: full(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [full(value) for value in state]
+    return state
+
+
+def local_norm(model: nn.Module) -> float:
+    """This rank's shard of the gradient norm (the hook combines the shards into the global norm)."""
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--plan", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    config = SteerConfig(
+        server=args.server, run_name="fsdp", checkpoint_dir=args.out / "checkpoints", ring_size=1,
+        snapshot_every=2, io=FAST_IO,
+    )  # fmt: skip
+    plan = {int(iteration): commands for iteration, commands in json.loads(args.plan.read_text()).items()}
+    saved: dict[int, Any] = {}
+    norms: dict[tuple[str, int], float] = {}
+    with Client(args.server) as client, Steer(model, optimizer, config=config) as steer:
+        for iteration in range(args.steps):
+            if rank == 0:
+                for command in plan.get(iteration, []):
+                    deliver(client, steer, command)
+            step = steer.poll(iteration)
+            if iteration in plan:
+                saved[iteration] = {"model": full(model.state_dict()), "optimizer": full(optimizer.state_dict())}
+            generator = torch.Generator().manual_seed(step)
+            inputs = torch.randn(8 * world, 16, generator=generator).chunk(world)[rank]
+            targets = torch.randn(8 * world, 4, generator=generator).chunk(world)[rank]
+            loss = nn.functional.mse_loss(model(inputs), targets)
+            loss.backward()
+            shard_norm = local_norm(model)
+            norms[(steer.branch, step)] = float(
+                full(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+            )
+            optimizer.step()
+            optimizer.zero_grad()
+            steer.record(step, loss=float(loss), grad_norm=shard_norm)
+        results = [(record.command.type, result.status, result.effective) for record, result in steer.results]
+        run_id = steer.run_id
+    torch.save({"saved": saved, "norms": norms, "results": results, "run_id": run_id}, args.out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The distributed pieces that need no second process: outcome agreement, reductions, data shards, SIGTERM, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from protocols.client import Client
+from protocols.commands import CommandRecord, CommandResult, SetHparams
+from tests.distributed.worker import FAST_IO
+from tests.polling import wait_until
+from tests.serving import ServerThread
+from trainer.cli import main as train_main
+from trainer.data import MixtureSampler, builtin_domains
+from trainer.distributed import RankFailure, Ranks, RankSampler, combine, combine_values, end_on_sigterm, without_option
+from trainer.steer import Steer, SteerConfig
+
+
+def test_a_command_is_applied_only_when_every_rank_applied_it() -> None:
+    """All applied: rank 0's answer. One rank failed: `failed`, naming that rank and its error and who applied."""
+    applied = CommandResult(status="applied", step=4, effective={"lr": 0.1})
+    failed = CommandResult(status="failed", step=4, message="OSError: disk full")
+    assert combine([applied, applied]) == applied
+    mixed = combine([applied, failed, applied])
+    assert mixed.status == "failed" and mixed.step == 4
+    assert mixed.message == "rank 1: failed: OSError: disk full; applied on rank 0, 2"
+
+
+def test_a_rejection_every_rank_agrees_on_stays_a_rejection() -> None:
+    """Appliers check before they change anything, so every rank rejects alike; that is `rejected`, not `failed`."""
+    rejected = CommandResult(status="rejected", step=2, message="the run is not paused")
+    assert combine([rejected, rejected]) == rejected
+    applied = CommandResult(status="applied", step=2)
+    assert combine([applied, rejected]).message == "rank 1: rejected: the run is not paused; applied on rank 0"
+
+
+def test_values_combine_by_their_meaning() -> None:
+    """Mean loss, summed throughput, slowest step; shard norms combine, replicated norms are taken as they are."""
+    column = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert combine_values(column, "mean", sharded=False) == 3.5
+    assert combine_values(column, "sum", sharded=False) == 7.0
+    assert combine_values(column, "max", sharded=False) == 4.0
+    assert combine_values(column, "norm", sharded=True) == 5.0
+    assert combine_values(column, "norm", sharded=False) == 3.0
+    assert combine_values(column, None, sharded=True) == 3.0
+
+
+def test_the_ranks_slices_make_up_the_global_batch_through_mix_changes_and_skips() -> None:
+    """Two ranks' slices side by side are the batch one process draws, after `set_data_mix` and `skip` too."""
+    domains = builtin_domains(20_000)
+    single = MixtureSampler(domains, batch_size=8, block_size=16, seed=3)
+    ranks = [RankSampler(MixtureSampler(domains, batch_size=8, block_size=16, seed=3), r, 2) for r in range(2)]
+    for change in (lambda s: None, lambda s: s.set_weights({"code": 5.0}), lambda s: s.skip(3)):
+        change(single)
+        for rank in ranks:
+            change(rank)
+        whole, halves = single.next_batch(), [rank.next_batch() for rank in ranks]
+        for part, expected in enumerate(whole):
+            assert torch.equal(torch.cat([half[part] for half in halves]), expected)
+    with pytest.raises(ValueError, match="batch size 8 does not split into 3 ranks"):
+        RankSampler(single, 0, 3)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_steered_loop_as_failed_on_the_server(server: ServerThread, client: Client) -> None:
+    """torchrun ends the surviving ranks with SIGTERM: the hook turns it into `RankFailure` and reports `failed`."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        end_on_sigterm()
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        config = SteerConfig(run_name="sigterm", io=FAST_IO)
+        with pytest.raises(RankFailure), Steer(model, optimizer, server=server.url, config=config) as steer:
+            for iteration in range(1000):
+                step = steer.poll(iteration)
+                loss = model(torch.ones(2, 4)).square().mean()
+                loss.backward()
+                optimizer.step()
+                steer.record(step, loss=loss.item())
+                if iteration == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+        assert steer.run_id is not None
+        run_id = steer.run_id
+        assert wait_until(lambda: client.get_run(run_id).status == "failed", 5, "status failed")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_nproc_per_node_below_one_is_refused_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """`runsteer train --nproc-per-node 0` starts nothing and says what is allowed."""
+    assert train_main(["--nproc-per-node", "0", "--steps", "5"]) == 2
+    assert "--nproc-per-node must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_nproc_per_node_under_torchrun_is_refused(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """A rank does not start a torchrun of its own."""
+    monkeypatch.setenv("RANK", "1")
+    assert train_main(["--nproc-per-node", "2"]) == 2
+    assert "already runs under it" in capsys.readouterr().err
+
+
+def test_the_launcher_passes_every_other_flag_on() -> None:
+    """The ranks get the flags without `--nproc-per-node`, in either spelling."""
+    argv = ["--nproc-per-node", "2", "--steps", "5", "--nproc-per-node=4", "--quiet"]
+    assert without_option(argv, "--nproc-per-node") == ["--steps", "5", "--quiet"]
+
+
+def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Path) -> None:
+    """The boundary's all-gather has room for 16 values; a boundary with more sends them in a second all-gather and
+    the room grows for the next ones, values and commands intact (a group of one rank: the collectives are real)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ranks = Ranks()
+        samples = [(step, {"loss": float(step), "grad_norm": 2.0 * step, "lr": 0.1}) for step in range(10)]
+        record = CommandRecord(
+            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
+            status="delivered", created_at=1.0, updated_at=1.0,
+        )  # fmt: skip
+        commands, reduced = ranks.exchange([record], samples)
+        assert commands == [record] and reduced == samples
+        assert ranks._capacity == 32
+        assert ranks.exchange([], samples[:3]) == ([], samples[:3])
+    finally:
+        dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,69 @@
+"""In-memory snapshots copied off the training thread: the copy overlaps the next step and is exact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from protocols.client import Client
+from tests.trainer.helpers import deliver, result_of, train
+from trainer.checkpoints import CheckpointStore, detached_copy
+from trainer.run import BuiltinRun
+
+MakeRun = Callable[..., BuiltinRun]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality of two nested states (tensors by `torch.equal` on dtype and values)."""
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+@pytest.mark.slow
+def test_a_rollback_restores_bit_for_bit_the_snapshot_whose_copy_overlapped_training(
+    make_run: MakeRun, client: Client
+) -> None:
+    """A periodic snapshot copied in the background while steps ran restores exactly the model and optimizer
+    state of the boundary it was taken at."""
+    run = make_run()
+    run.steer.config.snapshot_every = 4
+    assert run.steer.checkpoints.overlap
+    train(run, range(4))
+    step = run.steer.poll(4)  # takes the step-4 snapshot; the copy runs while step 4 trains
+    expected = {"model": detached_copy(run.model.state_dict()), "optimizer": detached_copy(run.optimizer.state_dict())}
+    run.steer.record(step, **run.train_step(step))
+    train(run, range(5, 9))
+    snapshot = run.steer.checkpoints.find(step=4, branch="main")
+    record = deliver(client, run.steer, {"type": "rollback", "checkpoint_id": snapshot.checkpoint_id})
+    run.steer.poll(9)
+    assert result_of(client, run.steer, record).effective["source"] == "memory"
+    assert same(run.model.state_dict(), expected["model"])
+    assert same(run.optimizer.state_dict(), expected["optimizer"])
+
+
+def test_the_next_optimizer_step_waits_for_the_background_copy() -> None:
+    """An optimizer step straight after a snapshot (no forward to hide the copy behind) still leaves the
+    snapshot holding the values from before the step: the step's pre-hook waits for the copy."""
+    torch.manual_seed(0)
+    model = nn.Linear(4096, 2048)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    store = CheckpointStore(None, ring_size=2)
+    for _ in range(2):
+        model(torch.randn(8, 4096)).square().mean().backward()
+        optimizer.step()
+        state = {"model": model.state_dict(keep_vars=True), "optimizer": optimizer.state_dict()}
+        expected = detached_copy(state)
+        info, _ = store.save(state, branch="main", step=1, to_disk=False)
+        optimizer.step()
+        assert not torch.equal(model.weight.detach(), expected["model"]["weight"])
+        assert same(store.load(info.checkpoint_id), expected)
+    store.close()

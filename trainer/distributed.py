@@ -1,0 +1,452 @@
+"""torchrun support: one run on the server, every command applied by every rank before the same step.
+
+Rank 0 alone talks to the server. At each step boundary it hands the commands its I/O thread fetched to every
+rank over a CPU `gloo` side group created beside the user's process group (NCCL or gloo alike), so steering adds
+no GPU sync: one small all-gather per boundary carries rank 0's payload length and the metrics recorded since the
+last boundary (reduced there, so reporting them costs no collective of its own), and the payload follows only when
+there is one. Every rank applies the same commands in the same order, and the outcomes are gathered back: a
+command is `applied` only when every rank applied it. While paused, rank 0 waits for commands in short slices and
+every rank meets it in one short collective per slice, so no rank sits in a collective for long and a pause may
+outlast any process group timeout. Side-group collectives get their own, long timeout
+(`DistributedConfig.side_timeout_s`): rank 0 may be writing a checkpoint file while the others wait for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import signal
+import sys
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import TypeAdapter
+from torch import Tensor, nn
+
+from protocols.commands import CommandRecord, CommandResult
+from protocols.records import CheckpointInfo, RunInfo
+from trainer.checkpoints import CheckpointStore, detached_copy
+
+Reduction = Literal["mean", "sum", "max", "norm"]
+
+REDUCTIONS: dict[str, Reduction] = {
+    "loss": "mean",
+    "tokens_per_s": "sum",
+    "step_time_ms": "max",
+    "grad_norm": "norm",
+    "param_norm": "norm",
+}
+"""How a recorded value combines across ranks; every other value is rank 0's. `norm` values are the local
+shard's norm under FSDP (combined as the root of the summed squares) and already global under DDP."""
+
+_records = TypeAdapter(list[CommandRecord])
+
+Sample = tuple[int, dict[str, float]]
+"""One `record` call: the step and its values."""
+
+
+@dataclass
+class DistributedConfig:
+    """Settings of the side channel between ranks."""
+
+    side_timeout_s: float = 3600.0
+    """How long one side-group collective may wait: rank 0 may be saving a checkpoint file meanwhile."""
+    pause_slice_s: float = 0.2
+    """While paused, rank 0 waits this long for commands before every rank meets it again."""
+
+
+class RankFailure(Exception):
+    """This rank was told to end (torchrun ends the survivors when a rank dies); the run ends as failed."""
+
+
+def world_of_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are DTensor shards (FSDP2's `fully_shard`), so norms are per shard."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(param, DTensor) for param in model.parameters())
+
+
+class Ranks:
+    """The side channel of one rank: command hand-over, outcome agreement, metric reduction, shared values."""
+
+    def __init__(self, *, sharded: bool = False, config: DistributedConfig | None = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("torch.distributed is not initialised; call init_process_group first (torchrun does)")
+        self.config = config or DistributedConfig()
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.sharded = sharded
+        # Every rank must create every group, in the same order; this one carries only small CPU tensors.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.config.side_timeout_s))
+        self._capacity = 16
+        """Values to reduce that the boundary's one all-gather carries; grows when a boundary needs more."""
+        end_on_sigterm()
+
+    @classmethod
+    def detect(cls, model: nn.Module, config: DistributedConfig | None = None) -> Ranks | None:
+        """The side channel when this process is one of several ranks of an initialised group, else None."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return cls(sharded=is_sharded(model), config=config)
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0: the one that talks to the server."""
+        return self.rank == 0
+
+    def exchange(self, records: list[CommandRecord], samples: list[Sample]) -> tuple[list[CommandRecord], list[Sample]]:
+        """At a boundary: rank 0's commands on every rank, and the samples recorded since the last boundary reduced
+        across ranks (see `REDUCTIONS`).
+
+        One all-gather of a small fixed-size vector per call: rank 0's payload length, a checksum of the names
+        recorded, their count and the values to reduce. The commands follow in a broadcast only when there are
+        some, and the values in a second all-gather only when more were recorded than the vector holds (which
+        then grows for the next boundaries, on every rank alike).
+        """
+        payload = _records.dump_json(records) if self.leader and records else b""
+        names = [sorted(key for key in values if reduction_of(key) is not None) for _, values in samples]
+        flat = [values[key] for (_, values), keys in zip(samples, names, strict=True) for key in keys]
+        layout = repr([(step, keys) for (step, _), keys in zip(samples, names, strict=True)])
+        local = torch.zeros(3 + self._capacity, dtype=torch.float64)
+        local[:3] = torch.tensor([len(payload), zlib.crc32(layout.encode()), len(flat)], dtype=torch.float64)
+        local[3 : 3 + min(len(flat), self._capacity)] = torch.tensor(flat[: self._capacity], dtype=torch.float64)
+        table = self._all_gather(local)
+        if not (bool((table[:, 1] == table[0, 1]).all()) and bool((table[:, 2] == table[0, 2]).all())):
+            raise RuntimeError(
+                "the ranks recorded different metrics since the last step boundary; record the same names at the "
+                "same steps on every rank"
+            )
+        count = int(table[0, 2])
+        if count > self._capacity:
+            self._capacity = 1 << (count - 1).bit_length()
+            table = torch.cat([table[:, :3], self._all_gather(torch.tensor(flat, dtype=torch.float64))], dim=1)
+        reduced: list[Sample] = []
+        column = 3
+        for (step, values), keys in zip(samples, names, strict=True):
+            combined = dict(values)
+            for key in keys:
+                combined[key] = combine_values(table[:, column], reduction_of(key), sharded=self.sharded)
+                column += 1
+            reduced.append((step, combined))
+        size = int(table[0, 0])
+        if size == 0:
+            return [], reduced
+        buffer = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if self.leader
+            else torch.empty(size, dtype=torch.uint8)
+        )
+        dist.broadcast(buffer, src=0, group=self.group)
+        return (records if self.leader else _records.validate_json(buffer.numpy().tobytes())), reduced
+
+    def _all_gather(self, local: Tensor) -> Tensor:
+        """Every rank's `local` (of the same size on every rank), one row per rank."""
+        rows = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(rows, local, group=self.group)
+        return torch.stack(rows)
+
+    def agree(self, results: list[CommandResult]) -> list[CommandResult]:
+        """Every rank's outcome of the same commands combined on rank 0 (others get their own back)."""
+        gathered: list[list[CommandResult] | None] = [None] * self.world if self.leader else []
+        dist.gather_object(results, gathered if self.leader else None, dst=0, group=self.group)
+        if not self.leader:
+            return results
+        per_rank = [ranked for ranked in gathered if ranked is not None]
+        return [combine([outcomes[index] for outcomes in per_rank]) for index in range(len(results))]
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a run id, a checkpoint's info): for rare, small objects."""
+        box = [value if self.leader else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def reduction_of(key: str) -> Reduction | None:
+    """How `key` combines across ranks; per-block gradient norms combine as norms."""
+    if key.startswith("grad_norm/"):
+        return "norm"
+    return REDUCTIONS.get(key)
+
+
+def combine_values(column: Tensor, how: Reduction | None, *, sharded: bool) -> float:
+    """One value from every rank's: mean, sum, max, or a norm over shards (rank 0's when not sharded)."""
+    if how == "mean":
+        return float(column.mean())
+    if how == "sum":
+        return float(column.sum())
+    if how == "max":
+        return float(column.max())
+    if how == "norm" and sharded:
+        return float(column.square().sum().sqrt())
+    return float(column[0])
+
+
+def combine(outcomes: list[CommandResult]) -> CommandResult:
+    """The run's answer from every rank's: rank 0's when all agree, else `failed` naming the ranks that differ."""
+    first = outcomes[0]
+    if all(outcome.status == first.status for outcome in outcomes) and first.status != "failed":
+        return first
+    parts = [
+        f"rank {rank}: {outcome.status}" + (f": {outcome.message}" if outcome.message else "")
+        for rank, outcome in enumerate(outcomes)
+        if outcome.status != "applied"
+    ]
+    applied = [str(rank) for rank, outcome in enumerate(outcomes) if outcome.status == "applied"]
+    if applied:
+        parts.append(f"applied on rank {', '.join(applied)}")
+    return CommandResult(status="failed", step=first.step, effective=first.effective, message="; ".join(parts)[:2000])
+
+
+class FollowerIO:
+    """The I/O side of a rank other than 0: it sends nothing (rank 0 reports for the run) and fetches nothing."""
+
+    def __init__(self, run_info: RunInfo | None) -> None:
+        self.run_info = run_info
+        self.inbox: queue.Queue[CommandRecord] = queue.Queue()
+        self.outbox = _Discard()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Nothing to send."""
+        return True
+
+
+class _Discard:
+    """An outbox whose items go nowhere: reports of ranks other than 0 are made by rank 0."""
+
+    def put(self, item: object) -> None:
+        """Drop `item`."""
+
+
+class RankSampler:
+    """Rank `rank`'s share of every global batch of a mixture sampler, so N ranks see what one process would.
+
+    The sampler draws the whole global batch (its batch size) at each index and this rank keeps its contiguous
+    slice; mix, index and `skip` are the sampler's own, so `set_data_mix` and `skip_batches` act on every rank alike.
+    """
+
+    def __init__(self, sampler: Any, rank: int, world: int) -> None:
+        if sampler.batch_size % world:
+            raise ValueError(f"batch size {sampler.batch_size} does not split into {world} ranks evenly")
+        self.sampler = sampler
+        self.names: list[str] = sampler.names
+        self.rows = slice(rank * sampler.batch_size // world, (rank + 1) * sampler.batch_size // world)
+
+    @property
+    def index(self) -> int:
+        """The index of the next global batch."""
+        return int(self.sampler.index)
+
+    def next_batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's slice of the next global batch."""
+        inputs, targets, ids = self.sampler.next_batch()
+        return inputs[self.rows], targets[self.rows], ids[self.rows]
+
+    def set_weights(self, weights: dict[str, float]) -> dict[str, float]:
+        """See `MixtureSampler.set_weights`."""
+        mix: dict[str, float] = self.sampler.set_weights(weights)
+        return mix
+
+    def mix(self) -> dict[str, float]:
+        """See `MixtureSampler.mix`."""
+        mix: dict[str, float] = self.sampler.mix()
+        return mix
+
+    def skip(self, batches: int) -> None:
+        """Skip the next `batches` global batches."""
+        self.sampler.skip(batches)
+
+    def eval_batches(self, domain: str, max_batches: int) -> list[tuple[Tensor, Tensor]]:
+        """The held-out batches (the same on every rank)."""
+        batches: list[tuple[Tensor, Tensor]] = self.sampler.eval_batches(domain, max_batches)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global sampler's state (the same on every rank)."""
+        state: dict[str, Any] = self.sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the global sampler's state."""
+        self.sampler.load_state_dict(state)
+
+
+class RankCheckpoints(CheckpointStore):
+    """A checkpoint store kept in step on every rank: the same ids everywhere, each rank's ring its own state.
+
+    Replicated models (DDP) write each file once, from rank 0, and the other ranks read that file back on a
+    rollback from disk (the checkpoint directory must be one every rank can read: the node's disk, or a shared
+    one). Sharded models (FSDP2) write one `torch.distributed.checkpoint` directory in which each rank writes
+    its own shard.
+    """
+
+    def __init__(
+        self,
+        ranks: Ranks,
+        directory: Path | None,
+        *,
+        ring_size: int,
+        keep_files: int,
+        live_state: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.ranks = ranks
+        # Only rank 0 keeps the index (and writes whole files); the others adopt its infos and, when sharded,
+        # write their shards into the same DCP directory.
+        super().__init__(directory if ranks.leader else None, ring_size=ring_size, keep_files=keep_files)
+        self.shared_directory = directory
+        self.live_state = live_state
+        """The live state's references: a sharded file is read into its shards."""
+
+    def save(self, state: dict[str, Any], **options: Any) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
+        """Save on every rank at the same boundary (see `CheckpointStore.save` for the options); rank 0's info
+        (id, path, digest) becomes every rank's. A sharded model's file is one DCP directory, a shard per rank."""
+        sharded_file = self.ranks.sharded and options.get("to_disk", True) and self.shared_directory is not None
+        if sharded_file:
+            options["to_disk"] = False
+        info, evicted = super().save(state, **options)
+        info = self._adopt(info, self.ranks.share(info))
+        if sharded_file:
+            info = self._write_sharded(state, info)
+        return info, evicted
+
+    def _adopt(self, local: CheckpointInfo, leader: CheckpointInfo) -> CheckpointInfo:
+        """Re-key this rank's entry under rank 0's id and info, so a rollback by id means one checkpoint."""
+        if local.checkpoint_id != leader.checkpoint_id:
+            entry = self.entries.pop(local.checkpoint_id)
+            entry.info = leader
+            self.entries[leader.checkpoint_id] = entry
+        return leader
+
+    def _write_sharded(self, state: dict[str, Any], info: CheckpointInfo) -> CheckpointInfo:
+        """Every rank writes its shard into one DCP directory; rank 0 records it in the index."""
+        from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+        assert self.shared_directory is not None
+        path = self.shared_directory / f"{info.checkpoint_id}.dcp"
+        dcp_save(sharded_state(state, self.ranks.rank), checkpoint_id=path, process_group=self.ranks.group)
+        size = sum(part.stat().st_size for part in path.iterdir())
+        info = info.model_copy(update={"path": str(path), "size_bytes": size})
+        self.entries[info.checkpoint_id].info = info
+        if self.directory is not None:
+            self._write_index()
+        return info
+
+    def load(self, checkpoint_id: str) -> dict[str, Any]:
+        """From this rank's ring when the snapshot is there, else from the file (DCP: this rank's shard)."""
+        entry = self.entries.get(checkpoint_id)
+        if entry is None or entry.state is not None or not entry.info.path.endswith(".dcp"):
+            return super().load(checkpoint_id)
+        from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+        target = sharded_state(detached_copy(self.live_state()), self.ranks.rank)
+        dcp_load(target, checkpoint_id=entry.info.path, process_group=self.ranks.group)
+        return unshard_state(target, self.ranks.rank)
+
+
+def sharded_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A captured state laid out for DCP: the per-rank RNG under a key of its own (DCP keeps one copy per key)."""
+    laid_out = {key: value for key, value in state.items() if key != "rng"}
+    laid_out[f"rng.rank{rank}"] = state["rng"]
+    return laid_out
+
+
+def unshard_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """The inverse of `sharded_state`."""
+    restored = {key: value for key, value in state.items() if not key.startswith("rng.rank")}
+    restored["rng"] = state[f"rng.rank{rank}"]
+    return restored
+
+
+def end_on_sigterm() -> None:
+    """Turn torchrun's SIGTERM (sent to the survivors when a rank dies) into `RankFailure` in the training thread,
+    so the hook's `with` block reports the run `failed` before the process ends; a handler of the program's own
+    is left in place."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise RankFailure("ended by SIGTERM (torchrun ends the other ranks when one fails)")
+
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def place(device: torch.device, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Under torchrun, join the process group (NCCL on CUDA, gloo on the CPU) and pick this rank's GPU;
+    returns (rank, world size, device). Outside torchrun: (0, 1, `device`)."""
+    rank, world, local_rank = world_of_env()
+    if world < 2:
+        return rank, world, device
+    where = torch.device("cuda", local_rank) if device.type == "cuda" else device
+    if not dist.is_initialized():
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(
+            backend="nccl" if where.type == "cuda" else "gloo",
+            device_id=where if where.type == "cuda" else None,
+            timeout=timeout,
+        )
+        atexit.register(_leave)
+    return rank, world, where
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def replicate(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped for data parallelism (DDP) when several ranks run, else the model itself."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option` and its value (given as `option VALUE` or `option=VALUE`)."""
+    kept: list[str] = []
+    skip = False
+    for argument in argv:
+        if skip:
+            skip = False
+        elif argument == option:
+            skip = True
+        elif not argument.startswith(f"{option}="):
+            kept.append(argument)
+    return kept
+
+
+def launch(nproc_per_node: int, argv: list[str]) -> int:
+    """Replace this process with `torchrun --standalone --nproc-per-node N -m trainer ARGV` (one machine, N ranks)."""
+    if nproc_per_node < 1:
+        print(f"runsteer train: --nproc-per-node must be at least 1, not {nproc_per_node}", file=sys.stderr)
+        return 2
+    if "RANK" in os.environ:
+        print(
+            "runsteer train: --nproc-per-node starts torchrun, and this process already runs under it", file=sys.stderr
+        )
+        return 2
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}"]
+    command = [*runner, "-m", "trainer", *argv]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, command)

@@ -1,0 +1,267 @@
+"""The live run: the parts of a training run that commands change, kept apart from the I/O around them.
+
+The plain `Steer` hook, the built-in run, the Hugging Face and Lightning callbacks and a distributed wrapper all
+hand a `LiveRun` to the same appliers (`trainer/appliers.py`), so a command means the same in every loop. The live
+run never touches the network: what the server must hear about (a status change, a checkpoint written, metrics of an
+evaluation) it hands to `emit`, which `Steer` routes to its I/O thread and a rank other than 0 may simply drop.
+Applying a command is a pure function of the live run and the command record, so a distributed wrapper can
+broadcast the records before `apply_command` and gather the results after it, and every rank changes alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from protocols.records import CheckpointInfo, CheckpointSaved, RunReport, RunState, StatusReport
+from trainer.checkpoints import CheckpointStore
+from trainer.io import OutItem, SampleItem
+from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
+from trainer.schedule import Schedule
+
+Evaluator = Callable[[int | None], dict[str, float] | None]
+"""Runs evaluation on at most `max_batches` batches per domain (the run's default for None) and returns
+`eval_loss` and `eval_loss/<domain>` values; or returns None when it only asked the framework to evaluate at its
+next chance (the framework's own evaluation then reports the metrics)."""
+
+
+class Sampler(Protocol):
+    """What `set_data_mix` and rollback need from a data sampler."""
+
+    names: list[str]
+
+    def set_weights(self, weights: dict[str, float]) -> dict[str, float]: ...
+    def mix(self) -> dict[str, float]: ...
+    def skip(self, batches: int) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ScheduleFactor:
+    """A `LambdaLR` multiplier that makes a torch scheduler follow a runsteer `Schedule`.
+
+    A callable object rather than a function, so `LambdaLR.state_dict` saves it and a rollback restores it.
+    """
+
+    def __init__(self, schedule: dict[str, Any], offset: int) -> None:
+        self.schedule = schedule
+        self.offset = offset
+        """The run's step minus the scheduler's `last_epoch` when the schedule was set."""
+
+    def __call__(self, epoch: int) -> float:
+        return Schedule.from_state_dict(self.schedule).factor(epoch + self.offset)
+
+
+class LiveRun:
+    """Model, optimizer, schedule or scheduler, sampler, checkpoint ring, clipping, step and branch, pause/stop."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        checkpoints: CheckpointStore,
+        emit: Callable[[OutItem], None],
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        schedule: Schedule | None = None,
+        sampler: Sampler | None = None,
+        evaluate: Evaluator | None = None,
+        grad_clip: float = 0.0,
+        branch: str = "main",
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        """The torch optimizer itself (a framework's wrapper unwrapped), so a swap changes the object all share."""
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.evaluator = evaluate
+        self.checkpoints = checkpoints
+        self.emit = emit
+        self.grad_clip = grad_clip
+        """Gradient clipping threshold (0: off); a loop or callback reads it before each optimizer step."""
+        self.step = 0
+        self.branch = branch
+        self.branches = {branch}
+        self.paused = False
+        self.stopped = False
+        self.last_applied_seq = 0
+        self._healthy_since_checkpoint = True
+        self._last_values: dict[str, float] = {}
+        self._lambdas: list[Any] = list(getattr(scheduler, "lr_lambdas", []))
+        self._schedule: Schedule | None = None
+        self.schedule = schedule
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The runsteer schedule in force, if any; a `LambdaLR` scheduler is made to follow it."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule | None) -> None:
+        self._schedule = schedule
+        scheduler = self.scheduler
+        if schedule is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            return
+        factor = ScheduleFactor(schedule.state_dict(), self.step - scheduler.last_epoch)
+        scheduler.lr_lambdas = [factor for _ in scheduler.lr_lambdas]
+        scheduler.base_lrs = list(schedule.peak_lrs)
+        for group, peak in zip(self.optimizer.param_groups, schedule.peak_lrs, strict=True):
+            if "initial_lr" in group:
+                group["initial_lr"] = peak
+
+    # Settings
+
+    def group_names(self) -> list[str]:
+        """Names of the optimizer's parameter groups."""
+        return [group_name(group, index) for index, group in enumerate(self.optimizer.param_groups)]
+
+    def set_lr(self, indices: list[int], lr: float) -> None:
+        """Make `lr` the current learning rate of the groups; a running schedule continues from it, scaled.
+
+        Under a torch scheduler (HF's are `LambdaLR`: lr = base_lr x factor(step)) the groups' `base_lrs` and
+        `initial_lr` are scaled by new/current, so the scheduler's next step keeps the change instead of undoing it.
+        """
+        if self.schedule is not None:
+            schedule = self.schedule
+            for index in indices:
+                schedule = schedule.rescaled(self.step, index, lr)
+            self.schedule = schedule
+        elif self.scheduler is not None:
+            base_lrs = self.scheduler.base_lrs
+            for index in indices:
+                group = self.optimizer.param_groups[index]
+                current = float(group["lr"])
+                ratio = lr / current if current > 0.0 else None
+                base_lrs[index] = base_lrs[index] * ratio if ratio is not None else lr
+                if "initial_lr" in group:
+                    group["initial_lr"] = group["initial_lr"] * ratio if ratio is not None else lr
+        for index in indices:
+            self.optimizer.param_groups[index]["lr"] = lr
+        self._tell_scheduler()
+
+    def apply_schedule(self) -> None:
+        """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
+        if self.schedule is None:
+            return
+        for group, lr in zip(self.optimizer.param_groups, self.schedule.lrs(self.step), strict=True):
+            group["lr"] = lr
+        self._tell_scheduler()
+
+    def _tell_scheduler(self) -> None:
+        """Make the scheduler's `get_last_lr()` (what HF and Lightning log) the learning rates now in force."""
+        if self.scheduler is not None:
+            self.scheduler._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def run_state(self) -> RunState:
+        """The settings in force, for heartbeats and the server's view of the run."""
+        group = self.optimizer.param_groups[0]
+        return RunState(
+            step=self.step,
+            branch=self.branch,
+            paused=self.paused,
+            lr=float(group["lr"]),
+            weight_decay=float(group.get("weight_decay", 0.0)),
+            grad_clip=self.grad_clip,
+            optimizer=optimizer_name(self.optimizer),
+            schedule=self.schedule.state() if self.schedule is not None else None,
+            data_mix=self.sampler.mix() if self.sampler is not None else {},
+            param_groups=self.group_names(),
+        )
+
+    # Metrics and reports
+
+    def note_values(self, values: dict[str, float]) -> None:
+        """Remember a step's values: the next checkpoint carries them and is unhealthy if any was non-finite."""
+        if not all(math.isfinite(value) for value in values.values()):
+            self._healthy_since_checkpoint = False
+        self._last_values = values
+
+    def record(self, step: int, values: dict[str, float]) -> None:
+        """Hand one step's values to the server (through `emit`) and note them."""
+        self.note_values(values)
+        self.emit(SampleItem(self.branch, step, time.time(), values))
+
+    def report(self, item: RunReport) -> None:
+        """Hand a report to the server (through `emit`)."""
+        self.emit(item)
+
+    def set_status(self, status: str, message: str) -> None:
+        """Tell the server the run changed status (paused, running, finished)."""
+        self.emit(StatusReport(status=status, message=message[:2000]))  # type: ignore[arg-type]
+
+    # Checkpoints
+
+    def capture(self) -> dict[str, Any]:
+        """Everything a checkpoint restores (references; the store copies them)."""
+        state: dict[str, Any] = {
+            # Parameters as `nn.Parameter`s: the ring copies those off the training thread (see checkpoints.py).
+            "model": self.model.state_dict(keep_vars=True),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_name": optimizer_name(self.optimizer) or type(self.optimizer).__name__,
+            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
+            "rng": {"torch": torch.get_rng_state()},
+            "step": self.step,
+            "branch": self.branch,
+            "hparams": {"grad_clip": self.grad_clip},
+            "last_applied_seq": self.last_applied_seq,
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a captured state into the model, optimizer, schedule, scheduler, sampler and RNG (not the branch)."""
+        self.model.load_state_dict(state["model"])
+        saved_name = state["optimizer_name"]
+        if saved_name != optimizer_name(self.optimizer):
+            swap_optimizer(self.optimizer, plan_swap(self.optimizer, saved_name, {}, carry_state=False))
+        self.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            # The multipliers in force when the state was saved must be in place before LambdaLR loads their data.
+            self.scheduler.lr_lambdas = list(self._lambdas)
+        self.schedule = Schedule.from_state_dict(state["schedule"]) if state["schedule"] is not None else None
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.sampler is not None and state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.grad_clip = float(state["hparams"]["grad_clip"])
+
+    def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
+        """Snapshot the run now and report it, and what retention evicted, to the server."""
+        info, evicted = self.checkpoints.save(
+            self.capture(),
+            branch=self.branch,
+            step=self.step,
+            tag=tag,
+            to_disk=to_disk,
+            healthy=self._healthy_since_checkpoint,
+            metrics={k: v for k, v in self._last_values.items() if math.isfinite(v)},
+        )
+        self._healthy_since_checkpoint = True
+        self.emit(CheckpointSaved(checkpoint=info))
+        for old in evicted:
+            self.emit(CheckpointSaved(checkpoint=old, deleted=True))
+        return info
+
+    def load_checkpoint(self, info: CheckpointInfo) -> str:
+        """Restore the checkpoint's state into the run; returns where it came from (`memory` or `disk`)."""
+        entry = self.checkpoints.entries.get(info.checkpoint_id)
+        source = "memory" if entry is not None and entry.state is not None else "disk"
+        self.restore(self.checkpoints.load(info.checkpoint_id))
+        return source
+
+    def move_to(self, step: int, branch: str) -> None:
+        """Continue as `step` on `branch` (after a rollback)."""
+        self.step = step
+        self.branch = branch
+        self.branches.add(branch)
