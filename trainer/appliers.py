@@ -26,7 +26,7 @@ from protocols.commands import (
     Stop,
 )
 from trainer.checkpoints import CheckpointError
-from trainer.optim import ADAM_FAMILY, optimizer_name, plan_swap, swap_optimizer
+from trainer.optim import ADAM_FAMILY, optimizer_name, plan_swap, swap_optimizer, weight_decay_groups
 from trainer.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -98,11 +98,16 @@ def apply_set_hparams(steer: Steer, command: SetHparams) -> Effective:
             raise CommandRejected(f"{kind} has no eps")
         if command.weight_decay is not None and "weight_decay" not in group:
             raise CommandRejected(f"{kind} has no weight decay")
+    try:
+        named = command.param_groups or command.weight_decay is None
+        decay = indices if named else weight_decay_groups(steer.optimizer.param_groups)
+    except ValueError as exc:
+        raise CommandRejected(str(exc)) from exc
     if command.lr is not None:
         set_lr(steer, indices, command.lr)
     for index in indices:
         group = steer.optimizer.param_groups[index]
-        if command.weight_decay is not None:
+        if command.weight_decay is not None and index in decay:
             group["weight_decay"] = command.weight_decay
         if command.betas is not None:
             group["betas"] = tuple(command.betas)
