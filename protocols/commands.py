@@ -23,9 +23,9 @@ class SetHparams(WireModel):
     lr: LearningRate | None = None
     """Learning rate; with a schedule running it becomes the schedule's current value."""
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
-    """Decoupled (AdamW) or L2 weight decay coefficient. Without `param_groups` it changes the groups whose weight
-    decay is not 0; a group at 0 (the usual no-decay group of norms and biases) keeps 0 unless named. A run with
-    one group: that group; several groups all at 0: rejected, name them."""
+    """Decoupled (AdamW) or L2 weight decay coefficient. Without `param_groups` it changes the groups that decay: a
+    group whose decay was 0 beside decaying groups when the run was first steered (the usual no-decay group of norms
+    and biases) keeps its value unless named, even after the others were set to 0 and back."""
     betas: tuple[Fraction, Fraction] | None = None
     """Adam-family moment decay rates, each in [0, 1)."""
     momentum: Fraction | None = None

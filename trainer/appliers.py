@@ -98,11 +98,7 @@ def apply_set_hparams(steer: Steer, command: SetHparams) -> Effective:
             raise CommandRejected(f"{kind} has no eps")
         if command.weight_decay is not None and "weight_decay" not in group:
             raise CommandRejected(f"{kind} has no weight decay")
-    try:
-        named = command.param_groups or command.weight_decay is None
-        decay = indices if named else weight_decay_groups(steer.optimizer.param_groups)
-    except ValueError as exc:
-        raise CommandRejected(str(exc)) from exc
+    decay = indices if command.param_groups else weight_decay_groups(steer.optimizer.param_groups)
     if command.lr is not None:
         set_lr(steer, indices, command.lr)
     for index in indices:

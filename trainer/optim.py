@@ -50,18 +50,25 @@ def group_name(group: dict[str, Any], index: int) -> str:
     return str(name) if name else f"group{index}"
 
 
+DECAYS = "decays"
+"""The param-group key recording whether a group takes a weight decay given without `param_groups`."""
+
+
 def weight_decay_groups(param_groups: list[dict[str, Any]]) -> list[int]:
     """The groups a weight decay given without `param_groups` applies to (`set_hparams`, `set_optimizer`).
 
-    They are the groups whose weight decay is not 0: a group at 0 beside groups that decay is a deliberate
-    no-decay group (norm weights, biases, often embeddings) and keeps 0 unless it is named. A run with one group
-    means that group. Several groups all at 0 raise ValueError naming them, since none of them is "the" group.
+    Each group's part is fixed the first time a command asks, and kept in the group (so checkpoints, rollbacks and
+    swaps keep it): a group whose weight decay is 0 then, beside groups that decay, is a deliberate no-decay group
+    (norm weights, biases, often embeddings) and is changed only when named; every other group decays. So setting
+    the decay to 0 and back later never reaches the no-decay group, and a run with no group decaying at first
+    (one group, or all at 0) has every group take the value.
     """
-    decaying = [index for index, group in enumerate(param_groups) if float(group.get("weight_decay", 0.0)) != 0.0]
-    if decaying or len(param_groups) == 1:
-        return decaying or [0]
-    names = ", ".join(group_name(group, index) for index, group in enumerate(param_groups))
-    raise ValueError(f"no parameter group decays now; name the ones to change in param_groups ({names})")
+    if any(DECAYS not in group for group in param_groups):
+        zero = [float(group.get("weight_decay", 0.0)) == 0.0 for group in param_groups]
+        split = not all(zero)
+        for group, is_zero in zip(param_groups, zero, strict=True):
+            group.setdefault(DECAYS, not (split and is_zero))
+    return [index for index, group in enumerate(param_groups) if group[DECAYS]]
 
 
 @dataclass
@@ -75,9 +82,7 @@ class SwapPlan:
     dropped: list[str] = field(default_factory=list)
 
 
-def _hparams_for(
-    name: OptimizerName, old: dict[str, Any], overrides: dict[str, Any], decays: bool
-) -> dict[str, Any]:
+def _hparams_for(name: OptimizerName, old: dict[str, Any], overrides: dict[str, Any], decays: bool) -> dict[str, Any]:
     """The constructor settings of `name` for one group: the old group's values where they still mean the same;
     an overriding weight decay only where `decays` (see `weight_decay_groups`)."""
     merged: dict[str, Any] = {key: old[key] for key in ("lr", "weight_decay") if key in old}
@@ -119,12 +124,12 @@ def _hparams_for(
 def plan_swap(
     optimizer: torch.optim.Optimizer, name: OptimizerName, overrides: dict[str, Any], carry_state: bool
 ) -> SwapPlan:
-    """Work out a swap without touching the optimizer; raises ValueError when `name` is not available or a weight
-    decay has no group to go to."""
+    """Work out a swap without touching the optimizer (beyond fixing the groups' weight-decay parts); raises
+    ValueError when `name` is not available."""
     classes = optimizer_classes()
     if name not in classes:
         raise ValueError(f"optimizer {name!r} is not available in torch {torch.__version__}")
-    decaying = weight_decay_groups(optimizer.param_groups) if overrides.get("weight_decay") is not None else []
+    decaying = weight_decay_groups(optimizer.param_groups)
     groups: list[dict[str, Any]] = []
     for index, group in enumerate(optimizer.param_groups):
         settings = _hparams_for(name, group, overrides, index in decaying)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 import torch
 
 from protocols.client import Client
@@ -40,18 +39,23 @@ def test_weight_decay_without_groups_leaves_the_no_decay_group_at_zero(make_run:
     assert decays(run) == {"decay": 0.02, "no_decay": 0.01}
 
 
-def test_weight_decay_without_groups_on_a_run_where_no_group_decays_is_rejected_naming_them(
-    server_url: str, client: Client
-) -> None:
-    """With several groups all at 0 there is no group the command clearly means: rejected, nothing changes."""
+def test_setting_the_decay_to_zero_and_back_never_reaches_the_no_decay_group(make_run: MakeRun, client: Client) -> None:
+    """Once every group is at 0 the no-decay group is still told apart: the parts are fixed at the first command."""
+    run = make_run()
+    for iteration, value in enumerate((0.0, 0.3)):
+        record = deliver(client, run.steer, {"type": "set_hparams", "weight_decay": value})
+        run.steer.poll(iteration)
+        assert result_of(client, run.steer, record).status == "applied"
+    assert decays(run) == {"decay": 0.3, "no_decay": 0.0}
+
+
+def test_a_run_whose_groups_all_start_at_zero_takes_the_decay_in_every_group(server_url: str, client: Client) -> None:
+    """With no group decaying when the run is first steered there is no deliberate no-decay group: all change."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
     optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=1e-3)
     with Steer(model, optimizer, config=SteerConfig(server=server_url, run_name="wd", io=FAST_IO)) as steer:
-        record = deliver(client, steer, {"type": "set_hparams", "weight_decay": 0.1, "lr": 2e-3})
+        record = deliver(client, steer, {"type": "set_hparams", "weight_decay": 0.1})
         steer.poll(0)
-        result = result_of(client, steer, record)
-        assert result.status == "rejected" and result.message is not None
-        assert "param_groups (decay, no_decay)" in result.message
-        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0, 0.0]
-        assert [group["lr"] for group in optimizer.param_groups] == [pytest.approx(1e-3)] * 2
+        assert result_of(client, steer, record).status == "applied"
+        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.1]
