@@ -23,7 +23,6 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +169,9 @@ class CheckpointStore:
         loop that writes parameters between a snapshot and its next `optimizer.step()` other than by a load."""
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[BackgroundCopy] = []
+        """Copies not yet known to be in host memory."""
+        self._unwritten: list[BackgroundCopy] = []
+        """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
         if directory is not None:
@@ -253,7 +255,9 @@ class CheckpointStore:
     def wait(self) -> None:
         """Block until every background copy is in host memory; call it before writing parameters other than
         through `optimizer.step()` (which waits by itself)."""
-        for background in self._take_pending():
+        with self._lock:
+            pending, self._pending, self._unwritten = self._pending, [], []
+        for background in pending:
             background.finish()
 
     def _copy_in_background(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -265,38 +269,32 @@ class CheckpointStore:
         background = BackgroundCopy(deferred, self._worker())
         with self._lock:
             self._pending.append(background)
-            if self._hook is None:
-                self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step())
+            self._unwritten.append(background)
+        if self._hook is None:
+            # Registered once and left in place until `close`: a hook may not remove itself while torch iterates.
+            self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
         return snapshot
-
-    def _take_pending(self) -> list[BackgroundCopy]:
-        """The copies in flight, handed to the caller to wait for; the optimizer hook goes with them."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-        return pending
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runsteer-snapshot")
         return self._executor
 
-    def _before_optimizer_step(self) -> Callable[..., None]:
-        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            pending = self._take_pending()
-            for background in pending:
-                background.before_write()
-            with self._lock:
-                # On CUDA the host copies may still be landing; `wait` (before a load) syncs on their events.
-                self._pending[:0] = [background for background in pending if background.events]
-
-        return pre_hook
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Any optimizer's step waits until the copies taken before it are made (CPU) or ordered before it (CUDA)."""
+        if not self._unwritten:
+            return
+        with self._lock:
+            unwritten, self._unwritten = self._unwritten, []
+        for background in unwritten:
+            background.before_write()
 
     def close(self) -> None:
-        """Finish the background copies and stop the worker thread."""
+        """Finish the background copies, remove the optimizer hook and stop the worker thread."""
         self.wait()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None

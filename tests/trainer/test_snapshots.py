@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from protocols.client import Client
 from tests.trainer.helpers import deliver, result_of, train
@@ -96,3 +97,28 @@ def test_rollback_to_latest_healthy_works_after_the_run_turned_non_finite(make_r
     assert all(bool(torch.isfinite(param).all()) for param in run.model.parameters())
     record = deliver(client, run.steer, {"type": "set_hparams", "lr": 1e-4})
     assert all(math.isfinite(loss) for loss in train(run, range(25, 28)))
+
+
+def test_two_rings_and_another_global_optimizer_hook_live_side_by_side() -> None:
+    """Two rings in one process (two runs) and someone else's global step hook: steps run, snapshots stay exact."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stores = [CheckpointStore(None), CheckpointStore(None)]
+    calls: list[int] = []
+    other = register_optimizer_step_pre_hook(lambda *_: calls.append(1))
+    try:
+        for step in range(3):
+            model(torch.randn(4, 64)).sum().backward()
+            state = {"model": model.state_dict(keep_vars=True), "optimizer": optimizer.state_dict()}
+            expected = detached_copy(state)
+            infos = [store.save(state, branch="main", step=step, to_disk=False)[0] for store in stores]
+            optimizer.step()
+            optimizer.zero_grad()
+            for store, info in zip(stores, infos, strict=True):
+                assert same(store.load(info.checkpoint_id), expected)
+        assert len(calls) == 3
+    finally:
+        other.remove()
+        for store in stores:
+            store.close()
