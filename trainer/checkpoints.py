@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -272,7 +273,15 @@ class CheckpointStore:
             self._unwritten.append(background)
         if self._hook is None:
             # Registered once and left in place until `close`: a hook may not remove itself while torch iterates.
-            self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
+            # It holds the ring weakly, so a ring nobody closed can still be freed (its hook then does nothing).
+            method = weakref.WeakMethod(self._before_optimizer_step)
+
+            def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                bound = method()
+                if bound is not None:
+                    bound(optimizer, args, kwargs)
+
+            self._hook = register_optimizer_step_pre_hook(pre_hook)
         return snapshot
 
     def _worker(self) -> ThreadPoolExecutor:
