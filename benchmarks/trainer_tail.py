@@ -12,19 +12,12 @@ Run: `python -m benchmarks.trainer_tail` (~2 min on a quiet 2-core machine).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
-from benchmarks._common import Server, load_average
+from benchmarks._common import Server, load_average, percentiles_ms
 from trainer.run import BuiltinRun, RunConfig
-
-
-def percentile(samples: list[float], fraction: float) -> float:
-    """The value below which `fraction` of the samples lie (nearest rank)."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def main() -> int:
@@ -74,23 +67,16 @@ def main() -> int:
     )
     for kind in kinds:
         where = "on the training thread" if kind == "before" else "overlapped with the next step"
-        us = {
-            name: value * 1e6
-            for name, value in (
-                ("wall", statistics.median(wall[kind])),
-                ("wall99", percentile(wall[kind], 0.99)),
-                ("cpu", statistics.median(cpu[kind])),
-                ("cpu99", percentile(cpu[kind], 0.99)),
-            )
-        }
+        spent, cpu_spent = percentiles_ms(wall[kind]), percentiles_ms(cpu[kind])
         print(
-            f"  {kind:<6} (snapshot copy {where}): poll + record median {us['wall']:7.1f} us, "
-            f"p99 {us['wall99']:8.1f} us wall; median {us['cpu']:7.1f} us, p99 {us['cpu99']:8.1f} us thread CPU"
+            f"  {kind:<6} (snapshot copy {where}): poll + record median {spent['p50'] * 1e3:7.1f} us, "
+            f"p99 {spent['p99'] * 1e3:8.1f} us wall; median {cpu_spent['p50'] * 1e3:7.1f} us, "
+            f"p99 {cpu_spent['p99'] * 1e3:8.1f} us thread CPU"
         )
+        snapshot, cpu_snapshot = percentiles_ms(snapshot_wall[kind]), percentiles_ms(snapshot_cpu[kind])
         print(
-            f"  {'':<6} snapshot steps alone ({len(snapshot_wall[kind])}): median "
-            f"{statistics.median(snapshot_wall[kind]) * 1e6:7.1f} us wall, "
-            f"{statistics.median(snapshot_cpu[kind]) * 1e6:7.1f} us thread CPU"
+            f"  {'':<6} snapshot steps alone ({len(snapshot_wall[kind])}): median {snapshot['p50'] * 1e3:7.1f} us "
+            f"wall, {cpu_snapshot['p50'] * 1e3:7.1f} us thread CPU"
         )
     return 0
 

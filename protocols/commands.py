@@ -24,7 +24,9 @@ class SetHparams(WireModel):
     lr: LearningRate | None = None
     """Learning rate; with a schedule running it becomes the schedule's current value."""
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
-    """Decoupled (AdamW) or L2 weight decay coefficient."""
+    """Decoupled (AdamW) or L2 weight decay coefficient. Without `param_groups` it changes the groups that decay: a
+    group whose decay was 0 beside decaying groups when the run was first steered (the usual no-decay group of norms
+    and biases) keeps its value unless named, even after the others were set to 0 and back."""
     betas: tuple[Fraction, Fraction] | None = None
     """Adam-family moment decay rates, each in [0, 1)."""
     momentum: Fraction | None = None
@@ -79,12 +81,14 @@ class SetOptimizer(WireModel):
     lr: LearningRate | None = None
     """Learning rate of the new optimizer; the current one when left out."""
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
-    """Weight decay of the new optimizer; the current one when left out."""
+    """Weight decay of the new optimizer, for the groups `set_hparams.weight_decay` without `param_groups` would
+    change; the current one when left out."""
     betas: tuple[Fraction, Fraction] | None = None
     momentum: Fraction | None = None
     eps: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     carry_state: bool = True
-    """Carry moment estimates (e.g. Adam's exp_avg) over when the new optimizer keeps the same ones."""
+    """Carry moment estimates (e.g. Adam's exp_avg) over where the new optimizer keeps the same ones and they cannot
+    make its next step larger than it would make from its own history; the result lists what was dropped and why."""
 
 
 class SetDataMix(WireModel):

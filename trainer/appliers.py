@@ -31,7 +31,7 @@ from protocols.commands import (
 )
 from trainer.checkpoints import CheckpointError
 from trainer.live import LiveRun
-from trainer.optim import ADAM_FAMILY, optimizer_name, plan_swap, swap_optimizer
+from trainer.optim import ADAM_FAMILY, optimizer_name, plan_swap, swap_optimizer, weight_decay_groups
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
@@ -85,11 +85,12 @@ def apply_set_hparams(run: LiveRun, command: SetHparams) -> Effective:
             raise CommandRejected(f"{kind} has no eps")
         if command.weight_decay is not None and "weight_decay" not in group:
             raise CommandRejected(f"{kind} has no weight decay")
+    decay = indices if command.param_groups else weight_decay_groups(run.optimizer.param_groups)
     if command.lr is not None:
         run.set_lr(indices, command.lr)
     for index in indices:
         group = run.optimizer.param_groups[index]
-        if command.weight_decay is not None:
+        if command.weight_decay is not None and index in decay:
             group["weight_decay"] = command.weight_decay
         if command.betas is not None:
             group["betas"] = tuple(command.betas)

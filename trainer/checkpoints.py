@@ -23,8 +23,8 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,33 +66,31 @@ def remove_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-Deferred = list[tuple[dict[Any, Any] | list[Any], Any, Tensor]]
-"""(container, key, source tensor): the background copy sets `container[key]` to the copy of the tensor."""
+Deferred = list[tuple[dict[Any, Any], Any, Any]]
+"""(container, key, source): the background copy sets `container[key]` to a copy of the source (a parameter, or
+the optimizer's whole per-parameter state)."""
 
 
 _IMMUTABLE = (int, float, str, bool, bytes, type(None))
 
 
-def split_copy(state: Any, deferred: Deferred, *, defer_all: bool = False) -> Any:
-    """Like `detached_copy`, except that parameters and (with `defer_all`) every tensor are left out and listed in
-    `deferred`, for a `BackgroundCopy` to fill in. The optimizer's `state` is deferred whole. Kept lean: it runs on
-    the training thread at every snapshot."""
+def split_copy(state: Any, deferred: Deferred) -> Any:
+    """Like `detached_copy`, except that parameters and the optimizer's per-parameter `state` are left out and
+    listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread."""
     if isinstance(state, Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         copied: dict[Any, Any] = {}
         for key, value in state.items():
-            if isinstance(value, Tensor):
-                if defer_all or isinstance(value, nn.Parameter):
-                    deferred.append((copied, key, value))
-                    copied[key] = None
-                else:
-                    copied[key] = value.detach().to("cpu", copy=True)
+            if isinstance(value, nn.Parameter) or (key == "state" and "param_groups" in state):
+                deferred.append((copied, key, value))
+                copied[key] = None
+            elif isinstance(value, Tensor):
+                copied[key] = value.detach().to("cpu", copy=True)
             elif isinstance(value, _IMMUTABLE):
                 copied[key] = value
             else:
-                inner = defer_all or (key == "state" and "param_groups" in state)
-                copied[key] = split_copy(value, deferred, defer_all=inner)
+                copied[key] = split_copy(value, deferred)
         return copied
     if isinstance(state, (list, tuple)):
         items = [value if isinstance(value, _IMMUTABLE) else split_copy(value, deferred) for value in state]
@@ -101,35 +99,47 @@ def split_copy(state: Any, deferred: Deferred, *, defer_all: bool = False) -> An
 
 
 class BackgroundCopy:
-    """The copies of one snapshot's deferred tensors, made on a worker thread (and a CUDA side stream)."""
+    """The copies of one snapshot's deferred parts, made on a worker thread (and a CUDA side stream)."""
 
     def __init__(self, deferred: Deferred, executor: ThreadPoolExecutor) -> None:
+        devices = {source.device for _, _, source in deferred if isinstance(source, Tensor)}
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            devices.add(torch.device("cuda", torch.cuda.current_device()))
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        for _, _, tensor in deferred:
-            if tensor.device.type == "cuda" and tensor.device not in self.streams:
-                stream = torch.cuda.Stream(tensor.device)  # type: ignore[no-untyped-call]
+        for device in devices:
+            if device.type == "cuda":
+                stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
                 # The side stream starts where the training stream is now: the values of this moment.
-                stream.wait_stream(torch.cuda.current_stream(tensor.device))
-                self.streams[tensor.device] = stream
+                stream.wait_stream(torch.cuda.current_stream(device))
+                self.streams[device] = stream
         self.events: dict[torch.device, torch.cuda.Event] = {}
         self.future: Future[None] = executor.submit(self._copy, deferred)
         self._device_waited = False
 
     def _copy(self, deferred: Deferred) -> None:
         for container, key, source in deferred:
-            tensor = source.detach()
-            if tensor.device.type == "cuda":
-                stream = self.streams[tensor.device]
-                with torch.cuda.stream(stream):
-                    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                    host.copy_(tensor, non_blocking=True)
-                    # The allocator must not hand the source's memory to the training stream while this reads it.
-                    tensor.record_stream(stream)
-                container[key] = host
-            else:
-                container[key] = tensor.to("cpu", copy=True)
+            container[key] = self._copy_tree(source)
         for device, stream in self.streams.items():
             self.events[device] = stream.record_event()
+
+    def _copy_tree(self, source: Any) -> Any:
+        if isinstance(source, Tensor):
+            tensor = source.detach()
+            stream = self.streams.get(tensor.device)
+            if stream is None:
+                return tensor.to("cpu", copy=True)
+            with torch.cuda.stream(stream):
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                host.copy_(tensor, non_blocking=True)
+                # The allocator must not hand the source's memory to the training stream while this reads it.
+                tensor.record_stream(stream)
+            return host
+        if isinstance(source, dict):
+            return {key: self._copy_tree(value) for key, value in source.items()}
+        if isinstance(source, (list, tuple)):
+            items = [self._copy_tree(value) for value in source]
+            return items if isinstance(source, list) else tuple(items)
+        return source if isinstance(source, _IMMUTABLE) else copy.deepcopy(source)
 
     def before_write(self) -> None:
         """Block the host until the copies are made (CPU) or issued, and make the device wait for them (CUDA)."""
@@ -169,6 +179,9 @@ class CheckpointStore:
         loop that writes parameters between a snapshot and its next `optimizer.step()` other than by a load."""
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[BackgroundCopy] = []
+        """Copies not yet known to be in host memory."""
+        self._unwritten: list[BackgroundCopy] = []
+        """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
         if directory is not None:
@@ -252,7 +265,9 @@ class CheckpointStore:
     def wait(self) -> None:
         """Block until every background copy is in host memory; call it before writing parameters other than
         through `optimizer.step()` (which waits by itself)."""
-        for background in self._take_pending():
+        with self._lock:
+            pending, self._pending, self._unwritten = self._pending, [], []
+        for background in pending:
             background.finish()
 
     def _copy_in_background(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -264,38 +279,40 @@ class CheckpointStore:
         background = BackgroundCopy(deferred, self._worker())
         with self._lock:
             self._pending.append(background)
-            if self._hook is None:
-                self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step())
-        return snapshot
+            self._unwritten.append(background)
+        if self._hook is None:
+            # Registered once and left in place until `close`: a hook may not remove itself while torch iterates.
+            # It holds the ring weakly, so a ring nobody closed can still be freed (its hook then does nothing).
+            method = weakref.WeakMethod(self._before_optimizer_step)
 
-    def _take_pending(self) -> list[BackgroundCopy]:
-        """The copies in flight, handed to the caller to wait for; the optimizer hook goes with them."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
-        return pending
+            def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                bound = method()
+                if bound is not None:
+                    bound(optimizer, args, kwargs)
+
+            self._hook = register_optimizer_step_pre_hook(pre_hook)
+        return snapshot
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runsteer-snapshot")
         return self._executor
 
-    def _before_optimizer_step(self) -> Callable[..., None]:
-        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            pending = self._take_pending()
-            for background in pending:
-                background.before_write()
-            with self._lock:
-                # On CUDA the host copies may still be landing; `wait` (before a load) syncs on their events.
-                self._pending[:0] = [background for background in pending if background.events]
-
-        return pre_hook
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Any optimizer's step waits until the copies taken before it are made (CPU) or ordered before it (CUDA)."""
+        if not self._unwritten:
+            return
+        with self._lock:
+            unwritten, self._unwritten = self._unwritten, []
+        for background in unwritten:
+            background.before_write()
 
     def close(self) -> None:
-        """Finish the background copies and stop the worker thread."""
+        """Finish the background copies, remove the optimizer hook and stop the worker thread."""
         self.wait()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None

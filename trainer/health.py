@@ -230,8 +230,12 @@ class Health:
             # The optimizer did not step (a GradScaler skipped it): the update is zero and reported as such.
             self.after_optimizer_step()
         scalars = dict(self._scalars)
+        floats: dict[str, float] = {}
         for name, value in extra.items():
-            scalars[name] = value if isinstance(value, Tensor) else torch.tensor(float(value))
+            if isinstance(value, Tensor):
+                scalars[name] = value
+            else:
+                floats[name] = float(value)
         if self._logit_max is not None and self._logit_z_sum is not None:
             scalars["logit_max"] = self._logit_max
             scalars["logit_z"] = self._logit_z_sum / self._logit_batches
@@ -239,9 +243,7 @@ class Health:
             if mode.value is not None:
                 scalars[f"attn_logit_max/{layer}"] = mode.value
         self._reset()
-        if not scalars:
-            return {}
-        values = read_scalars(scalars)
+        values = {**read_scalars(scalars), **floats} if scalars else floats
         values["nonfinite_grad"] = float(not math.isfinite(values.get("grad_norm", 0.0)))
         values["nonfinite_param"] = float(not math.isfinite(values.get("param_norm", 0.0)))
         values["nonfinite"] = float(not all(math.isfinite(value) for value in values.values()))

@@ -50,6 +50,27 @@ def group_name(group: dict[str, Any], index: int) -> str:
     return str(name) if name else f"group{index}"
 
 
+DECAYS = "decays"
+"""The param-group key recording whether a group takes a weight decay given without `param_groups`."""
+
+
+def weight_decay_groups(param_groups: list[dict[str, Any]]) -> list[int]:
+    """The groups a weight decay given without `param_groups` applies to (`set_hparams`, `set_optimizer`).
+
+    Each group's part is fixed the first time a command asks, and kept in the group (so checkpoints, rollbacks and
+    swaps keep it): a group whose weight decay is 0 then, beside groups that decay, is a deliberate no-decay group
+    (norm weights, biases, often embeddings) and is changed only when named; every other group decays. So setting
+    the decay to 0 and back later never reaches the no-decay group, and a run with no group decaying at first
+    (one group, or all at 0) has every group take the value.
+    """
+    if any(DECAYS not in group for group in param_groups):
+        zero = [float(group.get("weight_decay", 0.0)) == 0.0 for group in param_groups]
+        split = not all(zero)
+        for group, is_zero in zip(param_groups, zero, strict=True):
+            group.setdefault(DECAYS, not (split and is_zero))
+    return [index for index, group in enumerate(param_groups) if group[DECAYS]]
+
+
 @dataclass
 class SwapPlan:
     """What a swap will build: the new class, its per-group settings, and what state it carries."""
@@ -61,12 +82,14 @@ class SwapPlan:
     dropped: list[str] = field(default_factory=list)
 
 
-def _hparams_for(name: OptimizerName, old: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """The constructor settings of `name` for one group: the old group's values where they still mean the same."""
+def _hparams_for(name: OptimizerName, old: dict[str, Any], overrides: dict[str, Any], decays: bool) -> dict[str, Any]:
+    """The constructor settings of `name` for one group: the old group's values where they still mean the same;
+    an overriding weight decay only where `decays` (see `weight_decay_groups`)."""
     merged: dict[str, Any] = {key: old[key] for key in ("lr", "weight_decay") if key in old}
-    for key in ("lr", "weight_decay"):
-        if overrides.get(key) is not None:
-            merged[key] = overrides[key]
+    if overrides.get("lr") is not None:
+        merged["lr"] = overrides["lr"]
+    if overrides.get("weight_decay") is not None and decays:
+        merged["weight_decay"] = overrides["weight_decay"]
     betas = overrides.get("betas") or old.get("betas")
     momentum = overrides.get("momentum")
     if momentum is None:
@@ -101,13 +124,15 @@ def _hparams_for(name: OptimizerName, old: dict[str, Any], overrides: dict[str, 
 def plan_swap(
     optimizer: torch.optim.Optimizer, name: OptimizerName, overrides: dict[str, Any], carry_state: bool
 ) -> SwapPlan:
-    """Work out a swap without touching the optimizer; raises ValueError when `name` is not available."""
+    """Work out a swap without touching the optimizer (beyond fixing the groups' weight-decay parts); raises
+    ValueError when `name` is not available."""
     classes = optimizer_classes()
     if name not in classes:
         raise ValueError(f"optimizer {name!r} is not available in torch {torch.__version__}")
+    decaying = weight_decay_groups(optimizer.param_groups)
     groups: list[dict[str, Any]] = []
-    for group in optimizer.param_groups:
-        settings = _hparams_for(name, group, overrides)
+    for index, group in enumerate(optimizer.param_groups):
+        settings = _hparams_for(name, group, overrides, index in decaying)
         extra = {key: value for key, value in group.items() if key not in _known_keys(group)}
         groups.append({"params": group["params"], **extra, **settings})
     plan = SwapPlan(name=name, cls=classes[name], groups=groups)

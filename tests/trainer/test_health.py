@@ -272,3 +272,14 @@ def test_a_plain_module_gets_gradient_and_nonfinite_flags() -> None:
     optimizer.step()
     values = health.end_step()
     assert values["nonfinite_grad"] == values["nonfinite_param"] == values["nonfinite"] == 1.0
+
+
+def test_float_values_handed_to_end_step_pass_through_without_a_device_read() -> None:
+    """Floats the loop already holds (the loss it read, the lr) come back as they are, with no host read added."""
+    health = Health(nn.Linear(3, 2))
+    counter = CountSyncs()
+    with counter:
+        health.begin_step(0)
+        values = health.end_step(loss=2.5, lr=1e-3)
+    assert counter.calls == []
+    assert values == {"loss": 2.5, "lr": 1e-3, "nonfinite_grad": 0.0, "nonfinite_param": 0.0, "nonfinite": 0.0}

@@ -49,7 +49,7 @@ def largest_fresh_step(optimizer: torch.optim.Optimizer, steps: int = 50) -> flo
     flat = [param for group in groups for param in group["params"]]
     largest = 0.0
     for _ in range(steps):
-        before = [param.detach().clone() for param in flat]
+        before = torch._foreach_mul([param.detach() for param in flat], 1.0)
         fresh.step()
         largest = max(largest, update_norm(flat, before))
     return largest
@@ -57,7 +57,8 @@ def largest_fresh_step(optimizer: torch.optim.Optimizer, steps: int = 50) -> flo
 
 def update_norm(params: list[torch.Tensor], before: list[torch.Tensor]) -> float:
     with torch.no_grad():
-        return math.sqrt(sum(float((p - b).double().square().sum()) for p, b in zip(params, before, strict=True)))
+        changes = torch._foreach_sub([param.detach() for param in params], before)
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(changes))))
 
 
 def assert_state_like_fresh(optimizer: torch.optim.Optimizer) -> None:

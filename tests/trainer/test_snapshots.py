@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from protocols.client import Client
 from tests.trainer.helpers import deliver, result_of, train
@@ -67,3 +69,56 @@ def test_the_next_optimizer_step_waits_for_the_background_copy() -> None:
         assert not torch.equal(model.weight.detach(), expected["model"]["weight"])
         assert same(store.load(info.checkpoint_id), expected)
     store.close()
+
+
+@pytest.mark.slow
+def test_rollback_to_latest_healthy_works_after_the_run_turned_non_finite(make_run: MakeRun, client: Client) -> None:
+    """However many unhealthy snapshots and files follow it, retention keeps the newest healthy checkpoint, so a
+    run blown up by lr 10 (inside the documented range) is recovered with `rollback latest_healthy`."""
+    run = make_run()
+    run.steer.config.snapshot_every = 2
+    run.steer.config.checkpoint_every = 4
+    run.steer.checkpoints.ring_size = 2
+    run.steer.checkpoints.keep_files = 2
+    train(run, range(5))
+    record = deliver(client, run.steer, {"type": "set_hparams", "lr": 10.0})
+    run.steer.poll(5)
+    assert result_of(client, run.steer, record).status == "applied"
+    losses = train(run, range(5, 25))
+    assert not math.isfinite(losses[-1])
+    infos = [entry.info for entry in run.steer.checkpoints.entries.values()]
+    newest_healthy = max(info.step for info in infos if info.healthy)
+    assert any(not info.healthy and info.step > newest_healthy for info in infos)
+    record = deliver(client, run.steer, {"type": "rollback", "latest_healthy": True})
+    run.steer.poll(25)
+    result = result_of(client, run.steer, record)
+    assert result.status == "applied", result.message
+    assert result.effective is not None and result.effective["step"] == newest_healthy < 10
+    assert all(bool(torch.isfinite(param).all()) for param in run.model.parameters())
+    record = deliver(client, run.steer, {"type": "set_hparams", "lr": 1e-4})
+    assert all(math.isfinite(loss) for loss in train(run, range(25, 28)))
+
+
+def test_two_rings_and_another_global_optimizer_hook_live_side_by_side() -> None:
+    """Two rings in one process (two runs) and someone else's global step hook: steps run, snapshots stay exact."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stores = [CheckpointStore(None), CheckpointStore(None)]
+    calls: list[int] = []
+    other = register_optimizer_step_pre_hook(lambda *_: calls.append(1))
+    try:
+        for step in range(3):
+            model(torch.randn(4, 64)).sum().backward()
+            state = {"model": model.state_dict(keep_vars=True), "optimizer": optimizer.state_dict()}
+            expected = detached_copy(state)
+            infos = [store.save(state, branch="main", step=step, to_disk=False)[0] for store in stores]
+            optimizer.step()
+            optimizer.zero_grad()
+            for store, info in zip(stores, infos, strict=True):
+                assert same(store.load(info.checkpoint_id), expected)
+        assert len(calls) == 3
+    finally:
+        other.remove()
+        for store in stores:
+            store.close()
