@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from aiohttp import web
 from pydantic import BaseModel, JsonValue, ValidationError
@@ -15,6 +15,8 @@ from control_server.errors import ApiError
 from control_server.keys import CONFIG
 from protocols.commands import CommandType
 from protocols.errors import ErrorBody, ErrorDetail
+from protocols.queries import MAX_KEYS_LENGTH
+from protocols.records import RunReport
 from protocols.schema import command_schema
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,50 @@ Model = TypeVar("Model", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COMMAND_TYPES = frozenset(CommandType.__args__)  # type: ignore[attr-defined]
+REPORT_TYPES = frozenset(report.model_fields["type"].default for report in get_args(get_args(RunReport)[0]))
+"""The tags of `RunReport`, which pydantic puts in an error's location after the report's index."""
+
+
+MAX_REQUEST_LINE = 4 * MAX_KEYS_LENGTH
+"""Longest request line the server reads (aiohttp's default is 8190 bytes): room for the longest documented query,
+`keys` percent-encoded throughout, so every request the OpenAPI document allows is answered in JSON."""
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    unique = dict(pairs)
+    if len(unique) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return unique
+
+
+def refuse_duplicate_keys(text: str | bytes) -> None:
+    """Refuse JSON naming a key twice in one object: a proxy or an audit log reading the first could see another
+    command than the one applied (pydantic keeps the last). Text that is not JSON is left to the model's parser."""
+    try:
+        json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ApiError(
+            f"the key {exc.key!r} appears twice in one JSON object",
+            details=[ErrorDetail(field=exc.key, message="duplicate key", allowed="each key once per object")],
+        ) from None
+    except (ValueError, RecursionError):
+        return
+
+
+def parse_json(model: type[Model], text: str | bytes) -> Model:
+    """`text` as `model`: duplicate keys are a 400 (ApiError), anything else wrong a ValidationError naming fields."""
+    refuse_duplicate_keys(text)
+    return model.model_validate_json(text)
 
 
 async def parse_body(request: web.Request, model: type[Model]) -> Model:
@@ -30,7 +76,7 @@ async def parse_body(request: web.Request, model: type[Model]) -> Model:
     body = await request.read()
     if not body:
         raise ApiError("the request needs a JSON body", details=[ErrorDetail(field="", message="empty body")])
-    return model.model_validate_json(body)
+    return parse_json(model, body)
 
 
 def parse_query(request: web.Request, model: type[Model]) -> Model:
@@ -98,7 +144,12 @@ def validation_details(error: ValidationError) -> list[ErrorDetail]:
     for problem in error.errors(include_url=False):
         location = [str(part) for part in problem["loc"]]
         command = next((part for part in location if part in COMMAND_TYPES), None)
-        field_path = [part for part in location if part not in COMMAND_TYPES]
+        field_path = [
+            part
+            for index, part in enumerate(location)
+            if part not in COMMAND_TYPES
+            and not (index >= 2 and location[index - 2] == "reports" and part in REPORT_TYPES)
+        ]
         allowed = ""
         if command is not None and field_path:
             field_name = field_path[field_path.index("command") + 1] if "command" in field_path[:-1] else field_path[-1]

@@ -23,10 +23,21 @@ from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHis
 MAX_RAW_POINTS = 100_000
 """Most points per series a request without `max_points` may return."""
 
+MAX_READ_POINTS = 500_000
+"""Most points one history answer may hold across all its series (about 13 MB of JSON)."""
+
+MAX_METRIC_NAMES = 4096
+"""Most distinct metric names one run may have: each is a series on every branch, kept for good."""
+
 
 class TooManyPoints(ApiError):
     status = 422
     code = "too_many_points"
+
+
+class TooManyMetrics(ApiError):
+    status = 422
+    code = "too_many_metrics"
 
 
 class MetricsService:
@@ -41,6 +52,7 @@ class MetricsService:
         self.latest_nonfinite: dict[tuple[str, str], list[str]] = {}
         self.values_ingested = 0
         self._series_ids: dict[tuple[str, str, str], int] = {}  # touched only by the writer thread
+        self._names: dict[str, set[str]] = {}  # each run's metric names; touched only by the writer thread
 
     async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
         """Commit a batch (unless its `batch_id` was already stored), then publish it."""
@@ -53,6 +65,7 @@ class MetricsService:
                 ).rowcount
                 if inserted == 0:
                     return None
+            self._admit_names(db, run_id, batch)
             rows = []
             for sample in batch.samples:
                 for key, value in sample.values.items():
@@ -74,6 +87,27 @@ class MetricsService:
         )
         self.events.publish(event)
         return MetricsAck(stored_values=stored)
+
+    def _admit_names(self, db: sqlite3.Connection, run_id: str, batch: MetricsBatch) -> None:
+        """Refuse a batch that would take the run past MAX_METRIC_NAMES distinct metric names (in its transaction)."""
+        known = self._names.get(run_id)
+        if known is None:
+            rows = db.execute("SELECT DISTINCT key FROM metric_series WHERE run_id = ?", (run_id,))
+            known = self._names[run_id] = {key for (key,) in rows}
+        new = {key for sample in batch.samples for key in sample.values} - known
+        if len(known) + len(new) > MAX_METRIC_NAMES:
+            raise TooManyMetrics(
+                f"run {run_id} has {len(known)} metric names and this batch adds {len(new)}; a run may have at most "
+                f"{MAX_METRIC_NAMES}",
+                details=[
+                    ErrorDetail(
+                        field="samples.values",
+                        message=f"{len(new)} new metric names",
+                        allowed=f"at most {MAX_METRIC_NAMES} distinct names per run",
+                    )
+                ],
+            )
+        known |= new
 
     def _series_id(self, db: sqlite3.Connection, run_id: str, branch: str, key: str) -> int:
         name = (run_id, branch, key)
@@ -100,14 +134,28 @@ class MetricsService:
                 "SELECT key, series_id FROM metric_series WHERE run_id = ? AND branch = ?", (run_id, branch)
             ).fetchall()
             series_ids = {key: series_id for key, series_id in found if not wanted or key in wanted}
-            if max_points is None:
-                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
-            width = _bucket_width(db, series_ids.values(), since_step, max_points)
-            if width == 1:
-                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
-            return width, {
-                key: _bucketed_series(db, series_id, since_step, width) for key, series_id in series_ids.items()
-            }
+            width = 1 if max_points is None else _bucket_width(db, series_ids.values(), since_step, max_points)
+            series: dict[str, MetricSeries] = {}
+            points = 0
+            for key, series_id in series_ids.items():
+                read = (
+                    _raw_series(db, series_id, since_step)
+                    if width == 1
+                    else _bucketed_series(db, series_id, since_step, width)
+                )
+                points += len(read.steps)
+                if points > MAX_READ_POINTS:
+                    raise TooManyPoints(
+                        f"more than {MAX_READ_POINTS} points in one answer ({len(series_ids)} series); name fewer "
+                        "`keys`, pass a smaller `max_points` or a later `since_step`",
+                        details=[
+                            ErrorDetail(
+                                field="keys", message="too many points", allowed=f"at most {MAX_READ_POINTS} in all"
+                            )
+                        ],
+                    )
+                series[key] = read
+            return width, series
 
         width, series = await self.store.read(op)
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
