@@ -13,9 +13,9 @@ from pydantic import BaseModel, JsonValue, ValidationError
 
 from control_server.errors import ApiError
 from control_server.keys import CONFIG
+from protocols.base import TypedModel
 from protocols.commands import CommandType
 from protocols.errors import ErrorBody, ErrorDetail
-from protocols.queries import MAX_KEYS_LENGTH
 from protocols.records import RunReport
 from protocols.schema import command_schema
 
@@ -29,9 +29,17 @@ REPORT_TYPES = frozenset(report.model_fields["type"].default for report in get_a
 """The tags of `RunReport`, which pydantic puts in an error's location after the report's index."""
 
 
-MAX_REQUEST_LINE = 4 * MAX_KEYS_LENGTH
-"""Longest request line the server reads (aiohttp's default is 8190 bytes): room for the longest documented query,
-`keys` percent-encoded throughout, so every request the OpenAPI document allows is answered in JSON."""
+MAX_REQUEST_LINE = 2**20
+"""Longest request line the server reads (aiohttp's default is 8190 bytes). The longest documented query (`keys`
+of MAX_KEYS_LENGTH ASCII characters, each percent-encoded) takes about 60 kB; a megabyte also leaves room for
+over-long ones, which then get a JSON 422 naming the parameter instead of aiohttp's plain-text 400."""
+
+
+class MissingType(ApiError):
+    """A body of a `type`-tagged model without its `type` (a JSON body must carry it, as the documents say)."""
+
+    status = 422
+    code = "validation_error"
 
 
 class _DuplicateKey(Exception):
@@ -51,23 +59,31 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return unique
 
 
-def refuse_duplicate_keys(text: str | bytes) -> None:
+def refuse_duplicate_keys(text: str | bytes) -> object:
     """Refuse JSON naming a key twice in one object: a proxy or an audit log reading the first could see another
-    command than the one applied (pydantic keeps the last). Text that is not JSON is left to the model's parser."""
+    command than the one applied (pydantic keeps the last). Returns the value; None for text that is not JSON,
+    which is left to the model's parser to explain."""
     try:
-        json.loads(text, object_pairs_hook=_unique_keys)
+        return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         raise ApiError(
             f"the key {exc.key!r} appears twice in one JSON object",
             details=[ErrorDetail(field=exc.key, message="duplicate key", allowed="each key once per object")],
         ) from None
     except (ValueError, RecursionError):
-        return
+        return None
 
 
 def parse_json(model: type[Model], text: str | bytes) -> Model:
-    """`text` as `model`: duplicate keys are a 400 (ApiError), anything else wrong a ValidationError naming fields."""
-    refuse_duplicate_keys(text)
+    """`text` as `model`: duplicate keys are a 400 and a body missing its `type` a 422 (ApiError), anything else
+    wrong a ValidationError naming fields."""
+    value = refuse_duplicate_keys(text)
+    if issubclass(model, TypedModel) and isinstance(value, dict) and "type" not in value:
+        tag = model.model_fields["type"].default
+        raise MissingType(
+            f"invalid {model.__name__}: the body needs its `type`",
+            details=[ErrorDetail(field="type", message="Field required", allowed=str(tag))],
+        )
     return model.model_validate_json(text)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 import uuid
@@ -18,6 +19,7 @@ from protocols.errors import ErrorDetail
 from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent, RunStateEvent
 from protocols.policy import Policy
 from protocols.records import (
+    COMPATIBLE_VERSION,
     AlertReport,
     CheckpointInfo,
     CheckpointSaved,
@@ -36,7 +38,7 @@ LIVE_STATUSES: frozenset[RunStatus] = frozenset({"running", "paused"})
 
 def check_protocol_version(version: str) -> None:
     """Refuse a trainer speaking another major version of the protocol, before it misreads a command."""
-    if version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+    if re.fullmatch(COMPATIBLE_VERSION, version) is None:
         raise PolicyViolation(
             f"this server speaks protocol {PROTOCOL_VERSION}; the trainer speaks {version}",
             details=[

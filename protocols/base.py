@@ -92,6 +92,8 @@ class WireModel(BaseModel):
 
 
 class TypedModel(WireModel):
-    """A variant of a union told apart by `type` (commands, trainer reports): `type` must be sent."""
+    """A variant of a union told apart by `type` (commands, trainer reports): JSON must carry `type`, as the
+    documents say, even where the model stands alone (an alert: the server's parser checks that); Python code may
+    leave it to its default."""
 
     model_config = ConfigDict(json_schema_extra=tag_required("type"))

@@ -17,7 +17,8 @@ ScheduleKind = Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt"]
 
 
 class SetHparams(TypedModel):
-    """Change optimizer hyperparameters at the next step boundary; fields left out keep their value."""
+    """Change optimizer hyperparameters at the next step boundary; fields left out keep their value, and at least
+    one of lr, weight_decay, betas, momentum, eps or grad_clip must be set."""
 
     type: Literal["set_hparams"] = "set_hparams"
     lr: LearningRate | None = None
@@ -44,7 +45,8 @@ class SetHparams(TypedModel):
 
 
 class SetSchedule(TypedModel):
-    """Replace the learning-rate schedule; it starts at the step the command is applied."""
+    """Replace the learning-rate schedule; it starts at the step the command is applied. cosine, linear and wsd
+    need horizon_steps, which must exceed warmup_steps."""
 
     type: Literal["set_schedule"] = "set_schedule"
     kind: ScheduleKind
@@ -87,7 +89,7 @@ class SetOptimizer(TypedModel):
 
 
 class SetDataMix(TypedModel):
-    """New sampling weights over the run's data domains; they are normalised to sum to one."""
+    """New sampling weights over the run's data domains, not all zero; they are normalised to sum to one."""
 
     type: Literal["set_data_mix"] = "set_data_mix"
     weights: dict[Name, Annotated[float, Field(ge=0.0, le=1e6)]] = Field(min_length=1, max_length=256)
@@ -109,7 +111,8 @@ class SaveCheckpoint(TypedModel):
 
 
 class Rollback(TypedModel):
-    """Restore a checkpoint onto a new branch, optionally skipping the batches that followed it."""
+    """Restore a checkpoint onto a new branch, optionally skipping the batches that followed it; name exactly one
+    of checkpoint_id, step or latest_healthy=true."""
 
     type: Literal["rollback"] = "rollback"
     checkpoint_id: Name | None = None

@@ -19,7 +19,7 @@ SourcePattern = Annotated[str, StringConstraints(pattern=r"^(user|agent|script|s
 
 
 class Bounds(WireModel):
-    """An inclusive range for one numeric field."""
+    """An inclusive range for one numeric field; `min` must not exceed `max`."""
 
     min: float | None = None
     max: float | None = None

@@ -47,8 +47,9 @@ class NextCommandsQuery(QueryModel):
 class MetricsQuery(QueryModel):
     """`GET /runs/{run_id}/metrics`"""
 
-    keys: Annotated[str, StringConstraints(max_length=MAX_KEYS_LENGTH)] = ""
-    """Comma-separated metric names; every metric when empty."""
+    keys: Annotated[str, StringConstraints(max_length=MAX_KEYS_LENGTH, pattern=r"^[A-Za-z0-9_./:,-]*$")] = ""
+    """Comma-separated metric names; every metric when empty. Only the characters of metric names and commas,
+    so the longest list fits the server's request line even with every character percent-encoded."""
     branch: Name = "main"
     since_step: Step = 0
     """Only steps at or after this one (rounded down to a bucket boundary when downsampling)."""

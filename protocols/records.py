@@ -23,6 +23,9 @@ from protocols.commands import OptimizerName
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.policy import Policy
 
+COMPATIBLE_VERSION = rf"^{PROTOCOL_VERSION.split('.')[0]}\.[0-9]+$"
+"""The protocol versions this server speaks: any minor version of its major one."""
+
 MAX_CONFIG_BYTES = 64 * 1024
 """A run's `config` as compact JSON: every run is held in memory and sent to watchers whenever it changes."""
 
@@ -123,7 +126,10 @@ class RunRegistration(WireModel):
     policy: Policy | None = None
     """The run's command policy; the server's default when left out. Re-attaching with a different policy
     needs an admin token (`PUT .../policy` is the way to change it)."""
-    protocol_version: str = PROTOCOL_VERSION
+    protocol_version: Annotated[str, Field(max_length=32, json_schema_extra={"pattern": COMPATIBLE_VERSION})] = (
+        PROTOCOL_VERSION
+    )
+    """The trainer's protocol version; the server takes any minor version of its own major one."""
 
     @field_validator("config")
     @classmethod

@@ -189,3 +189,22 @@ def test_a_duplicate_key_over_the_stream_gets_an_error_reply(client: Client) -> 
     assert reply.error is not None and reply.error.details[0].field == "type"  # type: ignore[union-attr]
     assert client.list_commands(run_id) == []
     assert client.submit(run_id, Pause()).status == "queued"
+
+
+def test_a_standalone_body_without_its_type_is_refused_as_the_document_says(client: Client) -> None:
+    """An alert posted without `type` is a 422 naming `type` (the document marks it required); with it, accepted."""
+    run_id = client.register_run(RunRegistration(name="typed")).run_id
+    target = f"/api/v1/runs/{run_id}/alerts"
+    untyped = raw_request(client.server, "POST", target, b'{"message": "look", "source": "user:anonymous"}')
+    assert untyped.status == 422 and [(d.field, d.allowed) for d in untyped.error.details] == [("type", "alert")]
+    typed = raw_request(
+        client.server, "POST", target, b'{"type": "alert", "message": "look", "source": "user:anonymous"}'
+    )
+    assert typed.status == 200
+
+
+def test_metric_keys_outside_the_names_alphabet_are_refused(client: Client) -> None:
+    """`keys` takes the characters of metric names and commas only (so its longest form fits a request line)."""
+    run_id = client.register_run(RunRegistration(name="alphabet")).run_id
+    answer = raw_request(client.server, "GET", f"/api/v1/runs/{run_id}/metrics?keys={quote('loss,é')}")
+    assert answer.status == 422 and [d.field for d in answer.error.details] == ["keys"]
