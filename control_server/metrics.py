@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from control_server.errors import ApiError
 from control_server.events import EventLog
-from control_server.runs import RunRegistry
+from control_server.runs import MAX_BRANCHES, RunRegistry
 from control_server.store import ROLLUP_LEVELS, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
@@ -28,6 +28,9 @@ MAX_READ_POINTS = 500_000
 
 MAX_METRIC_NAMES = 4096
 """Most distinct metric names one run may have: each is a series on every branch, kept for good."""
+
+MAX_METRIC_SERIES = 65_536
+"""Most (branch, name) series one run may have, e.g. 16 branches of 4,096 metrics or 1,024 of 64."""
 
 
 class TooManyPoints(ApiError):
@@ -52,7 +55,7 @@ class MetricsService:
         self.latest_nonfinite: dict[tuple[str, str], list[str]] = {}
         self.values_ingested = 0
         self._series_ids: dict[tuple[str, str, str], int] = {}  # touched only by the writer thread
-        self._names: dict[str, set[str]] = {}  # each run's metric names; touched only by the writer thread
+        self._series: dict[str, set[tuple[str, str]]] = {}  # each run's (branch, name) series; writer thread only
 
     async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
         """Commit a batch (unless its `batch_id` was already stored), then publish it."""
@@ -89,24 +92,26 @@ class MetricsService:
         return MetricsAck(stored_values=stored)
 
     def _admit_names(self, db: sqlite3.Connection, run_id: str, batch: MetricsBatch) -> None:
-        """Refuse a batch that would take the run past MAX_METRIC_NAMES distinct metric names (in its transaction)."""
-        known = self._names.get(run_id)
+        """Refuse a batch that would take the run past MAX_METRIC_NAMES names, MAX_BRANCHES branches or
+        MAX_METRIC_SERIES (branch, name) series, in its transaction: each series is kept, indexed and cached."""
+        known = self._series.get(run_id)
         if known is None:
-            rows = db.execute("SELECT DISTINCT key FROM metric_series WHERE run_id = ?", (run_id,))
-            known = self._names[run_id] = {key for (key,) in rows}
-        new = {key for sample in batch.samples for key in sample.values} - known
-        if len(known) + len(new) > MAX_METRIC_NAMES:
-            raise TooManyMetrics(
-                f"run {run_id} has {len(known)} metric names and this batch adds {len(new)}; a run may have at most "
-                f"{MAX_METRIC_NAMES}",
-                details=[
-                    ErrorDetail(
-                        field="samples.values",
-                        message=f"{len(new)} new metric names",
-                        allowed=f"at most {MAX_METRIC_NAMES} distinct names per run",
-                    )
-                ],
-            )
+            rows = db.execute("SELECT branch, key FROM metric_series WHERE run_id = ?", (run_id,))
+            known = self._series[run_id] = {(branch, key) for branch, key in rows}
+        new = {(sample.branch, key) for sample in batch.samples for key in sample.values} - known
+        if not new:
+            return
+        every = known | new
+        for what, count, limit, field in (
+            ("metric names", len({key for _, key in every}), MAX_METRIC_NAMES, "samples.values"),
+            ("branches", len({branch for branch, _ in every}), MAX_BRANCHES, "samples.branch"),
+            ("series (branch, name)", len(every), MAX_METRIC_SERIES, "samples.values"),
+        ):
+            if count > limit:
+                raise TooManyMetrics(
+                    f"this batch would give run {run_id} {count} {what}; a run may have at most {limit}",
+                    details=[ErrorDetail(field=field, message=f"too many {what}", allowed=f"at most {limit} per run")],
+                )
         known |= new
 
     def _series_id(self, db: sqlite3.Connection, run_id: str, branch: str, key: str) -> int:

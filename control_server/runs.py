@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 LIVE_STATUSES: frozenset[RunStatus] = frozenset({"running", "paused"})
 
+MAX_BRANCHES = 1024
+"""Most branches one run may have (a rollback makes one): each is listed in the run sent to every watcher."""
+
 
 def check_protocol_version(version: str) -> None:
     """Refuse a trainer speaking another major version of the protocol, before it misreads a command."""
@@ -179,6 +182,21 @@ class RunRegistry:
         ]
         if spoofed:
             raise Forbidden("alerts sent as trainer reports carry the source 'trainer'", details=spoofed)
+        branches = set(self.get(run_id).branches)
+        for index, report in enumerate(reports):
+            if isinstance(report, Heartbeat) and report.state.branch not in branches:
+                branches.add(report.state.branch)
+                if len(branches) > MAX_BRANCHES:
+                    raise PolicyViolation(
+                        f"run {run_id} may have at most {MAX_BRANCHES} branches",
+                        details=[
+                            ErrorDetail(
+                                field=f"reports.{index}.state.branch",
+                                message="one branch too many",
+                                allowed=f"at most {MAX_BRANCHES} per run",
+                            )
+                        ],
+                    )
         for report in reports:
             if isinstance(report, Heartbeat):
                 await self._heartbeat(run_id, report)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 import control_server.metrics
+import control_server.runs
 from control_server.config import ServerConfig
 from control_server.metrics import MAX_METRIC_NAMES
 from protocols import (
@@ -169,5 +170,52 @@ def test_a_lost_run_leaves_metrics_after_the_ttl(tmp_path: Path) -> None:
             wait_until(lambda: client.get_run(run_id).status == "lost", timeout_s=10, what="the run lost")
             time.sleep(0.6)
             assert not exposed()
+    finally:
+        server.stop()
+
+
+def test_branches_and_series_per_run_are_bounded_and_a_refused_batch_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With at most 3 branches and 4 series a run: a heartbeat or a metrics batch opening a fourth branch, or a
+    fifth series, is 422 naming the field, and nothing of it is stored; known branches and series still go in."""
+    monkeypatch.setattr(control_server.runs, "MAX_BRANCHES", 3)
+    monkeypatch.setattr(control_server.metrics, "MAX_BRANCHES", 3)
+    monkeypatch.setattr(control_server.metrics, "MAX_METRIC_SERIES", 4)
+    server = ServerThread(ServerConfig(port=0, db=tmp_path / "runsteer.db")).start()
+    try:
+        with Client(server.url) as client:
+            run_id = client.register_run(RunRegistration(name="branchy")).run_id
+            client.push_reports(run_id, [Heartbeat(state=RunState(step=1, branch=name)) for name in ("b1", "b2")])
+            before = row_counts(server.config.db)
+            with pytest.raises(RequestRejected) as by_heartbeat:
+                client.push_reports(run_id, [Heartbeat(state=RunState(step=2, branch="b3"))])
+            assert [d.field for d in by_heartbeat.value.details] == ["reports.0.state.branch"]
+            assert client.get_run(run_id).branches == ["main", "b1", "b2"]
+
+            def batch(branch: str, *names: str) -> MetricsBatch:
+                return MetricsBatch(
+                    samples=[MetricsSample(branch=branch, step=1, time=1.0, values=dict.fromkeys(names, 1.0))]
+                )
+
+            client.push_metrics(run_id, batch("b1", "loss", "lr"))
+            client.push_metrics(run_id, batch("b2", "loss"))
+            client.push_metrics(run_id, batch("main", "loss"))
+            after_four = row_counts(server.config.db)
+            refusals = {}
+            for label, refused_batch in (("fourth branch", batch("b4", "loss")), ("fifth series", batch("b2", "lr"))):
+                with pytest.raises(RequestRejected) as caught:
+                    client.push_metrics(run_id, refused_batch)
+                assert caught.value.body is not None and caught.value.body.error == "too_many_metrics"
+                refusals[label] = [d.field for d in caught.value.details]
+            assert refusals == {"fourth branch": ["samples.branch"], "fifth series": ["samples.values"]}
+            assert row_counts(server.config.db) == after_four and after_four["metric_points"] == 4
+            assert before["runs"] == after_four["runs"]
+            assert (
+                client.push_metrics(
+                    run_id, MetricsBatch(samples=[MetricsSample(branch="b1", step=2, time=1.0, values={"lr": 2.0})])
+                ).stored_values
+                == 1
+            )
     finally:
         server.stop()
