@@ -54,6 +54,33 @@ def check_protocol_version(version: str) -> None:
         )
 
 
+def check_reports(run: RunInfo, reports: list[RunReport]) -> None:
+    """Refuse a batch of reports before any is applied: a trainer's alerts carry the source `trainer` (reports are
+    not a way to speak as someone else), and heartbeats may not open more than MAX_BRANCHES branches."""
+    spoofed = [
+        ErrorDetail(field=f"reports.{index}.source", message="a trainer's alerts are its own", allowed="trainer")
+        for index, report in enumerate(reports)
+        if isinstance(report, AlertReport) and report.source != "trainer"
+    ]
+    if spoofed:
+        raise Forbidden("alerts sent as trainer reports carry the source 'trainer'", details=spoofed)
+    branches = set(run.branches)
+    for index, report in enumerate(reports):
+        if isinstance(report, Heartbeat) and report.state.branch not in branches:
+            branches.add(report.state.branch)
+            if len(branches) > MAX_BRANCHES:
+                raise PolicyViolation(
+                    f"run {run.run_id} may have at most {MAX_BRANCHES} branches",
+                    details=[
+                        ErrorDetail(
+                            field=f"reports.{index}.state.branch",
+                            message="one branch too many",
+                            allowed=f"at most {MAX_BRANCHES} per run",
+                        )
+                    ],
+                )
+
+
 class RunRegistry:
     """Registers runs, applies trainer reports, and marks runs lost when their heartbeat stops."""
 
@@ -170,33 +197,8 @@ class RunRegistry:
         return run
 
     async def apply_reports(self, run_id: str, reports: list[RunReport]) -> int:
-        """Apply a trainer's reports in order; returns how many were taken.
-
-        The trainer's alerts carry the source `trainer`: reports are not a way to speak as someone else.
-        """
-        self.get(run_id)
-        spoofed = [
-            ErrorDetail(field=f"reports.{index}.source", message="a trainer's alerts are its own", allowed="trainer")
-            for index, report in enumerate(reports)
-            if isinstance(report, AlertReport) and report.source != "trainer"
-        ]
-        if spoofed:
-            raise Forbidden("alerts sent as trainer reports carry the source 'trainer'", details=spoofed)
-        branches = set(self.get(run_id).branches)
-        for index, report in enumerate(reports):
-            if isinstance(report, Heartbeat) and report.state.branch not in branches:
-                branches.add(report.state.branch)
-                if len(branches) > MAX_BRANCHES:
-                    raise PolicyViolation(
-                        f"run {run_id} may have at most {MAX_BRANCHES} branches",
-                        details=[
-                            ErrorDetail(
-                                field=f"reports.{index}.state.branch",
-                                message="one branch too many",
-                                allowed=f"at most {MAX_BRANCHES} per run",
-                            )
-                        ],
-                    )
+        """Apply a trainer's reports in order, once all of them passed `check_reports`; returns how many."""
+        check_reports(self.get(run_id), reports)
         for report in reports:
             if isinstance(report, Heartbeat):
                 await self._heartbeat(run_id, report)
