@@ -68,7 +68,7 @@ class MetricsService:
                 ).rowcount
                 if inserted == 0:
                     return None
-            self._admit_names(db, run_id, batch)
+            self._admit_series(db, run_id, batch)
             rows = []
             for sample in batch.samples:
                 for key, value in sample.values.items():
@@ -91,7 +91,7 @@ class MetricsService:
         self.events.publish(event)
         return MetricsAck(stored_values=stored)
 
-    def _admit_names(self, db: sqlite3.Connection, run_id: str, batch: MetricsBatch) -> None:
+    def _admit_series(self, db: sqlite3.Connection, run_id: str, batch: MetricsBatch) -> None:
         """Refuse a batch that would take the run past MAX_METRIC_NAMES names, MAX_BRANCHES branches or
         MAX_METRIC_SERIES (branch, name) series, in its transaction: each series is kept, indexed and cached."""
         known = self._series.get(run_id)

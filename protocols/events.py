@@ -63,23 +63,15 @@ class RunStateEvent(EventBase):
     @classmethod
     def of(cls, run: RunInfo, event_id: int, now: float) -> RunStateEvent:
         """The event telling watchers how `run` stands now."""
-        return cls(
-            event_id=event_id,
-            time=now,
-            run_id=run.run_id,
-            status=run.status,
-            step=run.step,
-            branch=run.branch,
-            branches=run.branches,
-            state=run.state,
-            last_heartbeat=run.last_heartbeat,
-            updated_at=run.updated_at,
-        )
+        return cls(event_id=event_id, time=now, run_id=run.run_id, **{name: getattr(run, name) for name in _STATE})
 
     def apply(self, run: RunInfo) -> RunInfo:
         """`run` (as last received) brought up to date by this event."""
-        fields = ("status", "step", "branch", "branches", "state", "last_heartbeat", "updated_at")
-        return run.model_copy(update={name: getattr(self, name) for name in fields})
+        return run.model_copy(update={name: getattr(self, name) for name in _STATE})
+
+
+_STATE = ("status", "step", "branch", "branches", "state", "last_heartbeat", "updated_at")
+"""The fields of a run that a `run_state` event carries."""
 
 
 class CheckpointEvent(EventBase):
