@@ -10,11 +10,11 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 import control_server.metrics
 import control_server.runs
+from benchmarks.rate_limit import flood
 from control_server.config import ServerConfig
 from control_server.metrics import MAX_METRIC_NAMES
 from protocols import (
@@ -34,27 +34,6 @@ from protocols.records import MAX_CONFIG_BYTES
 from tests.polling import wait_until
 from tests.server.helpers import row_counts
 from tests.serving import ServerProcess, ServerThread
-
-
-async def flood(url: str, run_id: str, submitters: int) -> Counter[int]:
-    """`submitters` clients, each on its own connection, submit one command each at the same moment."""
-    start = asyncio.Event()
-
-    async def submit(session: aiohttp.ClientSession) -> int:
-        await start.wait()
-        body = {"command": {"type": "pause"}, "source": "script:flood"}
-        async with session.post(f"{url}/api/v1/runs/{run_id}/commands", json=body) as answer:
-            await answer.read()
-            return answer.status
-
-    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) for _ in range(submitters)]
-    try:
-        tasks = [asyncio.create_task(submit(session)) for session in sessions]
-        await asyncio.sleep(0.2)
-        start.set()
-        return Counter(await asyncio.gather(*tasks))
-    finally:
-        await asyncio.gather(*(session.close() for session in sessions))
 
 
 @pytest.mark.parametrize(("max_commands", "submitters"), [(5, 100), (120, 300)])
