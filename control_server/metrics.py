@@ -23,8 +23,8 @@ from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHis
 MAX_RAW_POINTS = 100_000
 """Most points per series a request without `max_points` may return."""
 
-MAX_READ_POINTS = 500_000
-"""Most points one history answer may hold across all its series (about 13 MB of JSON)."""
+MAX_READ_POINTS = 250_000
+"""Most points one history answer may hold across all its series (about 6 MB of JSON)."""
 
 MAX_METRIC_NAMES = 4096
 """Most distinct metric names one run may have: each is a series on every branch, kept for good."""
