@@ -22,7 +22,7 @@ from protocols.client.aio import AsyncEventStream
 from protocols.client.core import Backoff
 from protocols.commands import Command, CommandRecord
 from protocols.errors import RequestRejected, RunsteerError, ServerUnavailable, Unauthorized
-from protocols.events import CheckpointEvent, CommandEvent, Event, MetricsEvent, RunEvent
+from protocols.events import CheckpointEvent, CommandEvent, Event, MetricsEvent, RunEvent, RunStateEvent
 from protocols.records import AlertReport
 
 log = logging.getLogger("runsteer.agents")
@@ -145,6 +145,8 @@ class AgentRuntime:
             self.tracker.set_command(event.record)
         elif isinstance(event, RunEvent):
             self.tracker.set_run(event.run)
+        elif isinstance(event, RunStateEvent) and self.tracker.run is not None:
+            self.tracker.set_run(event.apply(self.tracker.run))
         elif isinstance(event, CheckpointEvent):
             self.tracker.set_checkpoint(event.checkpoint, deleted=event.deleted)
 
@@ -191,8 +193,11 @@ class AgentRuntime:
         key = f"{decision.rule}.{secrets.token_hex(6)}"
         ids = tuple(f"{key}.{index}" for index in range(len(decision.commands)))
         intervention = Intervention(
-            rule=decision.rule, decided_tick=window.tick, time=window.now,
-            command_types=tuple(c.type for c in decision.commands), command_ids=ids,
+            rule=decision.rule,
+            decided_tick=window.tick,
+            time=window.now,
+            command_types=tuple(c.type for c in decision.commands),
+            command_ids=ids,
         )
         self.tracker.interventions.append(intervention)
         self.decisions.append(decision)
@@ -219,8 +224,11 @@ class AgentRuntime:
         """Keep only the commands actually sent; with none, the intervention is answered now."""
         index = self.tracker.interventions.index(intervention)
         updated = Intervention(
-            rule=intervention.rule, decided_tick=intervention.decided_tick, time=intervention.time,
-            command_types=intervention.command_types, command_ids=sent,
+            rule=intervention.rule,
+            decided_tick=intervention.decided_tick,
+            time=intervention.time,
+            command_types=intervention.command_types,
+            command_ids=sent,
             answered_tick=None if sent else self.tracker.tick,
         )
         self.tracker.interventions[index] = updated
@@ -234,7 +242,11 @@ class AgentRuntime:
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             try:
                 record = await self.client.submit(
-                    self.run_id, command, source=self.source, reason=reason[:2000], command_id=command_id,
+                    self.run_id,
+                    command,
+                    source=self.source,
+                    reason=reason[:2000],
+                    command_id=command_id,
                     hold=self.mode == "propose",
                 )
             except ServerUnavailable as exc:
@@ -254,7 +266,9 @@ class AgentRuntime:
         if self._alerts_refused:
             return
         report = AlertReport(
-            severity=decision.severity, message=decision.describe()[:2000], step=max(decision.step, 0),
+            severity=decision.severity,
+            message=decision.describe()[:2000],
+            step=max(decision.step, 0),
             source=self.source,
         )
         try:
@@ -286,8 +300,11 @@ def _past_interventions(records: Iterable[CommandRecord], source: str) -> list[I
     for key, group in grouped.items():
         past.append(
             Intervention(
-                rule=key.split(".", 1)[0], decided_tick=0, time=group[0].created_at,
-                command_types=tuple(r.command.type for r in group), command_ids=tuple(r.id for r in group),
+                rule=key.split(".", 1)[0],
+                decided_tick=0,
+                time=group[0].created_at,
+                command_types=tuple(r.command.type for r in group),
+                command_ids=tuple(r.id for r in group),
                 answered_tick=0 if all(r.finished for r in group) else None,
             )
         )

@@ -16,7 +16,7 @@ from control_server.commands import CommandService
 from control_server.config import ServerConfig
 from control_server.events import EventLog
 from control_server.fanout import Broadcaster
-from control_server.http import Handler, error_middleware
+from control_server.http import MAX_REQUEST_LINE, Handler, error_middleware
 from control_server.keys import (
     AUTH,
     BROADCASTER,
@@ -129,6 +129,7 @@ def create_app(config: ServerConfig, tokens: TokenTable | None = None) -> web.Ap
     app = web.Application(
         client_max_size=config.max_body_bytes,
         middlewares=[cors_middleware, request_metrics_middleware, error_middleware, auth_middleware],
+        handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[CONFIG] = config
     app[AUTH] = tokens

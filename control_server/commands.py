@@ -90,7 +90,6 @@ class CommandService:
         if run.status == "finished" or run.status == "failed":
             raise ConflictError(f"run {run_id} is {run.status} and takes no more commands")
         check_command(run, envelope.command)
-        self.rate_limiter.check(run)
         command_id = envelope.id or f"c-{uuid.uuid4().hex[:16]}"
         held = envelope.hold or run.policy.needs_approval(envelope.source)
         status: CommandStatus = "pending_approval" if held else "queued"
@@ -106,16 +105,26 @@ class CommandService:
             created_at=now,
             updated_at=now,
         )
+        limit = run.policy.rate_limit
+        counted: list[float] = []
+
+        def admit(db: sqlite3.Connection) -> None:
+            # In the inserting transaction: concurrent submitters are counted one by one, never all let through.
+            counted.append(self.rate_limiter.take(run_id, limit))
+
         stored: asyncio.Future[CommandRecord | None] = asyncio.get_running_loop().create_future()
         self._in_flight[(run_id, command_id)] = stored
         try:
-            await self._commit(record, None, insert=True)
+            await self._commit_many([(record, None)], insert=True, admit=admit)
             stored.set_result(record)
+        except BaseException:
+            for stamp in counted:
+                self.rate_limiter.give_back(run_id, stamp)
+            raise
         finally:
             if not stored.done():
                 stored.set_result(None)
             del self._in_flight[(run_id, command_id)]
-        self.rate_limiter.note(run_id)
         return record, True
 
     async def get(self, run_id: str, command_id: str, *, wait_s: float = 0.0) -> CommandRecord:
@@ -180,8 +189,12 @@ class CommandService:
             if record.status == result.status:
                 return record
             raise ConflictError(f"command {command_id} is already {record.status}", status=record.status)
-        if record.status == "pending_approval":
-            raise ConflictError(f"command {command_id} is pending approval and was never delivered")
+        if record.status != "delivered":
+            raise ConflictError(
+                f"command {command_id} is {record.status} and was never delivered: a trainer answers only the "
+                "commands it received",
+                status=record.status,
+            )
         now = time.time()
         finished = record.model_copy(
             update={
@@ -199,7 +212,8 @@ class CommandService:
     async def decide(self, run_id: str, command_id: str, decision: CommandDecision, *, approve: bool) -> CommandRecord:
         """Approve (the command joins the end of the queue with a new `seq`) or reject a held command.
 
-        A source the run's policy holds for approval may do neither, or an agent could approve its own proposals.
+        A source the run's policy holds for approval may do neither, and no source approves its own command, or an
+        agent could approve its own proposals.
         """
         run = self.runs.get(run_id)
         if run.policy.needs_approval(decision.source):
@@ -216,6 +230,15 @@ class CommandService:
         record = await self._existing(run_id, command_id)
         if record is None:
             raise _unknown_command(run_id, command_id)
+        if approve and record.source == decision.source:
+            raise Forbidden(
+                f"{decision.source} sent command {command_id}: nobody approves their own command (rejecting is fine)",
+                details=[
+                    ErrorDetail(
+                        field="source", message="the command's own source", allowed=f"anyone but {record.source}"
+                    )
+                ],
+            )
         if record.status != "pending_approval":
             raise ConflictError(f"command {command_id} is {record.status}, not pending_approval", status=record.status)
         now = time.time()
@@ -269,11 +292,18 @@ class CommandService:
         await self._commit_many([(record, previous)], insert=insert)
 
     async def _commit_many(
-        self, changes: Sequence[tuple[CommandRecord, CommandRecord | None]], *, insert: bool = False
+        self,
+        changes: Sequence[tuple[CommandRecord, CommandRecord | None]],
+        *,
+        insert: bool = False,
+        admit: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
+        """Write the changes and their events in one transaction (after `admit`, which may refuse them all)."""
         events = [self.events.make(partial(_command_event, record)) for record, _ in changes]
 
         def write(db: sqlite3.Connection) -> None:
+            if admit is not None:
+                admit(db)
             for record, _ in changes:
                 row = (record.seq, record.status, record.model_dump_json(), record.run_id, record.id)
                 if insert:

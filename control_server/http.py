@@ -6,15 +6,17 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from functools import cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from aiohttp import web
 from pydantic import BaseModel, JsonValue, ValidationError
 
 from control_server.errors import ApiError
 from control_server.keys import CONFIG
+from protocols.base import TypedModel
 from protocols.commands import CommandType
 from protocols.errors import ErrorBody, ErrorDetail, allowed_range
+from protocols.records import RunReport
 from protocols.schema import command_schema
 
 log = logging.getLogger(__name__)
@@ -23,6 +25,66 @@ Model = TypeVar("Model", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 COMMAND_TYPES = frozenset(CommandType.__args__)  # type: ignore[attr-defined]
+REPORT_TYPES = frozenset(report.model_fields["type"].default for report in get_args(get_args(RunReport)[0]))
+"""The tags of `RunReport`, which pydantic puts in an error's location after the report's index."""
+
+
+MAX_REQUEST_LINE = 2**20
+"""Longest request line the server reads (aiohttp's default is 8190 bytes). The longest documented query (`keys`
+of MAX_KEYS_LENGTH ASCII characters, each percent-encoded) takes about 60 kB; a megabyte also leaves room for
+over-long ones, which then get a JSON 422 naming the parameter instead of aiohttp's plain-text 400."""
+
+
+class MissingType(ApiError):
+    """A body of a `type`-tagged model without its `type` (a JSON body must carry it, as the documents say)."""
+
+    status = 422
+    code = "validation_error"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    unique = dict(pairs)
+    if len(unique) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return unique
+
+
+def refuse_duplicate_keys(text: str | bytes) -> object:
+    """Refuse JSON naming a key twice in one object: a proxy or an audit log reading the first could see another
+    command than the one applied (pydantic keeps the last). Returns the value; None for text that is not JSON,
+    which is left to the model's parser to explain."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ApiError(
+            f"the key {exc.key!r} appears twice in one JSON object",
+            details=[ErrorDetail(field=exc.key, message="duplicate key", allowed="each key once per object")],
+        ) from None
+    except (ValueError, RecursionError):
+        return None
+
+
+def parse_json(model: type[Model], text: str | bytes) -> Model:
+    """`text` as `model`: duplicate keys are a 400 and a body missing its `type` a 422 (ApiError), anything else
+    wrong a ValidationError naming fields."""
+    value = refuse_duplicate_keys(text)
+    if issubclass(model, TypedModel) and isinstance(value, dict) and "type" not in value:
+        tag = model.model_fields["type"].default
+        raise MissingType(
+            f"invalid {model.__name__}: the body needs its `type`",
+            details=[ErrorDetail(field="type", message="Field required", allowed=str(tag))],
+        )
+    return model.model_validate_json(text)
 
 
 async def parse_body(request: web.Request, model: type[Model]) -> Model:
@@ -30,7 +92,7 @@ async def parse_body(request: web.Request, model: type[Model]) -> Model:
     body = await request.read()
     if not body:
         raise ApiError("the request needs a JSON body", details=[ErrorDetail(field="", message="empty body")])
-    return model.model_validate_json(body)
+    return parse_json(model, body)
 
 
 def parse_query(request: web.Request, model: type[Model]) -> Model:
@@ -97,7 +159,12 @@ def validation_details(error: ValidationError) -> list[ErrorDetail]:
     for problem in error.errors(include_url=False):
         location = [str(part) for part in problem["loc"]]
         command = next((part for part in location if part in COMMAND_TYPES), None)
-        field_path = [part for part in location if part not in COMMAND_TYPES]
+        field_path = [
+            part
+            for index, part in enumerate(location)
+            if part not in COMMAND_TYPES
+            and not (index >= 2 and location[index - 2] == "reports" and part in REPORT_TYPES)
+        ]
         allowed = ""
         if command is not None and field_path:
             field_name = field_path[field_path.index("command") + 1] if "command" in field_path[:-1] else field_path[-1]

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from control_server.errors import ApiError
 from control_server.events import EventLog
-from control_server.runs import RunRegistry
+from control_server.runs import MAX_BRANCHES, RunRegistry
 from control_server.store import ROLLUP_LEVELS, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
@@ -23,10 +23,24 @@ from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHis
 MAX_RAW_POINTS = 100_000
 """Most points per series a request without `max_points` may return."""
 
+MAX_READ_POINTS = 250_000
+"""Most points one history answer may hold across all its series (about 6 MB of JSON)."""
+
+MAX_METRIC_NAMES = 4096
+"""Most distinct metric names one run may have: each is a series on every branch, kept for good."""
+
+MAX_METRIC_SERIES = 65_536
+"""Most (branch, name) series one run may have, e.g. 16 branches of 4,096 metrics or 1,024 of 64."""
+
 
 class TooManyPoints(ApiError):
     status = 422
     code = "too_many_points"
+
+
+class TooManyMetrics(ApiError):
+    status = 422
+    code = "too_many_metrics"
 
 
 class MetricsService:
@@ -41,6 +55,7 @@ class MetricsService:
         self.latest_nonfinite: dict[tuple[str, str], list[str]] = {}
         self.values_ingested = 0
         self._series_ids: dict[tuple[str, str, str], int] = {}  # touched only by the writer thread
+        self._series: dict[str, set[tuple[str, str]]] = {}  # each run's (branch, name) series; writer thread only
 
     async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
         """Commit a batch (unless its `batch_id` was already stored), then publish it."""
@@ -53,6 +68,7 @@ class MetricsService:
                 ).rowcount
                 if inserted == 0:
                     return None
+            self._admit_series(db, run_id, batch)
             rows = []
             for sample in batch.samples:
                 for key, value in sample.values.items():
@@ -74,6 +90,29 @@ class MetricsService:
         )
         self.events.publish(event)
         return MetricsAck(stored_values=stored)
+
+    def _admit_series(self, db: sqlite3.Connection, run_id: str, batch: MetricsBatch) -> None:
+        """Refuse a batch that would take the run past MAX_METRIC_NAMES names, MAX_BRANCHES branches or
+        MAX_METRIC_SERIES (branch, name) series, in its transaction: each series is kept, indexed and cached."""
+        known = self._series.get(run_id)
+        if known is None:
+            rows = db.execute("SELECT branch, key FROM metric_series WHERE run_id = ?", (run_id,))
+            known = self._series[run_id] = {(branch, key) for branch, key in rows}
+        new = {(sample.branch, key) for sample in batch.samples for key in sample.values} - known
+        if not new:
+            return
+        every = known | new
+        for what, count, limit, field in (
+            ("metric names", len({key for _, key in every}), MAX_METRIC_NAMES, "samples.values"),
+            ("branches", len({branch for branch, _ in every}), MAX_BRANCHES, "samples.branch"),
+            ("series (branch, name)", len(every), MAX_METRIC_SERIES, "samples.values"),
+        ):
+            if count > limit:
+                raise TooManyMetrics(
+                    f"this batch would give run {run_id} {count} {what}; a run may have at most {limit}",
+                    details=[ErrorDetail(field=field, message=f"too many {what}", allowed=f"at most {limit} per run")],
+                )
+        known |= new
 
     def _series_id(self, db: sqlite3.Connection, run_id: str, branch: str, key: str) -> int:
         name = (run_id, branch, key)
@@ -100,14 +139,28 @@ class MetricsService:
                 "SELECT key, series_id FROM metric_series WHERE run_id = ? AND branch = ?", (run_id, branch)
             ).fetchall()
             series_ids = {key: series_id for key, series_id in found if not wanted or key in wanted}
-            if max_points is None:
-                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
-            width = _bucket_width(db, series_ids.values(), since_step, max_points)
-            if width == 1:
-                return 1, {key: _raw_series(db, series_id, since_step) for key, series_id in series_ids.items()}
-            return width, {
-                key: _bucketed_series(db, series_id, since_step, width) for key, series_id in series_ids.items()
-            }
+            width = 1 if max_points is None else _bucket_width(db, series_ids.values(), since_step, max_points)
+            series: dict[str, MetricSeries] = {}
+            points = 0
+            for key, series_id in series_ids.items():
+                read = (
+                    _raw_series(db, series_id, since_step)
+                    if width == 1
+                    else _bucketed_series(db, series_id, since_step, width)
+                )
+                points += len(read.steps)
+                if points > MAX_READ_POINTS:
+                    raise TooManyPoints(
+                        f"more than {MAX_READ_POINTS} points in one answer ({len(series_ids)} series); name fewer "
+                        "`keys`, pass a smaller `max_points` or a later `since_step`",
+                        details=[
+                            ErrorDetail(
+                                field="keys", message="too many points", allowed=f"at most {MAX_READ_POINTS} in all"
+                            )
+                        ],
+                    )
+                series[key] = read
+            return width, series
 
         width, series = await self.store.read(op)
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)

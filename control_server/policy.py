@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 
 from control_server.errors import PolicyViolation, RateLimited
 from protocols.commands import Command, SetDataMix, SetHparams
 from protocols.errors import ErrorDetail
+from protocols.policy import RateLimit
 from protocols.records import RunInfo
 
 
@@ -42,35 +44,45 @@ def check_command(run: RunInfo, command: Command) -> None:
 
 
 class RateLimiter:
-    """A sliding window of accepted commands per run."""
+    """A sliding window of accepted commands per run, checked and counted in one step under a lock.
+
+    `take` runs inside the store transaction that inserts the command, so concurrent submitters cannot all pass
+    the check before any of them is counted; a store shared by several servers counts in that transaction instead.
+    """
 
     def __init__(self) -> None:
         self._accepted: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
 
-    def check(self, run: RunInfo) -> None:
-        """Raise `RateLimited` if one more command would exceed the run's limit."""
-        limit = run.policy.rate_limit
-        window = self._accepted.setdefault(run.run_id, deque())
-        now = time.monotonic()
-        while window and now - window[0] > limit.per_seconds:
-            window.popleft()
-        if len(window) >= limit.max_commands:
-            retry_after = limit.per_seconds - (now - window[0])
-            raise RateLimited(
-                f"run {run.run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
-                details=[
-                    ErrorDetail(
-                        field="",
-                        message="rate limit reached",
-                        allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
-                    )
-                ],
-                retry_after_s=round(retry_after, 3),
-            )
+    def take(self, run_id: str, limit: RateLimit) -> float:
+        """Count one command for `run_id` and return its stamp; raise `RateLimited` (counting nothing) when full."""
+        with self._lock:
+            window = self._accepted.setdefault(run_id, deque())
+            now = time.monotonic()
+            while window and now - window[0] > limit.per_seconds:
+                window.popleft()
+            if len(window) >= limit.max_commands:
+                retry_after = limit.per_seconds - (now - window[0])
+                raise RateLimited(
+                    f"run {run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
+                    details=[
+                        ErrorDetail(
+                            field="",
+                            message="rate limit reached",
+                            allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
+                        )
+                    ],
+                    retry_after_s=round(retry_after, 3),
+                )
+            window.append(now)
+            return now
 
-    def note(self, run_id: str) -> None:
-        """Count one accepted command."""
-        self._accepted.setdefault(run_id, deque()).append(time.monotonic())
+    def give_back(self, run_id: str, stamp: float) -> None:
+        """Uncount a command whose insert did not commit."""
+        with self._lock:
+            window = self._accepted.get(run_id)
+            if window is not None and stamp in window:
+                window.remove(stamp)
 
 
 class TokenBudget:

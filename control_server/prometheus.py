@@ -209,12 +209,12 @@ class Exposition:
         events.listeners.append(self._observe_steps)
 
     def visible_runs(self) -> dict[str, RunInfo]:
-        """Runs still shown: live ones, and finished ones for `finished_run_ttl_s` after they ended."""
+        """Runs still shown: live ones, and ended or lost ones for `finished_run_ttl_s` after they ended."""
         now = time.time()
         return {
             run_id: run
             for run_id, run in self.runs.runs.items()
-            if run.status not in ("finished", "failed")
+            if run.status not in ("finished", "failed", "lost")
             or now - self.runs.status_changed_at.get(run_id, now) <= self.finished_run_ttl_s
         }
 

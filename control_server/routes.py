@@ -17,13 +17,14 @@ from control_server.http import (
     api_error_body,
     json_response,
     parse_body,
+    parse_json,
     parse_query,
     validation_error_body,
 )
 from control_server.keys import BROADCASTER, COMMANDS, CONFIG, EVENTS, EXPOSITION, METRICS, RUNS
 from protocols.commands import CommandDecision, CommandEnvelope, CommandList, CommandResult
 from protocols.constants import PROTOCOL_VERSION
-from protocols.errors import ErrorBody, ErrorDetail
+from protocols.errors import ErrorBody
 from protocols.events import EventList, StreamReply, StreamSubmit
 from protocols.openapi import ROUTE, ROUTES, openapi_document
 from protocols.policy import Policy
@@ -117,7 +118,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def register_run(request: web.Request) -> web.Response:
     """Register a run (201) or re-attach a trainer to one (200)."""
     registration = await parse_body(request, RunRegistration)
-    run, created = await request.app[RUNS].register(registration)
+    run, created = await request.app[RUNS].register(registration, principal_of(request))
     return json_response(run, status=201 if created else 200)
 
 
@@ -140,27 +141,11 @@ async def set_policy(request: web.Request) -> web.Response:
     return json_response(await request.app[RUNS].set_policy(request.match_info["run_id"], policy))
 
 
-def check_source(principal: Principal, source: str) -> None:
-    """A non-admin token acts only under its own name (`user:<name>`, `agent:<name>`, ...)."""
-    if principal.may("admin"):
-        return
-    name = source.split(":", 1)[1]
-    if name != principal.name:
-        raise Forbidden(
-            f"token {principal.name!r} may not act as {source!r}",
-            details=[
-                ErrorDetail(
-                    field="source", message="source name must match the token", allowed=f"<kind>:{principal.name}"
-                )
-            ],
-        )
-
-
 @handler
 async def submit_command(request: web.Request) -> web.Response:
     """Queue a command (202), or return the first record of a resubmitted id (200)."""
     envelope = await parse_body(request, CommandEnvelope)
-    check_source(principal_of(request), envelope.source)
+    principal_of(request).check_source(envelope.source)
     record, created = await request.app[COMMANDS].submit(request.match_info["run_id"], envelope)
     return json_response(record, status=202 if created else 200)
 
@@ -198,7 +183,7 @@ async def get_command(request: web.Request) -> web.Response:
 
 async def _decide(request: web.Request, *, approve: bool) -> web.Response:
     decision = await parse_body(request, CommandDecision)
-    check_source(principal_of(request), decision.source)
+    principal_of(request).check_source(decision.source)
     record = await request.app[COMMANDS].decide(
         request.match_info["run_id"], request.match_info["command_id"], decision, approve=approve
     )
@@ -260,6 +245,7 @@ async def push_reports(request: web.Request) -> web.Response:
 async def raise_alert(request: web.Request) -> web.Response:
     """An alert from an agent or a script, for the run's feed."""
     alert = await parse_body(request, AlertReport)
+    principal_of(request).check_source(alert.source)
     await request.app[RUNS].alert(request.match_info["run_id"], alert)
     return json_response(ReportAck(accepted=1))
 
@@ -332,14 +318,14 @@ async def _submit_over_stream(request: web.Request, principal: Principal, run_id
     scope = ROUTE["submit_command"].scope
     try:
         if bare:
-            envelope = CommandEnvelope.model_validate_json(text)
+            envelope = parse_json(CommandEnvelope, text)
         else:
-            envelope = StreamSubmit.model_validate_json(text).envelope
+            envelope = parse_json(StreamSubmit, text).envelope
         if run_id is None:
             raise ApiError("submit commands on a run's stream, not the all-runs stream")
         if scope is not None and not principal.may(scope):
             raise Forbidden(f"token {principal.name!r} lacks the {scope!r} scope this route needs", scope=scope)
-        check_source(principal, envelope.source)
+        principal.check_source(envelope.source)
         record, _ = await request.app[COMMANDS].submit(run_id, envelope)
     except ValidationError as exc:
         return StreamReply(ref=ref, error=validation_error_body(exc)[1])

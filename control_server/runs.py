@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 import uuid
+from functools import partial
 
-from control_server.errors import ConflictError, NotFoundError, PolicyViolation
+from control_server.auth import Principal
+from control_server.errors import ConflictError, Forbidden, NotFoundError, PolicyViolation
 from control_server.events import EventLog
 from control_server.store import Store
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.errors import ErrorDetail
-from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent
+from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent, RunStateEvent
 from protocols.policy import Policy
 from protocols.records import (
+    COMPATIBLE_VERSION,
     AlertReport,
     CheckpointInfo,
     CheckpointSaved,
@@ -31,10 +35,13 @@ log = logging.getLogger(__name__)
 
 LIVE_STATUSES: frozenset[RunStatus] = frozenset({"running", "paused"})
 
+MAX_BRANCHES = 1024
+"""Most branches one run may have (a rollback makes one): each is listed in the run sent to every watcher."""
+
 
 def check_protocol_version(version: str) -> None:
     """Refuse a trainer speaking another major version of the protocol, before it misreads a command."""
-    if version.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+    if re.fullmatch(COMPATIBLE_VERSION, version) is None:
         raise PolicyViolation(
             f"this server speaks protocol {PROTOCOL_VERSION}; the trainer speaks {version}",
             details=[
@@ -45,6 +52,33 @@ def check_protocol_version(version: str) -> None:
                 )
             ],
         )
+
+
+def check_reports(run: RunInfo, reports: list[RunReport]) -> None:
+    """Refuse a batch of reports before any is applied: a trainer's alerts carry the source `trainer` (reports are
+    not a way to speak as someone else), and heartbeats may not open more than MAX_BRANCHES branches."""
+    spoofed = [
+        ErrorDetail(field=f"reports.{index}.source", message="a trainer's alerts are its own", allowed="trainer")
+        for index, report in enumerate(reports)
+        if isinstance(report, AlertReport) and report.source != "trainer"
+    ]
+    if spoofed:
+        raise Forbidden("alerts sent as trainer reports carry the source 'trainer'", details=spoofed)
+    branches = set(run.branches)
+    for index, report in enumerate(reports):
+        if isinstance(report, Heartbeat) and report.state.branch not in branches:
+            branches.add(report.state.branch)
+            if len(branches) > MAX_BRANCHES:
+                raise PolicyViolation(
+                    f"run {run.run_id} may have at most {MAX_BRANCHES} branches",
+                    details=[
+                        ErrorDetail(
+                            field=f"reports.{index}.state.branch",
+                            message="one branch too many",
+                            allowed=f"at most {MAX_BRANCHES} per run",
+                        )
+                    ],
+                )
 
 
 class RunRegistry:
@@ -85,16 +119,46 @@ class RunRegistry:
         """Every run, newest first."""
         return sorted(self.runs.values(), key=lambda run: run.created_at, reverse=True)
 
-    async def register(self, registration: RunRegistration) -> tuple[RunInfo, bool]:
-        """Create a run, or re-attach a trainer to an existing one; returns (run, created)."""
+    def check_trainer(self, run_id: str, name: str) -> None:
+        """Refuse a non-admin token acting as the trainer of a run another token registered (unknown runs pass,
+        to be answered 404 by the route)."""
+        run = self.runs.get(run_id)
+        if run is not None and run.registered_by != name:
+            raise Forbidden(
+                f"token {name!r} did not register run {run_id}: only the token that did (or an admin) is its trainer",
+                details=[
+                    ErrorDetail(field="run_id", message="another token's run", allowed="runs this token registered")
+                ],
+            )
+
+    async def register(self, registration: RunRegistration, by: Principal) -> tuple[RunInfo, bool]:
+        """Create a run, or re-attach its trainer to it; returns (run, created).
+
+        Only the token that registered a run (or an admin) may re-attach to it, and only an admin may change its
+        policy that way: re-registering must not be a way around `PUT .../policy`.
+        """
         async with self._lock(registration.run_id or ""):
             check_protocol_version(registration.protocol_version)
             now = time.time()
             existing = self.runs.get(registration.run_id) if registration.run_id else None
             if existing is not None:
+                if not by.may("admin"):
+                    self.check_trainer(existing.run_id, by.name)
                 if existing.name != registration.name:
                     raise ConflictError(
                         f"run {existing.run_id!r} is named {existing.name!r}, not {registration.name!r}",
+                    )
+                if registration.policy not in (None, existing.policy) and not by.may("admin"):
+                    raise Forbidden(
+                        f"re-registering run {existing.run_id} may not change its policy; an admin token can "
+                        "(PUT .../policy)",
+                        details=[
+                            ErrorDetail(
+                                field="policy",
+                                message="differs from the run's policy",
+                                allowed="the run's current policy, or leave it out",
+                            )
+                        ],
                     )
                 run = existing.model_copy(
                     update={
@@ -119,6 +183,7 @@ class RunRegistry:
                     config=registration.config,
                     domains=registration.domains,
                     policy=registration.policy or self.default_policy,
+                    registered_by=by.name,
                 )
                 created = True
             await self._save(run, stored_event=True)
@@ -132,8 +197,8 @@ class RunRegistry:
         return run
 
     async def apply_reports(self, run_id: str, reports: list[RunReport]) -> int:
-        """Apply a trainer's reports in order; returns how many were taken."""
-        self.get(run_id)
+        """Apply a trainer's reports in order, once all of them passed `check_reports`; returns how many."""
+        check_reports(self.get(run_id), reports)
         for report in reports:
             if isinstance(report, Heartbeat):
                 await self._heartbeat(run_id, report)
@@ -278,10 +343,15 @@ class RunRegistry:
         await self.events.record(event)
 
     async def _save(self, run: RunInfo, *, stored_event: bool) -> None:
-        """Write the run row; publish a run event, stored when the change matters beyond the moment."""
+        """Write the run row; publish a run event, stored when the change matters beyond the moment.
+
+        A change that is not stored (a heartbeat) is published as a `run_state` event, without config or policy.
+        """
         previous = self.runs.get(run.run_id)
         event: Event = self.events.make(
-            lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run)
+            (lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run))
+            if stored_event
+            else partial(RunStateEvent.of, run)
         )
 
         def write(db: sqlite3.Connection) -> None:

@@ -8,7 +8,7 @@ admin=$(token) trainer=$(token) rules=$(token) dashboard=$(token) prometheus=$(t
 mkdir -p secrets
 printf '%s' "$prometheus" > secrets/prometheus.token
 cat > .env <<ENV
-RUNSTEER_TOKENS=[{"name":"you","token":"$admin","scopes":["admin"]},{"name":"trainer","token":"$trainer","scopes":["train","read"]},{"name":"rules","token":"$rules","scopes":["read","command"]},{"name":"dashboard","token":"$dashboard","scopes":["read","command"]},{"name":"prometheus","token":"$prometheus","scopes":["read"]}]
+RUNSTEER_TOKENS=[{"name":"you","token":"$admin","scopes":["admin"]},{"name":"trainer","token":"$trainer","scopes":["train","read"]},{"name":"rules","token":"$rules","scopes":["read","command"],"kind":"agent"},{"name":"dashboard","token":"$dashboard","scopes":["read","command"]},{"name":"prometheus","token":"$prometheus","scopes":["read"]}]
 TRAINER_TOKEN=$trainer
 AGENT_TOKEN=$rules
 DASHBOARD_TOKEN=$dashboard

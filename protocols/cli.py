@@ -19,6 +19,7 @@ from protocols.events import (
     LogEvent,
     MetricsEvent,
     RunEvent,
+    RunStateEvent,
 )
 from protocols.records import RunInfo
 from protocols.schema import protocol_schema
@@ -164,6 +165,8 @@ def format_event(event: Event) -> str:
         return f"{when} command  #{record.seq} {record.command.type} {record.status}{step} by {record.source}{detail}"
     if isinstance(event, RunEvent):
         return f"{when} run      {event.run.status} {event.run.branch}@{event.run.step}"
+    if isinstance(event, RunStateEvent):
+        return f"{when} run      {event.status} {event.branch}@{event.step}"
     if isinstance(event, CheckpointEvent):
         verb = "deleted" if event.deleted else "saved"
         checkpoint = event.checkpoint

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import Field, JsonValue, TypeAdapter, model_validator
 
-from protocols.base import Name, Source, Step, Text, UnixTime, WireModel
+from protocols.base import MAX_WIRE_INT, Name, Source, Step, Text, TypedModel, UnixTime, WholeNumber, WireModel
 from protocols.constants import CommandStatus
 
 LearningRate = Annotated[float, Field(gt=0.0, le=10.0)]
@@ -17,8 +17,9 @@ OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adafactor", "nadam",
 ScheduleKind = Literal["constant", "cosine", "linear", "wsd", "inverse_sqrt"]
 
 
-class SetHparams(WireModel):
-    """Change optimizer hyperparameters at the next step boundary; fields left out keep their value."""
+class SetHparams(TypedModel):
+    """Change optimizer hyperparameters at the next step boundary; fields left out keep their value, and at least
+    one of lr, weight_decay, betas, momentum, eps or grad_clip must be set."""
 
     type: Literal["set_hparams"] = "set_hparams"
     lr: LearningRate | None = None
@@ -46,17 +47,18 @@ class SetHparams(WireModel):
         return self
 
 
-class SetSchedule(WireModel):
-    """Replace the learning-rate schedule; it starts at the step the command is applied."""
+class SetSchedule(TypedModel):
+    """Replace the learning-rate schedule; it starts at the step the command is applied. cosine, linear and wsd
+    need horizon_steps, which must exceed warmup_steps."""
 
     type: Literal["set_schedule"] = "set_schedule"
     kind: ScheduleKind
     """constant, cosine, linear (decay), wsd (warmup-stable-decay) or inverse_sqrt."""
     peak_lr: LearningRate | None = None
     """The schedule's peak learning rate; the run's current learning rate when left out."""
-    warmup_steps: Annotated[int, Field(ge=0, le=10**9)] = 0
+    warmup_steps: Annotated[int, Field(ge=0, le=10**9), WholeNumber] = 0
     """Steps of linear warmup from `floor * peak_lr` up to `peak_lr`."""
-    horizon_steps: Annotated[int, Field(ge=1, le=10**9)] | None = None
+    horizon_steps: Annotated[int, Field(ge=1, le=10**9), WholeNumber] | None = None
     """Steps from now until the schedule reaches its floor; required by cosine, linear and wsd."""
     floor: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """The lowest learning rate as a fraction of `peak_lr`."""
@@ -72,7 +74,7 @@ class SetSchedule(WireModel):
         return self
 
 
-class SetOptimizer(WireModel):
+class SetOptimizer(TypedModel):
     """Swap the optimizer, carrying moment state across where the two are compatible."""
 
     type: Literal["set_optimizer"] = "set_optimizer"
@@ -91,8 +93,8 @@ class SetOptimizer(WireModel):
     make its next step larger than it would make from its own history; the result lists what was dropped and why."""
 
 
-class SetDataMix(WireModel):
-    """New sampling weights over the run's data domains; they are normalised to sum to one."""
+class SetDataMix(TypedModel):
+    """New sampling weights over the run's data domains, not all zero; they are normalised to sum to one."""
 
     type: Literal["set_data_mix"] = "set_data_mix"
     weights: dict[Name, Annotated[float, Field(ge=0.0, le=1e6)]] = Field(min_length=1, max_length=256)
@@ -105,7 +107,7 @@ class SetDataMix(WireModel):
         return self
 
 
-class SaveCheckpoint(WireModel):
+class SaveCheckpoint(TypedModel):
     """Save a checkpoint now."""
 
     type: Literal["save_checkpoint"] = "save_checkpoint"
@@ -113,8 +115,9 @@ class SaveCheckpoint(WireModel):
     """An optional label kept with the checkpoint."""
 
 
-class Rollback(WireModel):
-    """Restore a checkpoint onto a new branch, optionally skipping the batches that followed it."""
+class Rollback(TypedModel):
+    """Restore a checkpoint onto a new branch, optionally skipping the batches that followed it; name exactly one
+    of checkpoint_id, step or latest_healthy=true."""
 
     type: Literal["rollback"] = "rollback"
     checkpoint_id: Name | None = None
@@ -125,7 +128,7 @@ class Rollback(WireModel):
     """Restore the newest checkpoint saved with no NaN or infinite metric since the one before it (`healthy`)."""
     branch: Name | None = None
     """Name of the new branch; `{branch}.r{step}` of the current branch and the checkpoint's step when left out."""
-    skip_batches: Annotated[int, Field(ge=0, le=10**7)] = 0
+    skip_batches: Annotated[int, Field(ge=0, le=10**7), WholeNumber] = 0
     """Skip the next N batches that the original run saw after the checkpoint."""
 
     @model_validator(mode="after")
@@ -146,19 +149,19 @@ def rollback_branch(base: str, step: int, taken: Collection[str] = ()) -> str:
     return name
 
 
-class Pause(WireModel):
+class Pause(TypedModel):
     """Pause between steps; the run still heartbeats and takes commands."""
 
     type: Literal["pause"] = "pause"
 
 
-class Resume(WireModel):
+class Resume(TypedModel):
     """Resume a paused run."""
 
     type: Literal["resume"] = "resume"
 
 
-class Stop(WireModel):
+class Stop(TypedModel):
     """Stop the run gracefully and mark it finished."""
 
     type: Literal["stop"] = "stop"
@@ -166,11 +169,11 @@ class Stop(WireModel):
     """Write a final checkpoint before stopping."""
 
 
-class Evaluate(WireModel):
+class Evaluate(TypedModel):
     """Run evaluation now on every domain's held-out split."""
 
     type: Literal["evaluate"] = "evaluate"
-    max_batches: Annotated[int, Field(ge=1, le=100_000)] | None = None
+    max_batches: Annotated[int, Field(ge=1, le=100_000), WholeNumber] | None = None
     """Evaluate on at most this many batches per domain; the run's default when left out."""
 
 
@@ -230,7 +233,7 @@ class CommandRecord(WireModel):
 
     id: Name
     run_id: Name
-    seq: Annotated[int, Field(ge=1)]
+    seq: Annotated[int, Field(ge=1, le=MAX_WIRE_INT), WholeNumber]
     """Position in the run's command queue; commands are delivered and applied in this order."""
     command: Command
     source: Source

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
-from protocols.base import Name, Step, Text, UnixTime, WireModel
+from protocols.base import Count, Name, Step, Text, UnixTime, WireModel, tag_required
 from protocols.commands import CommandEnvelope, CommandRecord
+from protocols.constants import RunStatus
 from protocols.errors import ErrorBody
-from protocols.records import CheckpointInfo, MetricsSample, RunInfo
+from protocols.records import CheckpointInfo, MetricsSample, RunInfo, RunState
 
 
 class EventBase(WireModel):
     """Fields every event has."""
 
-    event_id: Annotated[int, Field(ge=0)]
+    model_config = ConfigDict(json_schema_extra=tag_required("kind"))
+
+    event_id: Count
     """Increases with every event the server emits, across restarts too (a restarted server starts higher)."""
     time: UnixTime
     run_id: Name
@@ -40,6 +43,35 @@ class RunEvent(EventBase):
 
     kind: Literal["run"] = "run"
     run: RunInfo
+
+
+class RunStateEvent(EventBase):
+    """A heartbeat's news about a run: status, step, branches and reported state, not its config or policy.
+
+    Those two change only in a (stored) `run` event, so a heartbeat costs watchers little whatever the config.
+    """
+
+    kind: Literal["run_state"] = "run_state"
+    status: RunStatus
+    step: Step
+    branch: Name
+    branches: list[Name]
+    state: RunState | None = None
+    last_heartbeat: UnixTime | None = None
+    updated_at: UnixTime
+
+    @classmethod
+    def of(cls, run: RunInfo, event_id: int, now: float) -> RunStateEvent:
+        """The event telling watchers how `run` stands now."""
+        return cls(event_id=event_id, time=now, run_id=run.run_id, **{name: getattr(run, name) for name in _STATE})
+
+    def apply(self, run: RunInfo) -> RunInfo:
+        """`run` (as last received) brought up to date by this event."""
+        return run.model_copy(update={name: getattr(self, name) for name in _STATE})
+
+
+_STATE = ("status", "step", "branch", "branches", "state", "last_heartbeat", "updated_at")
+"""The fields of a run that a `run_state` event carries."""
 
 
 class CheckpointEvent(EventBase):
@@ -70,7 +102,8 @@ class LogEvent(EventBase):
 
 
 Event = Annotated[
-    MetricsEvent | CommandEvent | RunEvent | CheckpointEvent | AlertEvent | LogEvent, Field(discriminator="kind")
+    MetricsEvent | CommandEvent | RunEvent | RunStateEvent | CheckpointEvent | AlertEvent | LogEvent,
+    Field(discriminator="kind"),
 ]
 """Any event on the stream, told apart by its `kind`."""
 

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from protocols.base import NAME_PATTERN
+from protocols.base import NAME_PATTERN, WireJsonSchema
 from protocols.commands import CommandDecision, CommandEnvelope, CommandList, CommandRecord, CommandResult
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION, Scope
 from protocols.errors import ErrorBody
@@ -260,7 +260,7 @@ def _parameters(route: Route) -> list[dict[str, Any]]:
         for name in route.path_parameters
     ]
     if route.query is not None:
-        query_schema = route.query.model_json_schema(ref_template=_REF)
+        query_schema = route.query.model_json_schema(ref_template=_REF, schema_generator=WireJsonSchema)
         required = set(query_schema.get("required", []))
         for name, schema in query_schema["properties"].items():
             description = schema.pop("description", "")
@@ -298,7 +298,9 @@ def _responses(route: Route) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the REST API, built from `ROUTES` and the wire models."""
-    _, components = models_json_schema([(model, "validation") for model in _models()], ref_template=_REF)
+    _, components = models_json_schema(
+        [(model, "validation") for model in _models()], ref_template=_REF, schema_generator=WireJsonSchema
+    )
     schemas: dict[str, Any] = components.get("$defs", {})
     paths: dict[str, dict[str, Any]] = {}
     for route in ROUTES:

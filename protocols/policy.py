@@ -6,7 +6,7 @@ from typing import Annotated, Self
 
 from pydantic import Field, StringConstraints, model_validator
 
-from protocols.base import WireModel
+from protocols.base import WholeNumber, WireModel
 from protocols.commands import Command
 from protocols.errors import ErrorDetail, allowed_range
 
@@ -21,7 +21,7 @@ SourcePattern = Annotated[str, StringConstraints(pattern=r"^(user|agent|script|s
 
 
 class Bounds(WireModel):
-    """An inclusive range for one numeric field."""
+    """An inclusive range for one numeric field; `min` must not exceed `max`."""
 
     min: float | None = None
     max: float | None = None
@@ -44,7 +44,7 @@ class Bounds(WireModel):
 class RateLimit(WireModel):
     """At most `max_commands` accepted per `per_seconds` for one run."""
 
-    max_commands: Annotated[int, Field(ge=1, le=100_000)] = 120
+    max_commands: Annotated[int, Field(ge=1, le=100_000), WholeNumber] = 120
     per_seconds: Annotated[float, Field(gt=0.0, le=86_400.0)] = 60.0
 
 

@@ -6,8 +6,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from protocols.base import Name
+from protocols.base import Count, Name, Step
 from protocols.constants import CommandStatus
+
+MAX_KEYS_LENGTH = 20_000
+"""Longest `keys` list of a metrics query; the server reads request lines long enough for it."""
 
 
 class QueryModel(BaseModel):
@@ -19,7 +22,7 @@ class QueryModel(BaseModel):
 class CommandListQuery(QueryModel):
     """`GET /runs/{run_id}/commands`"""
 
-    after: Annotated[int, Field(ge=0)] = 0
+    after: Count = 0
     """Only commands with a larger `seq`."""
     status: CommandStatus | None = None
     limit: Annotated[int, Field(ge=1, le=10_000)] = 1000
@@ -35,7 +38,7 @@ class CommandWaitQuery(QueryModel):
 class NextCommandsQuery(QueryModel):
     """`GET /runs/{run_id}/commands/next` (the trainer's long-poll)"""
 
-    after: Annotated[int, Field(ge=0)] = 0
+    after: Count = 0
     """The highest `seq` the trainer already has."""
     wait: Annotated[float, Field(ge=0.0, le=60.0)] = 0.0
     """Seconds to wait for a command when none is ready."""
@@ -44,10 +47,11 @@ class NextCommandsQuery(QueryModel):
 class MetricsQuery(QueryModel):
     """`GET /runs/{run_id}/metrics`"""
 
-    keys: Annotated[str, StringConstraints(max_length=20_000)] = ""
-    """Comma-separated metric names; every metric when empty."""
+    keys: Annotated[str, StringConstraints(max_length=MAX_KEYS_LENGTH, pattern=r"^[A-Za-z0-9_./:,-]*$")] = ""
+    """Comma-separated metric names; every metric when empty. Only the characters of metric names and commas,
+    so the longest list fits the server's request line even with every character percent-encoded."""
     branch: Name = "main"
-    since_step: Annotated[int, Field(ge=0)] = 0
+    since_step: Step = 0
     """Only steps at or after this one (rounded down to a bucket boundary when downsampling)."""
     max_points: Annotated[int, Field(ge=1, le=100_000)] | None = None
     """Downsample on the server to at most this many points per metric."""
@@ -67,7 +71,7 @@ class CheckpointQuery(QueryModel):
 class EventQuery(QueryModel):
     """`GET /runs/{run_id}/events`"""
 
-    after: Annotated[int, Field(ge=0)] = 0
+    after: Count = 0
     """Only events with a larger `event_id`."""
     kinds: Annotated[str, StringConstraints(pattern=r"^((command|run|checkpoint|alert|log)(,|$))*$")] = ""
     """Comma-separated event kinds; every stored kind when empty."""

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import Field, JsonValue
+from pydantic import Field, JsonValue, field_validator
 
-from protocols.base import MetricName, Name, Step, Text, UnixTime, WireModel
+from protocols.base import (
+    PRINCIPAL_PATTERN,
+    Count,
+    MetricName,
+    Name,
+    Source,
+    Step,
+    Text,
+    TypedModel,
+    UnixTime,
+    WireModel,
+)
 from protocols.commands import OptimizerName
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.policy import Policy
+
+COMPATIBLE_VERSION = rf"^{PROTOCOL_VERSION.split('.')[0]}\.[0-9]+$"
+"""The protocol versions this server speaks: any minor version of its major one."""
+
+MAX_CONFIG_BYTES = 64 * 1024
+"""A run's `config` as compact JSON: every run is held in memory and sent to watchers whenever it changes."""
 
 MetricValues = Annotated[dict[MetricName, float], Field(max_length=4096)]
 
@@ -42,14 +60,14 @@ class MetricsRecord(MetricsSample):
 class MetricsAck(WireModel):
     """The server's answer to a metrics batch: stored (or already stored) before this was sent."""
 
-    stored_values: int
+    stored_values: Count
     duplicate: bool = False
 
 
 class MetricSeries(WireModel):
     """One metric's history, column-wise; with downsampling, each point is a bucket of `bucket_steps`."""
 
-    steps: list[int]
+    steps: list[Step]
     """The last step of each bucket (each point's step without downsampling)."""
     values: list[float]
     """The bucket mean (the value itself without downsampling)."""
@@ -63,7 +81,7 @@ class MetricsHistory(WireModel):
 
     run_id: Name
     branch: Name
-    bucket_steps: int
+    bucket_steps: Count
     """Steps per point: 1 when not downsampled."""
     series: dict[MetricName, MetricSeries]
 
@@ -73,10 +91,10 @@ class ScheduleState(WireModel):
 
     kind: str
     peak_lr: float
-    warmup_steps: int = 0
-    horizon_steps: int | None = None
+    warmup_steps: Step = 0
+    horizon_steps: Step | None = None
     floor: float = 0.0
-    start_step: int = 0
+    start_step: Step = 0
 
 
 class RunState(WireModel):
@@ -101,12 +119,25 @@ class RunRegistration(WireModel):
     run_id: Name | None = None
     """Re-attach to an existing run after a trainer restart; a new id is made when left out."""
     config: dict[str, JsonValue] = Field(default_factory=dict)
-    """Free-form run configuration shown to people and agents (model size, preset, ...)."""
+    """Free-form run configuration shown to people and agents (model size, preset, ...), at most
+    MAX_CONFIG_BYTES as JSON."""
     domains: list[Name] = Field(default_factory=list, max_length=256)
     """The data domains `set_data_mix` may name."""
     policy: Policy | None = None
-    """The run's command policy; the server's default when left out."""
-    protocol_version: str = PROTOCOL_VERSION
+    """The run's command policy; the server's default when left out. Re-attaching with a different policy
+    needs an admin token (`PUT .../policy` is the way to change it)."""
+    protocol_version: Annotated[str, Field(max_length=32, json_schema_extra={"pattern": COMPATIBLE_VERSION})] = (
+        PROTOCOL_VERSION
+    )
+    """The trainer's protocol version; the server takes any minor version of its own major one."""
+
+    @field_validator("config")
+    @classmethod
+    def _config_is_bounded(cls, config: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        size = len(json.dumps(config, separators=(",", ":")).encode())
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES} are kept with a run")
+        return config
 
 
 class RunInfo(WireModel):
@@ -126,6 +157,8 @@ class RunInfo(WireModel):
     policy: Policy = Field(default_factory=Policy)
     state: RunState | None = None
     protocol_version: str = PROTOCOL_VERSION
+    registered_by: Annotated[str, Field(pattern=PRINCIPAL_PATTERN)] | None = None
+    """The token that registered the run: only it (or an admin token) may act as the run's trainer."""
 
 
 class CheckpointInfo(WireModel):
@@ -138,21 +171,21 @@ class CheckpointInfo(WireModel):
     tag: Name | None = None
     path: Annotated[str, Field(max_length=4096)] = ""
     """Where the file lives on the trainer's machine; empty for an in-memory snapshot."""
-    size_bytes: Annotated[int, Field(ge=0)] = 0
+    size_bytes: Count = 0
     sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     healthy: bool = True
     """False when a metric recorded since the previous checkpoint (up to this save) was NaN or infinite."""
     metrics: dict[MetricName, float] = Field(default_factory=dict)
 
 
-class Heartbeat(WireModel):
+class Heartbeat(TypedModel):
     """The trainer is alive; carries its current state."""
 
     type: Literal["heartbeat"] = "heartbeat"
     state: RunState
 
 
-class StatusReport(WireModel):
+class StatusReport(TypedModel):
     """The run changed status (paused, resumed, finished, failed)."""
 
     type: Literal["status"] = "status"
@@ -160,7 +193,7 @@ class StatusReport(WireModel):
     message: Text = ""
 
 
-class CheckpointSaved(WireModel):
+class CheckpointSaved(TypedModel):
     """A checkpoint was written (or evicted when `deleted`)."""
 
     type: Literal["checkpoint"] = "checkpoint"
@@ -168,7 +201,7 @@ class CheckpointSaved(WireModel):
     deleted: bool = False
 
 
-class LogReport(WireModel):
+class LogReport(TypedModel):
     """A log line from the trainer."""
 
     type: Literal["log"] = "log"
@@ -177,14 +210,15 @@ class LogReport(WireModel):
     step: Step | None = None
 
 
-class AlertReport(WireModel):
+class AlertReport(TypedModel):
     """Something a person should see: raised by a trainer or an agent."""
 
     type: Literal["alert"] = "alert"
     severity: Literal["info", "warning", "critical"] = "warning"
     message: Text
     step: Step | None = None
-    source: Annotated[str, Field(max_length=80)] = "trainer"
+    source: Source | Literal["trainer"] = "trainer"
+    """Who raised it: `trainer` when the run's trainer reports it, else the sender's own source (its token's)."""
 
 
 RunReport = Annotated[Heartbeat | StatusReport | CheckpointSaved | LogReport | AlertReport, Field(discriminator="type")]
@@ -212,4 +246,4 @@ class CheckpointList(WireModel):
 class ReportAck(WireModel):
     """How many reports were stored."""
 
-    accepted: int
+    accepted: Count

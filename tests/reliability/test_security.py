@@ -38,11 +38,16 @@ TOKENS = {
     "reader": ("reader-secret-token-0123456789", ["read"]),
     "rules": ("agent-secret-token-0123456789", ["read", "command"]),
 }
+KINDS = {"rules": "agent"}
+"""The kind of source each token acts as (`user` when not named)."""
 WRONG = "wrong-secret-token-0123456789"
 
 
 def table() -> TokenTable:
-    entries = (TokenEntry(name=name, token=token, scopes=frozenset(scopes)) for name, (token, scopes) in TOKENS.items())
+    entries = (
+        TokenEntry(name=name, token=token, scopes=frozenset(scopes), kind=KINDS.get(name, "user"))  # type: ignore[arg-type]
+        for name, (token, scopes) in TOKENS.items()
+    )
     return TokenTable(entries)
 
 
@@ -169,6 +174,9 @@ def test_a_hostile_agent_cannot_exceed_bounds_skip_approval_spoof_a_source_or_fl
         attacks = {
             "out of bounds": lambda: agent.submit(run_id, SetHparams(lr=0.5), source="agent:rules"),
             "as a person": lambda: agent.submit(run_id, SetHparams(lr=0.5), source="user:alice"),
+            "as a person of its own name": lambda: agent.submit(run_id, Pause(), source="user:rules"),
+            "as a script of its own name": lambda: agent.submit(run_id, Pause(), source="script:rules"),
+            "as the server of its own name": lambda: agent.submit(run_id, Pause(), source="system:rules"),
             "as another agent": lambda: agent.submit(run_id, Pause(), source="agent:other"),
             "as the server": lambda: agent.submit(run_id, Pause(), source="system:server"),
             "its own policy": lambda: agent.set_policy(run_id, Policy()),
@@ -189,6 +197,9 @@ def test_a_hostile_agent_cannot_exceed_bounds_skip_approval_spoof_a_source_or_fl
         with pytest.raises(Unauthorized) as as_person:
             agent.approve(run_id, held.id, source="user:alice")
         refusals["approving as a person"] = as_person.value.status
+        with pytest.raises(Unauthorized) as as_itself_a_person:
+            agent.approve(run_id, held.id, source="user:rules")
+        refusals["approving as a person of its own name"] = as_itself_a_person.value.status
         with agent.stream(run_id) as stream, pytest.raises(RequestRejected) as over_stream:
             stream.submit(CommandEnvelope(command=SetHparams(lr=0.5), source="agent:rules"))
         assert over_stream.value.body is not None
@@ -202,12 +213,16 @@ def test_a_hostile_agent_cannot_exceed_bounds_skip_approval_spoof_a_source_or_fl
     assert refusals == {
         "out of bounds": 422,
         "as a person": 403,
+        "as a person of its own name": 403,
+        "as a script of its own name": 403,
+        "as the server of its own name": 403,
         "as another agent": 403,
         "as the server": 403,
         "its own policy": 403,
         "as the trainer": 403,
         "approving itself": 403,
         "approving as a person": 403,
+        "approving as a person of its own name": 403,
         "out of bounds over the stream": "policy_violation",
     }
     assert flood[:4] == ["pending_approval"] * 4 and set(flood[4:]) == {429}, "the run's rate limit holds the flood"

@@ -73,7 +73,8 @@ def client_for(server: ServerThread, caller: str | None) -> Client:
 
 @dataclass(frozen=True)
 class Fixture:
-    """A fresh run with a delivered command (for results) and one pending approval (for approve/reject)."""
+    """A fresh run registered by the trainer token, with a delivered command (for results) and one pending approval
+    (for approve/reject)."""
 
     run_id: str
     delivered: str
@@ -81,10 +82,11 @@ class Fixture:
 
 
 def prepare(server: ServerThread) -> Fixture:
-    with client_for(server, "root") as admin:
-        run_id = admin.register_run(
+    with client_for(server, "trainer") as trainer:
+        run_id = trainer.register_run(
             RunRegistration(name="secured", policy=Policy(approval_required=["agent:*"]))
         ).run_id
+    with client_for(server, "root") as admin:
         delivered = admin.submit(run_id, Pause()).id
         admin.next_commands(run_id, after_seq=0, wait_s=0)
         pending = admin.submit(run_id, Pause(), source="agent:rules").id
@@ -157,7 +159,7 @@ ROUTES: dict[str, tuple[Scope | None, Call]] = {
     ),
     "POST /api/v1/runs/{run_id}/alerts": (
         "command",
-        lambda c, f, n: c.raise_alert(f.run_id, AlertReport(message="look", source=f"agent:{n}")),
+        lambda c, f, n: c.raise_alert(f.run_id, AlertReport(message="look", source=f"user:{n}")),
     ),
     "GET /api/v1/runs/{run_id}/events": ("read", lambda c, f, n: c.list_events(f.run_id)),
     "GET /api/v1/runs/{run_id}/checkpoints": ("read", lambda c, f, n: c.list_checkpoints(f.run_id)),
@@ -207,23 +209,21 @@ def test_each_route_admits_exactly_the_callers_its_scope_allows(secured: ServerT
         assert body.extra["scope"] == scope
 
 
-def test_a_non_admin_token_may_only_submit_under_its_own_name(secured: ServerThread) -> None:
-    """`user:commander` and `agent:commander` pass for the commander token; `user:alice` is 403 naming `source`."""
+def test_a_non_admin_token_may_only_submit_under_its_own_source(secured: ServerThread) -> None:
+    """The commander token (kind `user` by default) submits as `user:commander` only: another name or another kind
+    (`agent:commander`, `system:commander`) is 403 naming `source`; an admin may act as anyone."""
     fixture = prepare(secured)
     with client_for(secured, "commander") as commander:
         assert commander.submit(fixture.run_id, Pause(), source="user:commander").source == "user:commander"
-        assert commander.submit(fixture.run_id, Pause(), source="agent:commander").source == "agent:commander"
-        with pytest.raises(Unauthorized) as refused:
-            commander.submit(fixture.run_id, Pause(), source="user:alice")
-    assert refused.value.status == 403
-    assert [(d.field, d.allowed) for d in refused.value.details] == [("source", "<kind>:commander")]
+        refusals = []
+        for source in ("user:alice", "agent:commander", "script:commander", "system:commander"):
+            with pytest.raises(Unauthorized) as refused:
+                commander.submit(fixture.run_id, Pause(), source=source)
+            refusals.append((refused.value.status, [(d.field, d.allowed) for d in refused.value.details]))
+    assert refusals == [(403, [("source", "user:commander")])] * 4
     with client_for(secured, "root") as admin:
         assert admin.submit(fixture.run_id, Pause(), source="user:alice").source == "user:alice"
-        assert [c.source for c in admin.list_commands(fixture.run_id)][-3:] == [
-            "user:commander",
-            "agent:commander",
-            "user:alice",
-        ]
+        assert [c.source for c in admin.list_commands(fixture.run_id)][-2:] == ["user:commander", "user:alice"]
 
 
 def test_a_non_admin_token_may_only_approve_under_its_own_name(secured: ServerThread) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from control_server.auth import LOCAL_ADMIN
 from control_server.events import EventLog
 from control_server.fanout import Broadcaster
 from control_server.runs import RunRegistry
@@ -29,7 +30,7 @@ async def registry(tmp_path: Path) -> AsyncIterator[RunRegistry]:
 async def test_a_step_noted_while_a_heartbeat_commits_survives_the_heartbeat(registry: RunRegistry) -> None:
     """A heartbeat for step 10 reads the run, then waits on its commit; metrics for step 20 arrive meanwhile; when
     the heartbeat's commit lands the run is still at step 20 (the two take turns under the run's lock)."""
-    run, _ = await registry.register(RunRegistration(name="racing"))
+    run, _ = await registry.register(RunRegistration(name="racing"), LOCAL_ADMIN)
     write = registry.store.write
     committing, release = asyncio.Event(), asyncio.Event()
 
