@@ -1,0 +1,297 @@
+"""The learning-rate probe: finds a better learning rate within one run, on short branches from one checkpoint.
+
+Right after warm-up it reads the run's update ratio (update norm over parameter norm, which grows with the
+learning rate). Inside the configured band it leaves the run alone. Outside it, it saves a checkpoint and trains
+a few candidate rates for the same number of steps each, every branch from that checkpoint on the same batches
+(a rollback without skipping replays the data order), scores each by its mean training loss over the branch's
+last steps, and keeps the best: the branch it is on, or the best branch's end checkpoint by one more rollback.
+Everything it knows of the probe is read back from the window (its commands' records and the metrics of the
+branches it left), so the same window gives the same decision, as for every policy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agents.decision import Change, Decision
+from agents.window import RunWindow, Series
+from protocols.commands import CommandRecord, Rollback, SaveCheckpoint, SetHparams
+
+PROBE_RULE = "lr-probe"
+"""The rule name of the probe's steps (checkpoint, then each candidate branch)."""
+KEEP_RULE = "lr-keep"
+"""The rule name of the probe's last word: which branch it kept, or why it gave up; after it the probe is done."""
+TAG = "lr-probe"
+"""Tag prefix of the probe's checkpoints: `lr-probe-up-<step>` or `lr-probe-down-<step>`, then `...-end<k>`."""
+
+Direction = Literal["up", "down"]
+
+
+class LrProbeConfig(BaseModel):
+    """When to probe and how: the `[lr_probe]` table of a rule file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    update_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    """The band [low, high] of the median update ratio right after warm-up inside which the run is left alone."""
+    arm_step: Annotated[int, Field(ge=0)] = 50
+    """Where the measurement starts when the run reports no schedule (else at the end of its warm-up)."""
+    measure_steps: Annotated[int, Field(ge=1)] = 10
+    """Steps whose median update ratio is compared with the band."""
+    branch_steps: Annotated[int, Field(ge=2)] = 50
+    """Steps each candidate trains before it is scored."""
+    score_steps: Annotated[int, Field(ge=1)] = 25
+    """A candidate's score is its mean training loss over the last this-many of its `branch_steps`."""
+    factors: tuple[Annotated[float, Field(gt=1)], ...] = Field(default=(math.sqrt(10.0), 10.0), min_length=1)
+    """Candidate multipliers of the learning rate besides x1, nearest first: up when the update ratio is below
+    the band, their inverses when above."""
+    min_gain: Annotated[float, Field(ge=0, lt=1)] = 0.005
+    """A candidate replaces the run's own rate only when its score is lower by at least this fraction."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LrProbeConfig:
+        low, high = self.update_ratio
+        if low >= high:
+            raise ValueError(f"update_ratio must be [low, high] with low < high, not [{low:g}, {high:g}]")
+        if self.score_steps > self.branch_steps:
+            raise ValueError(f"score_steps ({self.score_steps}) must not exceed branch_steps ({self.branch_steps})")
+        if list(self.factors) != sorted(set(self.factors)):
+            raise ValueError(f"factors must be distinct and increasing, not {list(self.factors)}")
+        return self
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One branch of the probe: its learning-rate factor, branch name, and end checkpoint once it was left."""
+
+    factor: float
+    branch: str
+    end_checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe under way, as read back from this agent's applied commands."""
+
+    direction: Direction
+    step: int
+    """The step of the checkpoint every candidate starts from."""
+    checkpoint_id: str
+    base_lr: float
+    """The learning rate at that step, which the factors multiply."""
+    candidates: tuple[Candidate, ...]
+
+
+class LrProbe:
+    """Decides the probe's next move from a window; `rollbacks_left` is what the guardrails still allow."""
+
+    def __init__(self, config: LrProbeConfig) -> None:
+        self.config = config
+
+    def decide(self, window: RunWindow, rollbacks_left: int) -> Decision | None:
+        """Start a probe, send the next candidate, keep the best, or None (nothing to do, or waiting)."""
+        own = [i for i in window.interventions if i.rule in (PROBE_RULE, KEEP_RULE)]
+        if any(i.rule == KEEP_RULE for i in own):
+            return None
+        if not own:
+            return self._start(window, rollbacks_left)
+        records = _records(window, [command_id for i in own for command_id in i.command_ids])
+        if any(r.status in ("rejected", "failed") for r in records):
+            return self._give_up(window, records)
+        if len(records) < sum(len(i.command_ids) for i in own) or any(r.status != "applied" for r in records):
+            return None
+        probe = self._read(window, records)
+        if probe is None:
+            return self._give_up(window, records, "its commands do not read as a probe")
+        current = probe.candidates[-1]
+        if window.branch != current.branch:
+            why = f"the run left the probe's branch {current.branch} for {window.branch}"
+            return self._give_up(window, records, why)
+        end = probe.step + self.config.branch_steps
+        if window.step < end - 1:
+            return None
+        scores = [self._score(window, probe, c) for c in probe.candidates]
+        tried = ", ".join(f"x{c.factor:.3g} {s:.4f}" for c, s in zip(probe.candidates, scores, strict=True))
+        plan = self._plan(probe.direction)
+        worse = len(scores) >= 2 and scores[-1] >= scores[-2]
+        if len(probe.candidates) < len(plan) and not worse and rollbacks_left >= 2:
+            return self._next(window, probe, plan[len(probe.candidates)], tried)
+        return self._keep(window, probe, scores, tried, rollbacks_left)
+
+    def _start(self, window: RunWindow, rollbacks_left: int) -> Decision | None:
+        measured = self._measure(window)
+        if measured is None:
+            return None
+        ratio, first = measured
+        low, high = self.config.update_ratio
+        if low <= ratio <= high:
+            return None
+        if rollbacks_left < 2:
+            return None
+        direction: Direction = "up" if ratio < low else "down"
+        plan = ", ".join(f"x{f:.3g}" for f in self._plan(direction))
+        reason = (
+            f"update ratio {ratio:.3g} (median of steps {first}-{first + self.config.measure_steps - 1}) is "
+            f"{'below' if direction == 'up' else 'above'} [{low:g}, {high:g}]: the learning rate looks too "
+            f"{'low' if direction == 'up' else 'high'}; probing {plan} for {self.config.branch_steps} steps each "
+            f"from a checkpoint here"
+        )
+        command = SaveCheckpoint(tag=f"{TAG}-{direction}-{window.step + 1}")
+        return Decision(rule=PROBE_RULE, reason=reason, commands=(command,), severity="info", step=window.step)
+
+    def _measure(self, window: RunWindow) -> tuple[float, int] | None:
+        """The median update ratio over the steps right after warm-up, and the first of them (None: not yet)."""
+        schedule = window.state.schedule if window.state is not None else None
+        first = schedule.start_step + schedule.warmup_steps if schedule is not None else self.config.arm_step
+        last = first + self.config.measure_steps - 1
+        series = window.series("update_ratio")
+        if series is None or window.step < last:
+            return None
+        values = [v for s, v in series.last_points() if first <= s <= last and math.isfinite(v)]
+        if len(values) < self.config.measure_steps:
+            return None
+        return statistics.median(values), first
+
+    def _plan(self, direction: Direction) -> list[float]:
+        """The candidate factors in the order tried, x1 first."""
+        return [1.0] + [f if direction == "up" else 1.0 / f for f in self.config.factors]
+
+    def _read(self, window: RunWindow, records: Sequence[CommandRecord]) -> Probe | None:
+        """The probe that these applied records (the probe's own, in order) describe."""
+        save = records[0]
+        effective = save.effective or {}
+        tag, checkpoint_id = effective.get("tag"), effective.get("checkpoint_id")
+        step, branch = effective.get("step"), effective.get("branch")
+        if not (
+            isinstance(tag, str)
+            and isinstance(checkpoint_id, str)
+            and isinstance(step, int)
+            and isinstance(branch, str)
+        ):
+            return None
+        direction: Direction = "down" if tag.startswith(f"{TAG}-down") else "up"
+        # The lr at the checkpoint's step: that of the step before it, the last one every candidate shares.
+        base_lr = window.value_at("lr", step - 1)
+        if base_lr is None:
+            return None
+        candidates = [Candidate(1.0, branch)]
+        rest = list(records[1:])
+        while len(rest) >= 3:
+            ended, rollback, hparams = rest[:3]
+            rest = rest[3:]
+            end, moved = ended.effective or {}, rollback.effective or {}
+            lr, new_branch, end_id = (hparams.effective or {}).get("lr"), moved.get("branch"), end.get("checkpoint_id")
+            if not (isinstance(new_branch, str) and isinstance(lr, float) and isinstance(end_id, str)):
+                return None
+            candidates[-1] = Candidate(candidates[-1].factor, candidates[-1].branch, end_id)
+            candidates.append(Candidate(lr / base_lr, new_branch))
+        if rest:
+            return None
+        return Probe(direction, step, checkpoint_id, base_lr, tuple(candidates))
+
+    def _score(self, window: RunWindow, probe: Probe, candidate: Candidate) -> float:
+        """Mean training loss over the candidate's scored steps (inf when they are not all known or finite)."""
+        series: Series | None = window.series("loss") if candidate.branch == window.branch else None
+        if candidate.branch != window.branch:
+            series = window.left.get(candidate.branch, {}).get("loss")
+        end = probe.step + self.config.branch_steps
+        wanted = range(end - self.config.score_steps, end)
+        points = dict(series.last_points()) if series is not None else {}
+        values = [points.get(step, math.inf) for step in wanted]
+        return math.fsum(values) / len(values) if all(math.isfinite(v) for v in values) else math.inf
+
+    def _next(self, window: RunWindow, probe: Probe, factor: float, tried: str) -> Decision:
+        lr = probe.base_lr * factor
+        commands = (
+            SaveCheckpoint(tag=f"{TAG}-{probe.direction}-{probe.step}-end{len(probe.candidates)}"),
+            Rollback(checkpoint_id=probe.checkpoint_id),
+            SetHparams(lr=lr),
+        )
+        reason = (
+            f"learning-rate probe from step {probe.step}: scored {tried} (mean loss of steps "
+            f"{probe.step + self.config.branch_steps - self.config.score_steps}-"
+            f"{probe.step + self.config.branch_steps - 1}); next x{factor:.3g}, back to step {probe.step}"
+        )
+        changes = (
+            Change("position", f"{window.branch} step {window.step}", f"step {probe.step}"),
+            Change("lr", probe.base_lr, lr),
+        )
+        return Decision(
+            rule=PROBE_RULE, reason=reason, commands=commands, severity="info", step=window.step, changes=changes
+        )
+
+    def _keep(
+        self, window: RunWindow, probe: Probe, scores: Sequence[float], tried: str, rollbacks_left: int
+    ) -> Decision:
+        best = min(range(len(scores)), key=lambda index: scores[index])
+        if scores[best] > scores[0] * (1 - self.config.min_gain):
+            best = 0
+        kept = probe.candidates[best]
+        said = f"learning-rate probe from step {probe.step}: scored {tried}; keeping x{kept.factor:.3g}"
+        if best == len(probe.candidates) - 1:
+            return Decision(
+                rule=KEEP_RULE, reason=f"{said}, the branch the run is on", severity="info", step=window.step
+            )
+        if kept.end_checkpoint is None or rollbacks_left < 1:
+            return Decision(
+                rule=KEEP_RULE,
+                reason=f"{said} is out of reach (no rollback left); staying",
+                severity="warning",
+                step=window.step,
+            )
+        lr = probe.base_lr * kept.factor
+        changes = (
+            Change("position", f"{window.branch} step {window.step}", f"{kept.branch} end"),
+            Change("lr", window.current("lr"), lr),
+        )
+        return Decision(
+            rule=KEEP_RULE,
+            reason=f"{said}: back to the end of branch {kept.branch}",
+            commands=(Rollback(checkpoint_id=kept.end_checkpoint),),
+            severity="info",
+            step=window.step,
+            changes=changes,
+        )
+
+    def _give_up(self, window: RunWindow, records: Sequence[CommandRecord], why: str = "") -> Decision:
+        """End the probe with a warning; when a rollback of it was refused but the new rate that came with it was
+        applied, that rate is undone (it was meant for the branch the rollback would have started)."""
+        bad = next((r for r in records if r.status in ("rejected", "failed")), None)
+        if bad is not None:
+            why = f"its {bad.command.type} was {bad.status}: {bad.message or 'no reason'}"
+        last = records[-1]
+        current = window.current("lr")
+        if (
+            bad is not None
+            and isinstance(bad.command, Rollback)
+            and isinstance(last.command, SetHparams)
+            and last.status == "applied"
+            and last.applied_step is not None
+            and isinstance(set_to := (last.effective or {}).get("lr"), float)
+            and (before := window.value_at("lr", last.applied_step - 1)) is not None
+            and current is not None
+        ):
+            lr = current * before / set_to
+            return Decision(
+                rule=KEEP_RULE,
+                reason=f"learning-rate probe stopped: {why}; the rate sent with it is undone",
+                commands=(SetHparams(lr=lr),),
+                severity="warning",
+                step=window.step,
+                changes=(Change("lr", current, lr),),
+            )
+        return Decision(
+            rule=KEEP_RULE, reason=f"learning-rate probe stopped: {why}", severity="warning", step=window.step
+        )
+
+
+def _records(window: RunWindow, ids: Sequence[str]) -> list[CommandRecord]:
+    """The records of these command ids, in the order given (those not seen yet left out)."""
+    by_id = {record.id: record for record in window.commands}
+    return [by_id[command_id] for command_id in ids if command_id in by_id]
