@@ -4,7 +4,8 @@ Right after warm-up it reads the run's update ratio (update norm over parameter 
 learning rate). Inside the configured band it leaves the run alone. Outside it, it saves a checkpoint and trains
 a few candidate rates for the same number of steps each, every branch from that checkpoint on the same batches
 (a rollback without skipping replays the data order), scores each by its mean training loss over the branch's
-last steps, and keeps the best: the branch it is on, or the best branch's end checkpoint by one more rollback.
+last steps, and keeps the largest rate that scores within a tolerance of the best: the branch it is on, or that
+branch's end checkpoint by one more rollback.
 Everything it knows of the probe is read back from the window (its commands' records and the metrics of the
 branches it left), so the same window gives the same decision, as for every policy.
 """
@@ -51,8 +52,10 @@ class LrProbeConfig(BaseModel):
     factors: tuple[Annotated[float, Field(gt=1)], ...] = Field(default=(math.sqrt(10.0), 10.0), min_length=1)
     """Candidate multipliers of the learning rate besides x1, nearest first: up when the update ratio is below
     the band, their inverses when above."""
-    min_gain: Annotated[float, Field(ge=0, lt=1)] = 0.005
-    """A candidate replaces the run's own rate only when its score is lower by at least this fraction."""
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    """The largest rate whose score is within this fraction of the best score is kept. A short branch at a higher
+    rate scores worse than it will end: the loss it shows carries a noise term that the schedule's decay later
+    removes (the "river valley" of Wen et al. 2024, on warmup-stable-decay schedules)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> LrProbeConfig:
@@ -119,8 +122,10 @@ class LrProbe:
         scores = [self._score(window, probe, c) for c in probe.candidates]
         tried = ", ".join(f"x{c.factor:.3g} {s:.4f}" for c, s in zip(probe.candidates, scores, strict=True))
         plan = self._plan(probe.direction)
-        worse = len(scores) >= 2 and scores[-1] >= scores[-2]
-        if len(probe.candidates) < len(plan) and not worse and rollbacks_left >= 2:
+        # Rates further on in the plan are tried only while each one improves on all before it: past the best
+        # rate the loss only grows (a far-too-high rate diverges, a far-too-low one crawls).
+        improving = len(scores) < 2 or scores[-1] < min(scores[:-1])
+        if len(probe.candidates) < len(plan) and improving and rollbacks_left >= 2:
             return self._next(window, probe, plan[len(probe.candidates)], tried)
         return self._keep(window, probe, scores, tried, rollbacks_left)
 
@@ -229,9 +234,8 @@ class LrProbe:
     def _keep(
         self, window: RunWindow, probe: Probe, scores: Sequence[float], tried: str, rollbacks_left: int
     ) -> Decision:
-        best = min(range(len(scores)), key=lambda index: scores[index])
-        if scores[best] > scores[0] * (1 - self.config.min_gain):
-            best = 0
+        near = [i for i, score in enumerate(scores) if score <= min(scores) * (1 + self.config.tolerance)]
+        best = max(near, key=lambda index: probe.candidates[index].factor)
         kept = probe.candidates[best]
         said = f"learning-rate probe from step {probe.step}: scored {tried}; keeping x{kept.factor:.3g}"
         if best == len(probe.candidates) - 1:

@@ -177,7 +177,7 @@ def test_a_learning_rate_ten_times_too_high_is_probed_downwards() -> None:
 
 def test_the_best_branch_that_is_not_the_last_is_resumed_from_its_end_checkpoint() -> None:
     """When x3.16 beats both x1 and x10, the run goes back to the end of the x3.16 branch and keeps its rate."""
-    bench = ProbeBench(lr=3e-4, best_lr=1e-3).run(400)
+    bench = ProbeBench(lr=3e-4, best_lr=8e-4).run(400)
     assert bench.rules_of() == [PROBE_RULE, PROBE_RULE, PROBE_RULE, KEEP_RULE]
     keep = bench.records[-1]
     assert isinstance(keep.command, Rollback) and keep.effective is not None
@@ -188,6 +188,16 @@ def test_the_best_branch_that_is_not_the_last_is_resumed_from_its_end_checkpoint
     assert bench.lr == pytest.approx(3e-4 * math.sqrt(10))
     window = bench.tracker.window()
     assert window.lineage[window.branch] == (second_branch_end.effective["branch"], 110)
+
+
+def test_a_larger_rate_scoring_within_the_tolerance_of_the_best_is_kept() -> None:
+    """x10 scores 0.7% above x3.16 (inside the 3% tolerance): the larger rate is kept, the short-branch bias
+    against higher rates set aside."""
+    bench = ProbeBench(lr=3e-4, best_lr=1.5e-3).run(300)
+    assert bench.rules_of() == [PROBE_RULE, PROBE_RULE, PROBE_RULE, KEEP_RULE]
+    scores = bench.decisions[-1].reason
+    assert "x3.16 2.2" in scores and "keeping x10, the branch the run is on" in scores
+    assert bench.lr == pytest.approx(3e-3)
 
 
 def test_the_probe_stops_early_when_the_next_factor_does_worse() -> None:
