@@ -1,13 +1,14 @@
 """The learning-rate probe: finds a better learning rate within one run, on short branches from one checkpoint.
 
-Right after warm-up it reads the run's update ratio (update norm over parameter norm, which grows with the
-learning rate). Inside the configured band it leaves the run alone. Outside it, it saves a checkpoint and trains
-a few candidate rates for the same number of steps each, every branch from that checkpoint on the same batches
-(a rollback without skipping replays the data order), scores each by its mean training loss over the branch's
-last steps, and keeps the largest rate that scores within a tolerance of the best: the branch it is on, or that
-branch's end checkpoint by one more rollback.
-Everything it knows of the probe is read back from the window (its commands' records and the metrics of the
-branches it left), so the same window gives the same decision, as for every policy.
+Over the last steps of warm-up it reads the run's update ratio (update norm over parameter norm, which grows with
+the learning rate). Inside the configured band it leaves the run alone. Outside it, the run so far is the first
+candidate (x1); the probe goes back to the checkpoint before warm-up (or, when there is none, saves one where it
+is) and trains each further candidate rate for the same number of steps from there, every branch on the same
+batches (a rollback without skipping replays the data order). It scores each by its mean training loss over the
+branch's last steps and keeps the largest rate that scores within a tolerance of the best: the branch it is on,
+or that branch's end checkpoint by one more rollback. Everything it knows of the probe is read back from the
+window (its commands' records and the metrics of the branches it left), so the same window gives the same
+decision, as for every policy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agents.decision import Change, Decision
 from agents.window import RunWindow, Series
 from protocols.commands import CommandRecord, Rollback, SaveCheckpoint, SetHparams
+from protocols.records import CheckpointInfo
 
 PROBE_RULE = "lr-probe"
 """The rule name of the probe's steps (checkpoint, then each candidate branch)."""
@@ -41,8 +43,8 @@ class LrProbeConfig(BaseModel):
 
     update_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
     """The band [low, high] of the median update ratio right after warm-up inside which the run is left alone."""
-    arm_step: Annotated[int, Field(ge=0)] = 50
-    """Where the measurement starts when the run reports no schedule (else at the end of its warm-up)."""
+    arm_step: Annotated[int, Field(ge=0)] = 40
+    """Where the measurement starts when the run reports no schedule (else `measure_steps` before warm-up ends)."""
     measure_steps: Annotated[int, Field(ge=1)] = 10
     """Steps whose median update ratio is compared with the band."""
     branch_steps: Annotated[int, Field(ge=2)] = 50
@@ -135,25 +137,65 @@ class LrProbe:
             return None
         ratio, first = measured
         low, high = self.config.update_ratio
-        if low <= ratio <= high:
-            return None
-        if rollbacks_left < 2:
+        if low <= ratio <= high or rollbacks_left < 2:
             return None
         direction: Direction = "up" if ratio < low else "down"
-        plan = ", ".join(f"x{f:.3g}" for f in self._plan(direction))
-        reason = (
+        plan = self._plan(direction)
+        origin = self._origin(window)
+        said = (
             f"update ratio {ratio:.3g} (median of steps {first}-{first + self.config.measure_steps - 1}) is "
             f"{'below' if direction == 'up' else 'above'} [{low:g}, {high:g}]: the learning rate looks too "
-            f"{'low' if direction == 'up' else 'high'}; probing {plan} for {self.config.branch_steps} steps each "
-            f"from a checkpoint here"
+            f"{'low' if direction == 'up' else 'high'}; probing {', '.join(f'x{f:.3g}' for f in plan)} for "
+            f"{self.config.branch_steps} steps each from "
         )
-        command = SaveCheckpoint(tag=f"{TAG}-{direction}-{window.step + 1}")
-        return Decision(rule=PROBE_RULE, reason=reason, commands=(command,), severity="info", step=window.step)
+        if origin is None:
+            command = SaveCheckpoint(tag=f"{TAG}-{direction}-{window.step + 1}")
+            return Decision(
+                rule=PROBE_RULE,
+                reason=said + "a checkpoint here",
+                commands=(command,),
+                severity="info",
+                step=window.step,
+            )
+        base = window.value_at("lr", origin.step)
+        if base is None:
+            return None
+        commands = (
+            SaveCheckpoint(tag=f"{TAG}-{direction}-{origin.step}-end0"),
+            Rollback(checkpoint_id=origin.checkpoint_id),
+            SaveCheckpoint(tag=f"{TAG}-{direction}-{origin.step}"),
+            SetHparams(lr=base * plan[1]),
+        )
+        reason = (
+            f"{said}step {origin.step}, before warm-up (x1 is the run so far, steps {origin.step}-{window.step}); "
+            f"next x{plan[1]:.3g}, back to step {origin.step}"
+        )
+        changes = (
+            Change("position", f"{window.branch} step {window.step}", f"step {origin.step}"),
+            Change("lr", base, base * plan[1]),
+        )
+        return Decision(
+            rule=PROBE_RULE, reason=reason, commands=commands, severity="info", step=window.step, changes=changes
+        )
+
+    def _origin(self, window: RunWindow) -> CheckpointInfo | None:
+        """The newest healthy checkpoint of the lineage at or before the warm-up began, when the run has trained
+        at least `branch_steps` past it: candidates started there differ from the start of warm-up, and the run
+        so far is the x1 candidate at no cost."""
+        schedule = window.state.schedule if window.state is not None else None
+        begins = schedule.start_step if schedule is not None else 0
+        found = [c for c in window.lineage_checkpoints() if c.healthy and c.step <= begins]
+        if not found or window.step < found[-1].step + self.config.branch_steps - 1:
+            return None
+        return found[-1]
 
     def _measure(self, window: RunWindow) -> tuple[float, int] | None:
-        """The median update ratio over the steps right after warm-up, and the first of them (None: not yet)."""
+        """The median update ratio over the last steps of warm-up, and the first of them (None: not yet)."""
         schedule = window.state.schedule if window.state is not None else None
-        first = schedule.start_step + schedule.warmup_steps if schedule is not None else self.config.arm_step
+        if schedule is not None:
+            first = max(0, schedule.start_step + schedule.warmup_steps - self.config.measure_steps)
+        else:
+            first = self.config.arm_step
         last = first + self.config.measure_steps - 1
         series = window.series("update_ratio")
         if series is None or window.step < last:
@@ -168,31 +210,42 @@ class LrProbe:
         return [1.0] + [f if direction == "up" else 1.0 / f for f in self.config.factors]
 
     def _read(self, window: RunWindow, records: Sequence[CommandRecord]) -> Probe | None:
-        """The probe that these applied records (the probe's own, in order) describe."""
-        save = records[0]
-        effective = save.effective or {}
-        tag, checkpoint_id = effective.get("tag"), effective.get("checkpoint_id")
-        step, branch = effective.get("step"), effective.get("branch")
-        if not (
-            isinstance(tag, str)
-            and isinstance(checkpoint_id, str)
-            and isinstance(step, int)
-            and isinstance(branch, str)
-        ):
+        """The probe that these applied records (the probe's own, in order) describe: its start checkpoint (saved
+        where it began, or right after going back to before warm-up), then per candidate after x1 the end
+        checkpoint of the one before, the rollback to the start and the new rate."""
+        rest = list(records)
+        first_end: CommandRecord | None = None
+        went_back: CommandRecord | None = None
+        if len(rest) >= 4 and isinstance(rest[1].command, Rollback):
+            first_end, went_back = rest[0], rest[1]
+            rest = [rest[2], *rest[4:]] if isinstance(rest[3].command, SetHparams) else []
+            setting = records[3]
+        start = (rest[0].effective or {}) if rest else {}
+        tag, checkpoint_id, step, branch = (start.get(k) for k in ("tag", "checkpoint_id", "step", "branch"))
+        if not (isinstance(tag, str) and isinstance(checkpoint_id, str) and isinstance(step, int)):
             return None
         direction: Direction = "down" if tag.startswith(f"{TAG}-down") else "up"
-        # The lr at the checkpoint's step: that of the step before it, the last one every candidate shares.
-        base_lr = window.value_at("lr", step - 1)
-        if base_lr is None:
+        candidates: list[Candidate] = []
+        if went_back is None or first_end is None:
+            candidates.append(Candidate(1.0, str(branch)))
+        else:
+            moved = went_back.effective or {}
+            candidates.append(Candidate(1.0, str(moved.get("from_branch")), _checkpoint_of(first_end)))
+        base_lr = _value(window, candidates[0].branch, "lr", step)
+        if base_lr is None or base_lr <= 0:
             return None
-        candidates = [Candidate(1.0, branch)]
-        rest = list(records[1:])
+        if went_back is not None:
+            lr = (setting.effective or {}).get("lr")
+            if not isinstance(lr, float):
+                return None
+            candidates.append(Candidate(lr / base_lr, str((went_back.effective or {}).get("branch"))))
+        rest = rest[1:]
         while len(rest) >= 3:
             ended, rollback, hparams = rest[:3]
             rest = rest[3:]
-            end, moved = ended.effective or {}, rollback.effective or {}
-            lr, new_branch, end_id = (hparams.effective or {}).get("lr"), moved.get("branch"), end.get("checkpoint_id")
-            if not (isinstance(new_branch, str) and isinstance(lr, float) and isinstance(end_id, str)):
+            lr, new_branch = (hparams.effective or {}).get("lr"), (rollback.effective or {}).get("branch")
+            end_id = _checkpoint_of(ended)
+            if not (isinstance(new_branch, str) and isinstance(lr, float) and end_id is not None):
                 return None
             candidates[-1] = Candidate(candidates[-1].factor, candidates[-1].branch, end_id)
             candidates.append(Candidate(lr / base_lr, new_branch))
@@ -202,9 +255,7 @@ class LrProbe:
 
     def _score(self, window: RunWindow, probe: Probe, candidate: Candidate) -> float:
         """Mean training loss over the candidate's scored steps (inf when they are not all known or finite)."""
-        series: Series | None = window.series("loss") if candidate.branch == window.branch else None
-        if candidate.branch != window.branch:
-            series = window.left.get(candidate.branch, {}).get("loss")
+        series = _series(window, candidate.branch, "loss")
         end = probe.step + self.config.branch_steps
         wanted = range(end - self.config.score_steps, end)
         points = dict(series.last_points()) if series is not None else {}
@@ -299,3 +350,20 @@ def _records(window: RunWindow, ids: Sequence[str]) -> list[CommandRecord]:
     """The records of these command ids, in the order given (those not seen yet left out)."""
     by_id = {record.id: record for record in window.commands}
     return [by_id[command_id] for command_id in ids if command_id in by_id]
+
+
+def _series(window: RunWindow, branch: str, name: str) -> Series | None:
+    """A metric of the current branch or of one the run left."""
+    return window.series(name) if branch == window.branch else window.left.get(branch, {}).get(name)
+
+
+def _value(window: RunWindow, branch: str, name: str, step: int) -> float | None:
+    """A metric's value at `step` as trained on `branch` (None when not held)."""
+    series = _series(window, branch, name)
+    return dict(series.last_points()).get(step) if series is not None else None
+
+
+def _checkpoint_of(record: CommandRecord) -> str | None:
+    """The id of the checkpoint an applied save_checkpoint made."""
+    checkpoint_id = (record.effective or {}).get("checkpoint_id")
+    return checkpoint_id if isinstance(checkpoint_id, str) else None

@@ -1,5 +1,5 @@
 """All four case studies, one after another, each printing its table and writing its picture (`.venv/bin/python
--m benchmarks.case_studies.run_all`); about 20 minutes on 2 idle cores at the default 500 steps."""
+-m benchmarks.case_studies.run_all`); 20 runs of 500 steps, two at a time."""
 
 from __future__ import annotations
 
