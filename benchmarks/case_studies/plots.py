@@ -19,6 +19,8 @@ SMOOTH = 10
 MARKERS = {"rollback": "X", "set_hparams": "D", "save_checkpoint": "s", "set_data_mix": "P", "pause": "o"}
 """Marker shape per command type (any other type: `*`)."""
 SOURCE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
+REFERENCE_COLOR = "lightgray"
+"""The unsteered runs, drawn again behind each steered run for comparison."""
 RUN_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:cyan", "tab:gray", "tab:olive")
 
 
@@ -63,6 +65,8 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
             for record, branch in applied_on(outcome):
                 _mark(record, branch, outcome, loss_axis, lr_axis, source_color[record.source], marked)
         if steered:
+            for other in reference:
+                _draw_run(other, loss_axis, lr_axis, REFERENCE_COLOR, None, faint=True)
             outcome = group[0]
             loss_axis.text(
                 0.98,
@@ -90,18 +94,22 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
         Line2D([], [], color="tab:blue", label="final branch"),
         Line2D([], [], color="tab:blue", alpha=0.35, linestyle="--", label="thrown-away branch"),
         Line2D([], [], color="black", marker="o", linestyle="", markersize=4, label="eval loss"),
+        Line2D([], [], color=REFERENCE_COLOR, label="unsteered runs, for comparison"),
         *marked.values(),
     ]
-    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout(rect=(0, 0.06, 1, 0.97))
+    figure.tight_layout(rect=(0, 0.08, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
 
 
-def _draw_run(outcome: RunOutcome, loss_axis: Axes, lr_axis: Axes, color: str, label: str | None) -> None:
-    """Every branch of one run: the final lineage solid, thrown-away stretches faded and dashed."""
+def _draw_run(
+    outcome: RunOutcome, loss_axis: Axes, lr_axis: Axes, color: str, label: str | None, *, faint: bool = False
+) -> None:
+    """Every branch of one run: the final lineage solid, thrown-away stretches faded and dashed (all thin and
+    behind the rest when `faint`)."""
     final = {branch: (first, last) for branch, first, last in lineage_of(outcome.parents, outcome.branch)}
     for branch, series in outcome.branches.items():
         first, last = final.get(branch, (1, 0))
@@ -111,14 +119,15 @@ def _draw_run(outcome: RunOutcome, loss_axis: Axes, lr_axis: Axes, color: str, l
             thrown = {s: v for s, v in points.items() if not first <= s <= last}
             steps, values = smoothed(points) if key == "loss" else (sorted(points), [points[s] for s in sorted(points)])
             curve = dict(zip(steps, values, strict=True))
+            width, depth = (0.8, 1) if faint else (1.3, 2)
             if thrown:
-                axis.plot(*_xy(curve, thrown), color=color, alpha=0.35, linestyle="--", linewidth=1)
+                axis.plot(*_xy(curve, thrown), color=color, alpha=0.35, linestyle="--", linewidth=1, zorder=depth)
             if kept:
-                axis.plot(*_xy(curve, kept), color=color, linewidth=1.3, label=label if key == "loss" else None)
-                label = None if key == "loss" else label
+                named = label if key == "loss" else None
+                axis.plot(*_xy(curve, kept), color=color, linewidth=width, label=named, zorder=depth)
         evals = {s: v for s, v in series.get("eval_loss", {}).items() if first <= s <= last}
-        if evals:
-            loss_axis.plot(list(evals), list(evals.values()), "o", color=color, markersize=4)
+        if evals and not faint:
+            loss_axis.plot(list(evals), list(evals.values()), "o", color=color, markersize=4, zorder=3)
 
 
 def _xy(curve: dict[int, float], wanted: dict[int, float]) -> tuple[list[int], list[float]]:
