@@ -4,20 +4,25 @@ default) and the rule agent with the shipped rules, whose learning-rate probe fi
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
 from agents.lr_probe import KEEP_RULE, PROBE_RULE
 from benchmarks.case_studies._harness import RunSpec, run_all
+from benchmarks.case_studies.plots import applied_on, draw
 
 STEPS = 170
 LOW_LR = 3e-4
 
 
 @pytest.mark.slow
-def test_the_probe_raises_a_learning_rate_ten_times_too_low_and_the_run_ends_better_than_unsteered() -> None:
-    """The probe saves a checkpoint after warm-up, tries higher rates on branches from it, keeps a higher one,
-    and the steered run's last 20 losses (same batches as the unsteered run's) end lower."""
+def test_the_probe_raises_a_learning_rate_ten_times_too_low_and_the_run_ends_better_than_unsteered(
+    tmp_path: Path,
+) -> None:
+    """The probe goes back to the step-0 snapshot after warm-up, tries higher rates on branches from it, keeps a
+    higher one, and the steered run's last 20 losses (same batches as the unsteered run's) end lower; the
+    picture marks each of the agent's commands on the branch it was applied on."""
     specs = [
         RunSpec("lr 3e-4, unsteered", "low", STEPS, lr=LOW_LR),
         RunSpec("lr 3e-4, rule agent", "low-agent", STEPS, lr=LOW_LR, steered=True),
@@ -40,3 +45,9 @@ def test_the_probe_raises_a_learning_rate_ten_times_too_low_and_the_run_ends_bet
     assert max(steered.loss) == STEPS - 1, "the steered run did not train to its last step"
     end = range(STEPS - 20, STEPS)
     assert statistics.fmean(steered.loss[s] for s in end) < statistics.fmean(unsteered.loss[s] for s in end)
+
+    marked = applied_on(steered)
+    assert [record.id for record, _ in marked] == [r.id for r in commands if r.status == "applied"]
+    assert {branch for _, branch in marked} <= set(steered.branches)
+    picture = draw([unsteered, steered], tmp_path / "find_the_lr.png", "find the lr, shortened")
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
