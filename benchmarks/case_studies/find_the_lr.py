@@ -27,7 +27,11 @@ from benchmarks.case_studies._harness import (
 
 SWEEP = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 """The fixed learning rates of the reference sweep (the cpu-tiny default is 3e-3)."""
-STEERED: tuple[tuple[str, float | None], ...] = (("10x too low", 3e-4), ("10x too high", 3e-2), ("default", None))
+STEERED: tuple[tuple[str, float | None], ...] = (
+    ("steered from 3e-4 (10x too low)", 3e-4),
+    ("steered from 3e-2 (10x too high)", 3e-2),
+    ("steered from the default 3e-3", None),
+)
 """Where the steered runs start: the rule agent with the shipped rules (and their `[lr_probe]` table) watches each."""
 STEPS = 500
 GOAL_GAP = 0.02
@@ -43,16 +47,7 @@ def sweep_specs(steps: int) -> list[RunSpec]:
 
 def steered_specs(steps: int) -> list[RunSpec]:
     """The steered runs."""
-    return [
-        RunSpec(
-            f"steered from {'the default' if lr is None else f'{lr:g}'} ({why})",
-            f"steered-{lr or 'default'}",
-            steps,
-            lr=lr,
-            steered=True,
-        )
-        for why, lr in STEERED
-    ]
+    return [RunSpec(label, f"steered-{lr or 'default'}", steps, lr=lr, steered=True) for label, lr in STEERED]
 
 
 def study(

@@ -18,6 +18,8 @@ SMOOTH = 10
 """Training loss is drawn as the mean of this many steps (one step's loss is noisy)."""
 MARKERS = {"rollback": "X", "set_hparams": "D", "save_checkpoint": "s", "set_data_mix": "P", "pause": "o"}
 """Marker shape per command type (any other type: `*`)."""
+ON_TOP = ("save_checkpoint", "set_hparams", "rollback")
+"""Drawing order where markers meet at one step: a rollback stays visible over the checkpoint saved before it."""
 SOURCE_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 REFERENCE_COLOR = "lightgray"
 """The unsteered runs, drawn again behind each steered run for comparison."""
@@ -162,8 +164,9 @@ def _mark(
         "markeredgewidth": 0.5,
         "linestyle": "",
     }
+    depth = 5 + (ON_TOP.index(kind) if kind in ON_TOP else 0)
     if known:
-        loss_axis.plot([at], [curve[known[-1]]], zorder=5, **style)
+        loss_axis.plot([at], [curve[known[-1]]], zorder=depth, **style)
     if lr_known:
-        lr_axis.plot([at], [lrs[lr_known[-1]]], zorder=5, **style)
+        lr_axis.plot([at], [lrs[lr_known[-1]]], zorder=depth, **style)
     marked.setdefault((record.source, kind), Line2D([], [], label=f"{record.source} {kind}", **style))
