@@ -1,9 +1,9 @@
-"""Case study 4: find the learning rate within one run: a 5-point fixed-lr sweep against runs steered by the rule
-agent (its learning-rate probe), started 10x too low, 10x too high and at the default.
+"""Case study 4: find the learning rate within one run, against a 5-point fixed-lr sweep.
 
-`.venv/bin/python -m benchmarks.case_studies.find_the_lr` prints the final eval loss of every run, the sweep's
-best point, each steered run against it and the steps each trained (thrown-away branches included), and writes
-docs/case_study_find_the_lr.png.
+The steered runs start 10x too low, 10x too high and at the default, each watched by the rule agent with the
+shipped rules (their `[lr_probe]` table included). `.venv/bin/python -m benchmarks.case_studies.find_the_lr`
+prints the final eval loss of every run, the sweep's best point, each steered run against it and the steps each
+trained (thrown-away branches included), and writes docs/case_study_find_the_lr.png.
 """
 
 from __future__ import annotations
