@@ -86,7 +86,7 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
         lr_axis.set_yscale("log")
         lr_axis.set_xlabel("step", fontsize=8)
         for axis in (loss_axis, lr_axis):
-            axis.tick_params(labelsize=7)
+            axis.tick_params(which="both", labelsize=7)
             axis.grid(alpha=0.3)
     lows = [min(smoothed(series["loss"])[1]) for o in outcomes for series in o.branches.values() if series.get("loss")]
     if lows:
