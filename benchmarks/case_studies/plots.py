@@ -51,7 +51,7 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
     """Write the picture of these outcomes to `path` (PNG) and return it."""
     reference = [o for o in outcomes if not o.spec.steered]
     columns = ([reference] if reference else []) + [[o] for o in outcomes if o.spec.steered]
-    figure = Figure(figsize=(4.6 * len(columns), 6.2))
+    figure = Figure(figsize=(max(7.0, 4.6 * len(columns)), 6.2))
     axes = figure.subplots(2, len(columns), sharex="col", squeeze=False, gridspec_kw={"height_ratios": [2, 1]})
     sources = sorted({r.source for o in outcomes for r, _ in applied_on(o)})
     source_color = {source: SOURCE_COLORS[i % len(SOURCE_COLORS)] for i, source in enumerate(sources)}
@@ -59,7 +59,7 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
     for column, group in enumerate(columns):
         loss_axis, lr_axis = axes[0][column], axes[1][column]
         steered = group[0].spec.steered
-        loss_axis.set_title(group[0].spec.label if steered else "unsteered", fontsize=10)
+        loss_axis.set_title(group[0].spec.label if steered else "without an agent", fontsize=10)
         for index, outcome in enumerate(group):
             color = RUN_COLORS[index % len(RUN_COLORS)] if not steered else "tab:blue"
             label = f"{outcome.spec.label}: {outcome.final_eval:.3f}" if not steered else None
@@ -92,13 +92,15 @@ def draw(outcomes: Sequence[RunOutcome], path: Path, title: str) -> Path:
     if lows:
         for axis in axes[0]:
             axis.set_ylim(min(lows) - 0.1, min(lows) + 2.2)
-    handles = [
-        Line2D([], [], color="tab:blue", label="final branch"),
-        Line2D([], [], color="tab:blue", alpha=0.35, linestyle="--", label="thrown-away branch"),
-        Line2D([], [], color="black", marker="o", linestyle="", markersize=4, label="eval loss"),
-        Line2D([], [], color=REFERENCE_COLOR, label="unsteered runs, for comparison"),
-        *marked.values(),
-    ]
+    handles = [Line2D([], [], color="black", marker="o", linestyle="", markersize=4, label="eval loss")]
+    if any(o.spec.steered for o in outcomes):
+        handles[:0] = [
+            Line2D([], [], color="tab:blue", label="final branch"),
+            Line2D([], [], color="tab:blue", alpha=0.35, linestyle="--", label="thrown-away branch"),
+        ]
+        if reference:
+            handles.append(Line2D([], [], color=REFERENCE_COLOR, label="runs without an agent, for comparison"))
+    handles += marked.values()
     figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
     figure.suptitle(title, fontsize=11)
     figure.tight_layout(rect=(0, 0.08, 1, 0.97))
