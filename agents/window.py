@@ -215,6 +215,15 @@ class WindowTracker:
         now = time.time()
         return [MetricsSample(branch=history.branch, step=step, time=now, values=by_step[step]) for step in fresh]
 
+    def set_left(self, history: MetricsHistory) -> None:
+        """Take in the stored metrics of a branch the run has left (fetched when the agent starts)."""
+        held: dict[str, Series] = {}
+        for name, stored in history.series.items():
+            series = held.setdefault(name, Series(self.capacity))
+            for step, value in zip(stored.steps, stored.values, strict=True):
+                series.add(step, value)
+        self._keep_left(history.branch, held)
+
     def set_run(self, run: RunInfo) -> None:
         """The run's latest record: status, policy, state (and branch, when it moved)."""
         self.run = run
@@ -288,12 +297,16 @@ class WindowTracker:
 
     def _switch_branch(self, branch: str, step: int) -> None:
         self.lineage.setdefault(branch, (self.branch, step))
-        self.left_branches.add(self.branch)
-        self.left_metrics[self.branch] = {name: series.copy() for name, series in self.metrics.items()}
-        while len(self.left_metrics) > LEFT_BRANCHES_KEPT:
-            del self.left_metrics[next(iter(self.left_metrics))]
+        self._keep_left(self.branch, {name: series.copy() for name, series in self.metrics.items()})
         self.branch = branch
         self._truncate(step)
+
+    def _keep_left(self, branch: str, metrics: dict[str, Series]) -> None:
+        """Remember a left branch's metrics, forgetting the oldest past `LEFT_BRANCHES_KEPT`."""
+        self.left_branches.add(branch)
+        self.left_metrics[branch] = metrics
+        while len(self.left_metrics) > LEFT_BRANCHES_KEPT:
+            del self.left_metrics[next(iter(self.left_metrics))]
 
     def _truncate(self, step: int) -> None:
         for series in self.metrics.values():

@@ -1,9 +1,10 @@
 """The learning-rate probe's decisions, on windows fed by a scripted trainer that applies each command as the
 built-in run's appliers answer it (checkpoint ids, branches, the schedule's lr), through the shipped rule set and
-the real guardrails."""
+the real guardrails; and the metrics of left branches an agent reads when it starts, against a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 
@@ -11,13 +12,17 @@ import pytest
 from pydantic import JsonValue, ValidationError
 
 from agents.decision import Decision, Intervention
-from agents.guardrails import Guardrails
+from agents.guardrails import GuardrailConfig, Guardrails
 from agents.lr_probe import KEEP_RULE, PROBE_RULE, LrProbe, LrProbeConfig
 from agents.rules import RulePolicy, RuleSet, load_rules
+from agents.runtime import AgentRuntime
 from agents.window import WindowTracker
+from protocols.client import AsyncClient, Client
 from protocols.commands import Command, CommandRecord, Rollback, SaveCheckpoint, SetHparams
 from protocols.constants import CommandStatus
 from protocols.records import CheckpointInfo, MetricsSample
+from tests.agents.helpers import ScriptedTrainer
+from tests.polling import wait_until
 
 SOURCE = "agent:rules"
 SNAPSHOT_EVERY = 25
@@ -286,3 +291,33 @@ def test_an_inconsistent_probe_table_is_refused_naming_the_field(table: dict[str
     """A rule file's `[lr_probe]` table with crossed bounds or factors is refused with the field named."""
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         LrProbeConfig.model_validate(table)
+
+
+async def test_an_agent_started_after_a_rollback_holds_the_metrics_of_the_branch_the_run_left(
+    server_url: str, client: Client
+) -> None:
+    """An agent that starts (or restarts) after the run went back to a checkpoint reads the stored metrics of the
+    branch the run left, so a probe under way can still score it."""
+    trainer = ScriptedTrainer(server_url, steps=100_000).start()
+    try:
+        wait_until(lambda: trainer.step > 40, 30.0, "the trainer passing step 40")
+        record = client.submit(trainer.run_id, Rollback(checkpoint_id="main-10"), wait=True)
+        assert record.status == "applied"
+        wait_until(lambda: trainer.branch != "main" and trainer.step > 20, 30.0, "steps on the new branch")
+        async with AsyncClient(server_url) as api:
+            runtime = AgentRuntime(
+                api, trainer.run_id, RulePolicy(load_rules()), Guardrails(GuardrailConfig(), SOURCE), tick_s=0.2
+            )
+            task = asyncio.create_task(runtime.run())
+            try:
+                await asyncio.wait_for(runtime.connected.wait(), 30.0)
+            finally:
+                runtime.stop()
+                await task
+        window = runtime.tracker.window()
+        assert window.branch == trainer.branch
+        left = window.left["main"]["loss"]
+        assert left.latest is not None and left.latest[0] >= 40
+        assert left.last_points()[0][0] == 0
+    finally:
+        trainer.stop()
