@@ -179,9 +179,9 @@ class LrProbe:
         )
 
     def _origin(self, window: RunWindow) -> CheckpointInfo | None:
-        """The newest healthy checkpoint of the lineage at or before the warm-up began, when the run has trained
-        at least `branch_steps` past it: candidates started there differ from the start of warm-up, and the run
-        so far is the x1 candidate at no cost."""
+        """The newest healthy checkpoint of the lineage at or before the warm-up began, once the run has trained
+        `branch_steps` past it: candidates started there run the whole warm-up at their own rate, and the run so
+        far is the x1 candidate at no extra cost."""
         schedule = window.state.schedule if window.state is not None else None
         begins = schedule.start_step if schedule is not None else 0
         found = [c for c in window.lineage_checkpoints() if c.healthy and c.step <= begins]
