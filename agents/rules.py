@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agents.decision import Change, Decision, Severity, changes_of
 from agents.detectors import Detector, Finding
 from agents.guardrails import GuardrailConfig
+from agents.lr_probe import LrProbe, LrProbeConfig
 from agents.window import RunWindow
 from protocols.commands import Command, CommandType, Rollback, command_adapter
 
@@ -116,6 +117,8 @@ class RuleSet(BaseModel):
 
     guardrails: GuardrailConfig = Field(default_factory=GuardrailConfig)
     rules: list[Rule] = Field(min_length=1)
+    lr_probe: LrProbeConfig | None = None
+    """The learning-rate probe, asked when no rule acts; none when the table is left out."""
 
     @field_validator("rules")
     @classmethod
@@ -145,11 +148,13 @@ def load_rules(path: Path | None = None) -> RuleSet:
 
 
 class RulePolicy:
-    """Applies rules in order; returns the first rule's decision that sends commands, else the first alert."""
+    """Applies rules in order; returns the first rule's decision that sends commands, else the learning-rate
+    probe's (when the rule file has one), else the first alert."""
 
     def __init__(self, rules: RuleSet, name: str = "rules") -> None:
         self.rules = rules
         self.name = name
+        self.probe = LrProbe(rules.lr_probe) if rules.lr_probe is not None else None
 
     def decide(self, window: RunWindow) -> Decision | None:
         """The decision for this window, or None when no detector fires."""
@@ -162,6 +167,11 @@ class RulePolicy:
             if decision.intervenes:
                 return decision
             alert = alert or decision
+        if self.probe is not None:
+            spent = sum(kind == "rollback" for i in window.interventions for kind in i.command_types)
+            probing = self.probe.decide(window, self.rules.guardrails.max_rollbacks - spent)
+            if probing is not None:
+                return probing
         return alert
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 
 from agents.decision import AsyncPolicy, Decision, Intervention, Policy
 from agents.guardrails import Guardrails
-from agents.window import DEFAULT_CAPACITY, WindowTracker
+from agents.window import DEFAULT_CAPACITY, LEFT_BRANCHES_KEPT, WindowTracker
 from protocols.client import AsyncClient
 from protocols.client.aio import AsyncEventStream
 from protocols.client.core import Backoff
@@ -162,6 +162,13 @@ class AgentRuntime:
         tracker.checkpoints = {c.checkpoint_id: c for c in await self.client.list_checkpoints(self.run_id)}
         run = await self.client.get_run(self.run_id)
         tracker.set_run(run)
+        if first:
+            # Branches the run left before this agent started (its own earlier life included): a policy that
+            # compares branches, like the learning-rate probe, reads them from the window.
+            left = [b for b in run.branches if b != tracker.branch][-LEFT_BRANCHES_KEPT:]
+            for branch in left:
+                stored = await self.client.metrics_history(self.run_id, branch=branch, max_points=tracker.capacity)
+                tracker.set_left(stored)
         since = tracker.step + 1 if tracker.step >= 0 else max(0, run.step - tracker.capacity)
         history = await self.client.metrics_history(self.run_id, branch=tracker.branch, since_step=since)
         samples = tracker.history_samples(history)

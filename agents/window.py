@@ -19,6 +19,8 @@ from protocols.records import CheckpointInfo, MetricsHistory, MetricsSample, Run
 
 DEFAULT_CAPACITY = 512
 """Points kept per metric: enough for the longest default detector window (128 steps) several times over."""
+LEFT_BRANCHES_KEPT = 16
+"""Branches whose metrics a window keeps after the run left them (a learning-rate probe compares a few)."""
 
 
 class Series:
@@ -40,6 +42,12 @@ class Series:
         """Forget points at or after `before_step` (a rollback restarted the run there)."""
         while self._points and self._points[-1][0] >= before_step:
             self._points.pop()
+
+    def copy(self) -> Series:
+        """An independent copy with the same points and capacity."""
+        copied = Series(self._points.maxlen or DEFAULT_CAPACITY)
+        copied._points.extend(self._points)
+        return copied
 
     def last(self, n: int | None = None) -> list[float]:
         """The last `n` values (all when None)."""
@@ -88,6 +96,8 @@ class RunWindow:
     """This agent's own interventions, oldest first."""
     lineage: Mapping[str, tuple[str, int]]
     """branch -> (parent branch, step it forked at), learned from applied rollbacks."""
+    left: Mapping[str, Mapping[str, Series]] = field(default_factory=dict)
+    """Metrics of the branches the run moved away from, as they stood when it left each (newest 16)."""
 
     def series(self, name: str) -> Series | None:
         """The named metric's series, if it was reported."""
@@ -167,6 +177,8 @@ class WindowTracker:
     lineage: dict[str, tuple[str, int]] = field(default_factory=dict)
     left_branches: set[str] = field(default_factory=set)
     """Branches the run moved away from; late samples of theirs are ignored."""
+    left_metrics: dict[str, dict[str, Series]] = field(default_factory=dict)
+    """The metrics of the newest `LEFT_BRANCHES_KEPT` left branches, kept for comparing branches."""
 
     def add_sample(self, sample: MetricsSample, *, received_at: float | None = None) -> bool:
         """Take in one sample; True when it is a new step of the current branch.
@@ -203,6 +215,15 @@ class WindowTracker:
         now = time.time()
         return [MetricsSample(branch=history.branch, step=step, time=now, values=by_step[step]) for step in fresh]
 
+    def set_left(self, history: MetricsHistory) -> None:
+        """Take in the stored metrics of a branch the run has left (fetched when the agent starts)."""
+        held: dict[str, Series] = {}
+        for name, stored in history.series.items():
+            series = held.setdefault(name, Series(self.capacity))
+            for step, value in zip(stored.steps, stored.values, strict=True):
+                series.add(step, value)
+        self._keep_left(history.branch, held)
+
     def set_run(self, run: RunInfo) -> None:
         """The run's latest record: status, policy, state (and branch, when it moved)."""
         self.run = run
@@ -225,6 +246,10 @@ class WindowTracker:
         effective = record.effective or {}
         if record.status == "applied" and record.command.type == "rollback":
             branch, step, parent = effective.get("branch"), effective.get("step"), effective.get("from_branch")
+            # The new branch forks from the branch the checkpoint was saved on, which is not the branch the run
+            # left when the rollback went to another branch's checkpoint (a probe keeping its best branch).
+            target = self.checkpoints.get(str(effective.get("checkpoint_id")))
+            parent = target.branch if target is not None else parent
             if isinstance(branch, str) and isinstance(step, int) and isinstance(parent, str):
                 self.lineage[branch] = (parent, step)
                 if branch != self.branch:
@@ -267,13 +292,21 @@ class WindowTracker:
             commands=tuple(self.commands[seq] for seq in sorted(self.commands)),
             interventions=tuple(self.interventions),
             lineage=self.lineage,
+            left=self.left_metrics,
         )
 
     def _switch_branch(self, branch: str, step: int) -> None:
         self.lineage.setdefault(branch, (self.branch, step))
-        self.left_branches.add(self.branch)
+        self._keep_left(self.branch, {name: series.copy() for name, series in self.metrics.items()})
         self.branch = branch
         self._truncate(step)
+
+    def _keep_left(self, branch: str, metrics: dict[str, Series]) -> None:
+        """Remember a left branch's metrics, forgetting the oldest past `LEFT_BRANCHES_KEPT`."""
+        self.left_branches.add(branch)
+        self.left_metrics[branch] = metrics
+        while len(self.left_metrics) > LEFT_BRANCHES_KEPT:
+            del self.left_metrics[next(iter(self.left_metrics))]
 
     def _truncate(self, step: int) -> None:
         for series in self.metrics.values():

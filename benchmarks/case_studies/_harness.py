@@ -63,6 +63,10 @@ class RunOutcome:
     """Median wall time of one training step."""
     wall_s: float
     agent_log: str = ""
+    branches: dict[str, dict[str, dict[int, float]]] = field(default_factory=dict)
+    """Every branch the run trained, final or thrown away: `loss`, `lr` and `eval_loss` by step, as trained there."""
+    parents: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """branch -> (the branch it forked from, the step it started at)."""
 
     @property
     def final_eval(self) -> float:
@@ -78,9 +82,21 @@ class RunOutcome:
         return [r for r in self.agent_commands() if r.command.type == command_type and r.status == "applied"]
 
     @property
+    def trained_steps(self) -> int:
+        """Steps trained on every branch, the thrown-away ones included: the compute the run used."""
+        return sum(len(series.get("lr", {})) for series in self.branches.values())
+
+    @property
     def steps_redone(self) -> int:
-        """Steps trained and then thrown away by the agent's rollbacks."""
-        return round(sum(number(r, "from_step") - number(r, "step") for r in self.applied("rollback")))
+        """Steps trained and then thrown away (by rollbacks): all trained steps less those of the final lineage."""
+        return self.trained_steps - len(self.lineage_steps())
+
+    def lineage_steps(self) -> set[int]:
+        """The steps of the final branch's lineage (`lr` is recorded even when the loss is not finite)."""
+        steps: set[int] = set()
+        for branch, first, last in lineage_of(self.parents, self.branch):
+            steps |= {s for s in self.branches.get(branch, {}).get("lr", {}) if first <= s <= last}
+        return steps
 
     @property
     def batches_skipped(self) -> int:
@@ -128,6 +144,7 @@ class ServerProcess(Server):
         """Start the process and wait until it listens."""
         command = [sys.executable, "-m", "control_server", "--port", "0", "--db", str(self.db),
                    "--port-file", str(self.port_file)]
+        self.port_file.unlink(missing_ok=True)  # a kept workdir holds the port of its last server
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env())
         deadline = time.monotonic() + timeout_s
@@ -214,14 +231,21 @@ def outcome(url: str, spec: RunSpec, run_id: str, wall_s: float = 0.0, agent_log
     with Client(url) as client:
         run = client.get_run(run_id)
         commands = client.list_commands(run_id, limit=10_000)
-        branches = lineage(commands, run.branch)
+        saved_on = {c.checkpoint_id: c.branch for c in client.list_checkpoints(run_id)}
+        parents = forks(commands, saved_on)
+        lineage = {branch: (first, last) for branch, first, last in lineage_of(parents, run.branch)}
         evals: dict[int, dict[str, float]] = {}
         losses: dict[int, float] = {}
         times: list[float] = []
-        for branch, first, last in branches:
+        trained: dict[str, dict[str, dict[int, float]]] = {}
+        for branch in run.branches:
             history = client.metrics_history(run_id, branch=branch)
+            first, last = lineage.get(branch, (1, 0))
             for key, series in history.series.items():
-                for step, value in zip(series.steps, series.values, strict=True):
+                points = dict(zip(series.steps, series.values, strict=True))
+                if key in PLOTTED:
+                    trained.setdefault(branch, {})[key] = points
+                for step, value in points.items():
                     if not first <= step <= last:
                         continue
                     if key.startswith("eval_loss"):
@@ -234,16 +258,28 @@ def outcome(url: str, spec: RunSpec, run_id: str, wall_s: float = 0.0, agent_log
     return RunOutcome(
         spec=spec, run_id=run_id, branch=run.branch, step=run.step, eval_loss=evals, loss=losses, commands=commands,
         step_ms=times[len(times) // 2] if times else float("nan"), wall_s=wall_s, agent_log=agent_log,
+        branches=trained, parents=parents,
     )
 
 
-def lineage(commands: list[CommandRecord], final: str) -> list[tuple[str, int, int]]:
-    """(branch, first step, last step) of each stretch that leads to `final`, from the applied rollbacks."""
+PLOTTED = ("loss", "lr", "eval_loss")
+"""The series kept of every branch, for the compute count and the pictures."""
+
+
+def forks(commands: list[CommandRecord], saved_on: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """branch -> (parent branch, fork step) from the applied rollbacks; the parent is the branch the checkpoint
+    was saved on (another branch than the one left when a probe goes back to its best branch's end)."""
     parents: dict[str, tuple[str, int]] = {}
     for record in commands:
         if record.command.type == "rollback" and record.status == "applied" and record.effective:
             effective = record.effective
-            parents[str(effective["branch"])] = (str(effective["from_branch"]), int(number(record, "step")))
+            parent = saved_on.get(str(effective.get("checkpoint_id")), str(effective["from_branch"]))
+            parents[str(effective["branch"])] = (parent, int(number(record, "step")))
+    return parents
+
+
+def lineage_of(parents: dict[str, tuple[str, int]], final: str) -> list[tuple[str, int, int]]:
+    """(branch, first step, last step) of each stretch that leads to `final`, oldest first."""
     stretches: list[tuple[str, int, int]] = []
     branch, start, end = final, 0, 10**9
     while branch in parents:
@@ -282,6 +318,21 @@ def run_all(
     return [outcomes[spec.name] for spec in specs]
 
 
+def finished_outcomes(workdir: Path, specs: Sequence[RunSpec]) -> list[RunOutcome]:
+    """The outcomes of runs an earlier `run_all` trained in the kept `workdir`, found by name; every spec's run
+    must have finished all its steps there."""
+    with ServerProcess(workdir) as server, Client(server.url) as client:
+        runs = {run.name: run for run in client.list_runs()}
+        found = []
+        for spec in specs:
+            run = runs.get(spec.name)
+            if run is None or run.status != "finished" or run.step + 1 < spec.steps:
+                state = "missing" if run is None else f"{run.status} at step {run.step}"
+                raise RuntimeError(f"{workdir}: run {spec.name} of {spec.steps} steps is {state}; train it again")
+            found.append(outcome(server.url, spec, run.run_id))
+        return found
+
+
 def send_script(server: Server, launched: Launched) -> None:
     """Send the spec's scripted commands whose step the run has reached."""
     script = launched.spec.script
@@ -313,6 +364,9 @@ def stop_if_held(server: Server, launched: Launched, patience_s: float = 20.0) -
 def parser(description: str, steps: int) -> argparse.ArgumentParser:
     """Flags every case study takes."""
     parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--plots", type=lambda value: Path(value) if value else None, default=REPO / "docs",
+                        help="write the picture (case_study_<name>.png) to this folder, '' for none "
+                        "(default %(default)s; needs the plots extra, matplotlib)")
     parser.add_argument("--steps", type=int, default=steps, help="steps per run (default %(default)s)")
     parser.add_argument("--parallel", type=int, default=2,
                         help="runs at a time, one torch thread each (default %(default)s, one per core)")
@@ -320,6 +374,15 @@ def parser(description: str, steps: int) -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep logs, database and checkpoints here (default: a temporary directory)")
     return parser
+
+
+def picture(outcomes: Sequence[RunOutcome], folder: Path | None, name: str, title: str) -> None:
+    """Draw the study's picture into `folder` (none when None) and say where it went."""
+    if folder is None:
+        return
+    from benchmarks.case_studies.plots import draw  # matplotlib only when a picture is asked for
+
+    print(f"picture: {draw(outcomes, folder / f'case_study_{name}.png', title)}")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -15,6 +15,7 @@ from benchmarks.case_studies._harness import (
     RunSpec,
     conditions,
     parser,
+    picture,
     run_all,
     table,
 )
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case study 3: data-mix change mid-run ({args.steps} steps, cpu-tiny, seed 0)")
     print(report(outcomes))
     print(said)
+    picture(outcomes, args.plots, "data_mix_change", f"Data-mix change ({args.steps} steps, cpu-tiny, seed 0)")
     return 0
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import load_average
-from benchmarks.case_studies._harness import RunOutcome, RunSpec, conditions, parser, run_all, table, within
+from benchmarks.case_studies._harness import RunOutcome, RunSpec, conditions, parser, picture, run_all, table, within
 
 STEPS = 500
 FAULT_AT = 0.6
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case study 2: injected fault, 100x lr on one batch ({args.steps} steps, cpu-tiny, seed 0)")
     print(report(outcomes))
     print(said)
+    title = f"Injected fault: one batch at 100x the learning rate ({args.steps} steps, cpu-tiny, seed 0)"
+    picture(outcomes, args.plots, "injected_fault", title)
     return 0
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import load_average
-from benchmarks.case_studies._harness import RunOutcome, RunSpec, conditions, parser, run_all, table, within
+from benchmarks.case_studies._harness import RunOutcome, RunSpec, conditions, parser, picture, run_all, table, within
 
 GOOD_LR = 3e-3
 """The cpu-tiny preset's learning rate."""
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"case study 1: learning rate 10x too high ({args.steps} steps, cpu-tiny, seed 0)")
     print(report(outcomes))
     print(said)
+    picture(outcomes, args.plots, "lr_too_high", f"Learning rate 10x too high ({args.steps} steps, cpu-tiny, seed 0)")
     return 0
 
 
