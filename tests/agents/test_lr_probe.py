@@ -21,7 +21,7 @@ from protocols.client import AsyncClient, Client
 from protocols.commands import Command, CommandRecord, Rollback, SaveCheckpoint, SetHparams
 from protocols.constants import CommandStatus
 from protocols.records import CheckpointInfo, MetricsSample
-from tests.agents.helpers import ScriptedTrainer
+from tests.agents.helpers import agent_trainer
 from tests.polling import wait_until
 
 SOURCE = "agent:rules"
@@ -298,7 +298,7 @@ async def test_an_agent_started_after_a_rollback_holds_the_metrics_of_the_branch
 ) -> None:
     """An agent that starts (or restarts) after the run went back to a checkpoint reads the stored metrics of the
     branch the run left, so a probe under way can still score it."""
-    trainer = ScriptedTrainer(server_url, steps=100_000).start()
+    trainer = agent_trainer(server_url, steps=100_000).start()
     try:
         wait_until(lambda: trainer.step > 40, 30.0, "the trainer passing step 40")
         record = client.submit(trainer.run_id, Rollback(checkpoint_id="main-10"), wait=True)
@@ -318,6 +318,6 @@ async def test_an_agent_started_after_a_rollback_holds_the_metrics_of_the_branch
         assert window.branch == trainer.branch
         left = window.left["main"]["loss"]
         assert left.latest is not None and left.latest[0] >= 40
-        assert left.last_points()[0][0] == 0
+        assert left.last_points()[0][0] == 1  # the first step the scripted trainer reports
     finally:
-        trainer.stop()
+        trainer.close()

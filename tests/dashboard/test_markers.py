@@ -52,7 +52,7 @@ def test_a_rollback_is_marked_where_the_run_left_its_branch(trainer: ScriptedTra
     applied at when the trainer does not say), with its source; rejected commands get none."""
     wait_until(lambda: trainer.step > 10)
     client.submit(trainer.run_id, {"type": "save_checkpoint"}, source="script:case", reason="keep", wait=True)
-    checkpoint = trainer.checkpoints[-1]
+    checkpoint = trainer.latest_checkpoint
     wait_until(lambda: trainer.step > checkpoint.step + 10)
     rollback = client.submit(
         trainer.run_id,
