@@ -14,6 +14,7 @@ Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both]
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import random
 import statistics
@@ -62,11 +63,14 @@ class Clock:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.wall_ends: list[float] = []
+        """The same ends in wall-clock time, to compare with the server's command timestamps."""
         self.hook_s: list[float] = []
         self._current = 0.0
 
     def tick(self) -> None:
         self.ends.append(time.perf_counter())
+        self.wall_ends.append(time.time())
         self.hook_s.append(self._current)
         self._current = 0.0
 
@@ -190,10 +194,10 @@ def train(
     return callback
 
 
-def command_latency(framework: str, steps: int, server: str, workdir: Path) -> list[int]:
-    """Steps from acceptance to application of `set_hparams` commands sent at random moments of a steered run."""
+def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
+    """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
+    (`created_at`) and from its delivery to the trainer's poller (`delivered_at`) to the boundary that applied it."""
     clock = Clock()
-    accepted: dict[str, int] = {}
     started = threading.Event()
     holder: list[Any] = []
 
@@ -208,8 +212,7 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> l
             rng = random.Random(0)
             while len(clock.ends) < steps - 10:
                 time.sleep(rng.uniform(0.01, 0.15))
-                record = client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
-                accepted[record.id] = len(clock.ends)  # steps completed when the server accepted it
+                client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
 
     def hand_over(callback: Any) -> None:
         holder.append(callback)
@@ -219,8 +222,17 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> l
     sender.start()
     callback = train(framework, "full", steps, server, clock, workdir, started=hand_over)
     sender.join(30)
-    applied = {record.id: result.step for record, result in callback.steer.results}
-    return [applied[cid] - running for cid, running in accepted.items() if cid in applied]
+    with Client(server) as client:
+        records = [r for r in client.list_commands(callback.steer.run_id) if r.status == "applied"]
+    # A command that arrived while step n ran (n steps done) is due at boundary n + 1, the end of that step.
+    return {
+        moment: [
+            r.applied_step - bisect.bisect_right(clock.wall_ends, getattr(r, moment))
+            for r in records
+            if r.applied_step is not None and getattr(r, moment) is not None
+        ]
+        for moment in ("created_at", "delivered_at")
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -265,12 +277,14 @@ def main() -> int:
                     f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
                     f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
                 )
-            if latency:
-                next_boundary = sum(1 for d in latency if d <= 1) / len(latency)
-                print(
-                    f"  commands: {len(latency)} set_hparams; applied at the next boundary {next_boundary * 100:.1f} %,"
-                    f" steps from acceptance to effect max {max(latency)}"
-                )
+            for moment, label in (("created_at", "accepted by the server"), ("delivered_at", "delivered to it")):
+                boundaries = latency[moment]
+                if boundaries:
+                    share = sum(1 for d in boundaries if d <= 1) / len(boundaries)
+                    print(
+                        f"  {len(boundaries)} set_hparams {label} during a step: applied at the boundary right "
+                        f"after it {share * 100:.1f} %, at most {max(boundaries)} boundaries later"
+                    )
     return 0
 
 
