@@ -9,6 +9,12 @@ that is sent `set_hparams` commands at random moments, how many step boundaries 
 server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
 
 Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both] [--steps 60] [--rounds 3]`.
+
+`--peer` adds, for HF, the same run under the peer "Interactive Training" (github.com/yuntian-group/
+interactive-training: `make_interactive(Trainer)`, its copy of HF's training loop and its four callbacks, timed at
+their hooks like ours). It is not part of runsteer: install it apart, in an environment with transformers 4.x
+(its loop fails on 5.x), e.g. a venv with transformers 4.57, `fastapi<0.115`, uvicorn and `datasets<4`, its
+package directory on `PYTHONPATH`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import bisect
 import os
 import random
+import socket
 import statistics
 import threading
 import time
@@ -151,7 +158,7 @@ def train(
     )
     callbacks: list[Any] = [HFClock(clock) if framework == "hf" else LightningClock(clock)]
     callback = None
-    if kind != "without":
+    if kind in ("machinery", "full"):
         config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
         factory = HFSteer if framework == "hf" else LightningSteer
         callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
@@ -159,6 +166,8 @@ def train(
         callbacks.insert(0, callback)
         if started is not None:
             started(callback)
+    if kind == "peer":
+        return train_peer(steps, clock, workdir, examples, callbacks)
     if framework == "hf":
         config = GPT2Config(
             vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
@@ -192,6 +201,49 @@ def train(
         )
         trainer.fit(ByteLM(), DataLoader(examples, batch_size=BATCH))
     return callback
+
+
+def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any]) -> None:
+    """The same HF run under the peer "Interactive Training" (`make_interactive(Trainer)`, its own copy of HF's
+    training loop and its four callbacks, which are timed like ours). It is installed outside the project."""
+    from interactive_training import callbacks as peer_callbacks  # the peer, installed apart
+    from interactive_training import make_interactive
+
+    config = GPT2Config(
+        vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    args = TrainingArguments(
+        output_dir=str(workdir / "peer"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    trainer = make_interactive(Trainer)(
+        port=port, model=GPT2LMHeadModel(config), args=args, train_dataset=examples, callbacks=callbacks
+    )
+    # Its callbacks are made inside `train()`, so their classes' hooks are timed (and put back afterwards).
+    classes = [
+        cls
+        for cls in vars(peer_callbacks).values()
+        if isinstance(cls, type) and issubclass(cls, TrainerCallback) and cls.__module__ == peer_callbacks.__name__
+    ]
+    originals = {(cls, name): vars(cls)[name] for cls in classes for name in vars(cls) if name.startswith("on_")}
+    for cls in classes:
+        clock.wrap(cls, tuple(name for c, name in originals if c is cls))
+    try:
+        trainer.train()
+    finally:
+        for (cls, name), method in originals.items():
+            setattr(cls, name, method)
 
 
 def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
@@ -247,6 +299,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default %(default)s)")
     parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time the HF run under the peer Interactive Training (installed apart; it needs transformers 4.x)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -255,6 +312,8 @@ def main() -> int:
         for framework in frameworks:
             steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": []}
             hooks: dict[str, list[float]] = {"machinery": [], "full": []}
+            if args.peer and framework == "hf":
+                steps["peer"], hooks["peer"] = [], []
             for round_index in range(args.rounds):
                 for kind in steps:
                     clock = Clock()
