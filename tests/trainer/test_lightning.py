@@ -82,7 +82,7 @@ class Probe(L.Callback):
 class Setup:
     """A `lightning.Trainer` on `ByteLM`, steered by `SteerCallback`, with a script acting at known boundaries."""
 
-    def __init__(self, tmp_path: Path, server_url: str, client: Client, max_steps: int) -> None:
+    def __init__(self, tmp_path: Path, server_url: str, client: Client, max_steps: int, accumulate: int = 1) -> None:
         torch.manual_seed(0)
         self.module = ByteLM()
         self.data: DomainMixture[dict[str, torch.Tensor]] = mixture(batch_size=4)
@@ -103,6 +103,7 @@ class Setup:
             val_check_interval=10**6,
             check_val_every_n_epoch=None,
             gradient_clip_val=1.0,
+            accumulate_grad_batches=accumulate,
             default_root_dir=tmp_path,
             callbacks=[self.callback, Probe(self.script)],
         )
@@ -227,3 +228,17 @@ def test_rollback_pause_and_stop_act_on_the_lightning_trainer(setup) -> None:  #
     stop = run.script.result("stop")
     assert stop.status == "applied" and stop.effective is not None and Path(str(stop.effective["path"])).is_file()
     assert run.trainer.should_stop and run.trainer.global_step == stop.applied_step < 40
+
+
+def test_gradient_accumulation_makes_one_boundary_and_one_point_per_optimizer_step(
+    tmp_path: Path, server_url: str, client: Client
+) -> None:
+    """With accumulate_grad_batches=2, 12 batches make 6 optimizer steps: 6 recorded steps, each with its health."""
+    run = Setup(tmp_path, server_url, client, max_steps=6, accumulate=2)
+    try:
+        run.fit()
+        metrics = metrics_of(client, run.callback.steer)
+    finally:
+        run.close()
+    assert run.trainer.global_step == 6 and run.script.calls == 12
+    assert sorted(metrics["loss"]) == sorted(metrics["grad_norm"]) == sorted(metrics["update_ratio"]) == list(range(6))
