@@ -20,6 +20,9 @@ from trainer.io import Transport
 from trainer.live import Evaluator, Sampler
 from trainer.steer import Steer, SteerConfig, StopTraining
 
+METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:-")
+"""The characters a metric name may hold (protocols' `MetricName`); a framework's log entry with others is left out."""
+
 
 @dataclass(frozen=True)
 class Boundary:

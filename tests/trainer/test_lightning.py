@@ -58,6 +58,7 @@ class ByteLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits = self._loss(batch)
+        self.log("train_loss", loss)
         return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -104,6 +105,7 @@ class Setup:
             check_val_every_n_epoch=None,
             gradient_clip_val=1.0,
             accumulate_grad_batches=accumulate,
+            log_every_n_steps=2,
             default_root_dir=tmp_path,
             callbacks=[self.callback, Probe(self.script)],
         )
@@ -187,6 +189,10 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     ):
         assert sorted(metrics[name])[:12] == list(range(12)), name
     assert metrics["lr"][6] == pytest.approx(2e-3) and metrics["val_loss"][evaluate.applied_step] > 0
+    assert sorted(metrics["pl/train_loss"]) == [1, 3, 5, 7, 9, 11], "what self.log gave, every log_every_n_steps"
+    assert metrics["pl/train_loss"][5] == pytest.approx(metrics["loss"][5], rel=1e-5)
+    (validation,) = metrics["pl/val_loss"].values()  # logged once by the validation, and not repeated after
+    assert validation == pytest.approx(evaluate.effective["val_loss"])
 
 
 def test_rollback_pause_and_stop_act_on_the_lightning_trainer(setup) -> None:  # type: ignore[no-untyped-def]
