@@ -28,6 +28,7 @@ from tests.trainer.frameworks import (
 )
 from trainer.lightning import SteerCallback
 from trainer.mixture import DomainMixture
+from trainer.schedule import Schedule
 from trainer.steer import SteerConfig
 
 pytestmark = [
@@ -137,7 +138,8 @@ def setup(tmp_path: Path, server_url: str, client: Client):  # type: ignore[no-u
 
 def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer(setup) -> None:  # type: ignore[no-untyped-def]
     """lr survives the LambdaLR, clipping lands in gradient_clip_val, SGD replaces AdamW in trainer.optimizers,
-    the mix reweights the stream, evaluate runs validation and reports val_loss; bad commands change nothing."""
+    the mix reweights the stream, the LambdaLR follows a new schedule, evaluate runs validation and reports
+    val_loss; bad commands change nothing."""
     run = setup(12)
     seen: dict[str, Any] = {}
     run.script.at(5, lambda: run.script.send("hp", {"type": "set_hparams", "lr": 2e-3, "grad_clip": 0.5}))
@@ -159,10 +161,19 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     def after_mix() -> None:
         seen["moved"] = any(not torch.equal(a, b) for a, b in zip(seen["params"], run.module.parameters(), strict=True))
         seen["drawn"] = {run.data.draw(run.data.index + i)[0] for i in range(40)}
+        run.script.send("schedule", {"type": "set_schedule", "kind": "linear", "peak_lr": 1e-2, "horizon_steps": 10})
+
+    def after_schedule() -> None:
+        seen["lr10"], seen["last10"] = run.lr(), run.scheduler.get_last_lr()[0]
+
+    def one_scheduler_step_later() -> None:
+        seen["lr11"], seen["last11"] = run.lr(), run.scheduler.get_last_lr()[0]
 
     run.script.at(6, after_hparams)
     run.script.at(7, after_swap)
     run.script.at(9, after_mix)
+    run.script.at(10, after_schedule)
+    run.script.at(11, one_scheduler_step_later)
     run.fit()
 
     assert run.trainer.global_step == 12, "training went on past the refused commands"
@@ -170,6 +181,10 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     assert seen["clip"] == 0.5
     assert seen["type"] is torch.optim.SGD and seen["same"] and seen["moved"]
     assert seen["drawn"] == {"sums"}
+    schedule = Schedule("linear", (1e-2,), start_step=10, horizon_steps=10)
+    assert seen["lr10"] == pytest.approx(1e-2) and seen["last10"] == pytest.approx(1e-2)
+    assert seen["lr11"] == pytest.approx(schedule.lrs(11)[0]) and seen["last11"] == pytest.approx(seen["lr11"])
+    assert run.script.result("schedule").status == "applied"
     for name, words in {"bad_betas": "betas", "bad_eval": "max_batches"}.items():
         record = run.script.result(name)
         assert record.status == "rejected" and words in record.message, (name, record.message)
