@@ -9,13 +9,21 @@ that is sent `set_hparams` commands at random moments, how many step boundaries 
 server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
 
 Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both] [--steps 60] [--rounds 3]`.
+
+`--peer` adds, for HF, the same run under the peer "Interactive Training" (github.com/yuntian-group/
+interactive-training: `make_interactive(Trainer)`, its copy of HF's training loop and its four callbacks, timed at
+their hooks like ours). It is not part of runsteer: install it apart, in an environment with transformers 4.x
+(its loop fails on 5.x), e.g. a venv with transformers 4.57, `fastapi<0.115`, uvicorn and `datasets<4`, its
+package directory on `PYTHONPATH`.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import random
+import socket
 import statistics
 import threading
 import time
@@ -62,11 +70,14 @@ class Clock:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.wall_ends: list[float] = []
+        """The same ends in wall-clock time, to compare with the server's command timestamps."""
         self.hook_s: list[float] = []
         self._current = 0.0
 
     def tick(self) -> None:
         self.ends.append(time.perf_counter())
+        self.wall_ends.append(time.time())
         self.hook_s.append(self._current)
         self._current = 0.0
 
@@ -147,7 +158,7 @@ def train(
     )
     callbacks: list[Any] = [HFClock(clock) if framework == "hf" else LightningClock(clock)]
     callback = None
-    if kind != "without":
+    if kind in ("machinery", "full"):
         config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
         factory = HFSteer if framework == "hf" else LightningSteer
         callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
@@ -155,6 +166,8 @@ def train(
         callbacks.insert(0, callback)
         if started is not None:
             started(callback)
+    if kind == "peer":
+        return train_peer(steps, clock, workdir, examples, callbacks)
     if framework == "hf":
         config = GPT2Config(
             vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
@@ -190,10 +203,53 @@ def train(
     return callback
 
 
-def command_latency(framework: str, steps: int, server: str, workdir: Path) -> list[int]:
-    """Steps from acceptance to application of `set_hparams` commands sent at random moments of a steered run."""
+def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any]) -> None:
+    """The same HF run under the peer "Interactive Training" (`make_interactive(Trainer)`, its own copy of HF's
+    training loop and its four callbacks, which are timed like ours). It is installed outside the project."""
+    from interactive_training import callbacks as peer_callbacks  # the peer, installed apart
+    from interactive_training import make_interactive
+
+    config = GPT2Config(
+        vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    args = TrainingArguments(
+        output_dir=str(workdir / "peer"),
+        max_steps=steps,
+        per_device_train_batch_size=BATCH,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        logging_steps=10,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    trainer = make_interactive(Trainer)(
+        port=port, model=GPT2LMHeadModel(config), args=args, train_dataset=examples, callbacks=callbacks
+    )
+    # Its callbacks are made inside `train()`, so their classes' hooks are timed (and put back afterwards).
+    classes = [
+        cls
+        for cls in vars(peer_callbacks).values()
+        if isinstance(cls, type) and issubclass(cls, TrainerCallback) and cls.__module__ == peer_callbacks.__name__
+    ]
+    originals = {(cls, name): vars(cls)[name] for cls in classes for name in vars(cls) if name.startswith("on_")}
+    for cls in classes:
+        clock.wrap(cls, tuple(name for c, name in originals if c is cls))
+    try:
+        trainer.train()
+    finally:
+        for (cls, name), method in originals.items():
+            setattr(cls, name, method)
+
+
+def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
+    """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
+    (`created_at`) and from its delivery to the trainer's poller (`delivered_at`) to the boundary that applied it."""
     clock = Clock()
-    accepted: dict[str, int] = {}
     started = threading.Event()
     holder: list[Any] = []
 
@@ -208,8 +264,7 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> l
             rng = random.Random(0)
             while len(clock.ends) < steps - 10:
                 time.sleep(rng.uniform(0.01, 0.15))
-                record = client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
-                accepted[record.id] = len(clock.ends)  # steps completed when the server accepted it
+                client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
 
     def hand_over(callback: Any) -> None:
         holder.append(callback)
@@ -219,8 +274,17 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> l
     sender.start()
     callback = train(framework, "full", steps, server, clock, workdir, started=hand_over)
     sender.join(30)
-    applied = {record.id: result.step for record, result in callback.steer.results}
-    return [applied[cid] - running for cid, running in accepted.items() if cid in applied]
+    with Client(server) as client:
+        records = [r for r in client.list_commands(callback.steer.run_id) if r.status == "applied"]
+    # A command that arrived while step n ran (n steps done) is due at boundary n + 1, the end of that step.
+    return {
+        moment: [
+            r.applied_step - bisect.bisect_right(clock.wall_ends, getattr(r, moment))
+            for r in records
+            if r.applied_step is not None and getattr(r, moment) is not None
+        ]
+        for moment in ("created_at", "delivered_at")
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -235,6 +299,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default %(default)s)")
     parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also time the HF run under the peer Interactive Training (installed apart; it needs transformers 4.x)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
@@ -243,6 +312,8 @@ def main() -> int:
         for framework in frameworks:
             steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": []}
             hooks: dict[str, list[float]] = {"machinery": [], "full": []}
+            if args.peer and framework == "hf":
+                steps["peer"], hooks["peer"] = [], []
             for round_index in range(args.rounds):
                 for kind in steps:
                     clock = Clock()
@@ -265,12 +336,14 @@ def main() -> int:
                     f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
                     f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
                 )
-            if latency:
-                next_boundary = sum(1 for d in latency if d <= 1) / len(latency)
-                print(
-                    f"  commands: {len(latency)} set_hparams; applied at the next boundary {next_boundary * 100:.1f} %,"
-                    f" steps from acceptance to effect max {max(latency)}"
-                )
+            for moment, label in (("created_at", "accepted by the server"), ("delivered_at", "delivered to it")):
+                boundaries = latency[moment]
+                if boundaries:
+                    share = sum(1 for d in boundaries if d <= 1) / len(boundaries)
+                    print(
+                        f"  {len(boundaries)} set_hparams {label} during a step: applied at the boundary right "
+                        f"after it {share * 100:.1f} %, at most {max(boundaries)} boundaries later"
+                    )
     return 0
 
 

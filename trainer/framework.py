@@ -3,7 +3,7 @@
 
 A framework keeps its own step counter (HF's `global_step`, Lightning's `trainer.global_step`) and calls
 `end_step` after each optimizer and scheduler step; the returned `Boundary` says what the framework must change:
-stop, move its step counter after a rollback, its clipping threshold, or run its evaluation.
+stop, move its step counter after a rollback, or take a new clipping threshold.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from trainer.io import Transport
 from trainer.live import Evaluator, Sampler
 from trainer.steer import Steer, SteerConfig, StopTraining
 
+METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:-")
+"""The characters a metric name may hold (protocols' `MetricName`); a framework's log entry with others is left out."""
+
 
 @dataclass(frozen=True)
 class Boundary:
@@ -33,7 +36,7 @@ class Boundary:
 
 
 class FrameworkSteer:
-    """One steered run inside a framework's callback: per-step loss and lr, and the boundary between steps."""
+    """One steered run inside a framework's callback: per-step loss, lr and health, and the boundary between steps."""
 
     def __init__(
         self,

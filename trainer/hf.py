@@ -35,10 +35,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from trainer.appliers import CommandRejected
-from trainer.framework import Boundary, SteeredCallback
+from trainer.framework import METRIC_NAME_CHARS, Boundary, SteeredCallback
 from trainer.steer import SteerConfig
-
-METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:-")
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -14,7 +14,8 @@ appliers, with Lightning's parts in it:
 - `evaluate` runs the fit's own validation loop now and records what `validation_step` logs, under its names;
 - the data mix is a `DomainMixture` the user serves from `train_dataloader` and passes as `sampler=`.
 
-Every step records `loss` and `lr` and the health metrics of trainer/health.py, read back in one transfer. What
+Every step records `loss` and `lr` and the health metrics of trainer/health.py, read back in one transfer; every
+`log_every_n_steps` steps, what the module logged with `self.log` is recorded beside them as `pl/<name>`. What
 `training_step` returns feeds them: the loss tensor, or a dict with `loss` and, for the output-logit max and log Z,
 `logits` (a dict's other keys are Lightning's as usual).
 """
@@ -31,7 +32,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from trainer.appliers import CommandRejected
-from trainer.framework import Boundary, SteeredCallback
+from trainer.framework import METRIC_NAME_CHARS, Boundary, SteeredCallback
 from trainer.steer import SteerConfig
 
 
@@ -50,6 +51,7 @@ class SteerCallback(SteeredCallback, Callback):
     """Takes runsteer commands at every step boundary of a Lightning `Trainer` and reports its metrics."""
 
     _trainer: Trainer | None = None
+    _seen: dict[str, Any]
     _stepped = -1
     """`global_step` at the last boundary; a batch that ends with it unchanged only accumulated gradients."""
 
@@ -63,6 +65,7 @@ class SteerCallback(SteeredCallback, Callback):
         config.grad_clip = float(trainer.gradient_clip_val or 0.0)
         schedulers = trainer.lr_scheduler_configs
         self._trainer = trainer
+        self._seen = {}
         self.run.start(
             pl_module,
             trainer.optimizers[0],
@@ -96,6 +99,9 @@ class SteerCallback(SteeredCallback, Callback):
         if trainer.global_step == self._stepped:
             return
         self.run.after_optimizer_step()
+        every = int(getattr(trainer, "log_every_n_steps", 0))  # set by Lightning's logger connector, not declared
+        if every and trainer.global_step % every == 0:
+            self.run.record(trainer.global_step - 1, self._fresh_logs(trainer))
         boundary = self.run.end_step(trainer.global_step)
         if boundary is not None:
             self._follow(boundary, trainer)
@@ -107,6 +113,18 @@ class SteerCallback(SteeredCallback, Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """Mark the run failed, naming the exception, and stop the I/O threads."""
         self.run.close("failed", f"{type(exception).__name__}: {exception}")
+
+    def _fresh_logs(self, trainer: Trainer) -> dict[str, float]:
+        """What the module logged (`self.log`, in training or in a validation) since the last read, as `pl/<name>`;
+        a value Lightning still holds from earlier is the same tensor as before and is not recorded again."""
+        fresh: dict[str, float] = {}
+        for name, value in trainer.logged_metrics.items():
+            if self._seen.get(name) is value or not set(name) <= METRIC_NAME_CHARS:
+                continue
+            self._seen[name] = value
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and math.isfinite(float(value)):
+                fresh[f"pl/{name}"] = float(value)
+        return fresh
 
     def _follow(self, boundary: Boundary, trainer: Trainer) -> None:
         self._stepped = boundary.step

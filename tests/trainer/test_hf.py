@@ -57,7 +57,16 @@ class Probe(TrainerCallback):
 class Setup:
     """A tiny GPT-2 `Trainer` steered by `SteerCallback`, with a script acting at known boundaries."""
 
-    def __init__(self, tmp_path: Path, server_url: str, client: Client, max_steps: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        server_url: str,
+        client: Client,
+        max_steps: int,
+        *,
+        evaluates: bool = True,
+        health: bool = True,
+    ) -> None:
         torch.manual_seed(0)
         self.model = GPT2LMHeadModel(
             GPT2Config(
@@ -66,7 +75,7 @@ class Setup:
         )
         self.data: DomainMixture[dict[str, torch.Tensor]] = mixture(batch_size=4)
         config = SteerConfig(run_name="hf", checkpoint_dir=tmp_path / "ck", snapshot_every=2, io=FAST_IO)
-        self.callback = SteerCallback(server=server_url, sampler=self.data, config=config)
+        self.callback = SteerCallback(server=server_url, sampler=self.data, config=config, health=health)
         self.script = Script(client, lambda: self.callback.steer)
         self.client = client
         args = TrainingArguments(
@@ -78,7 +87,7 @@ class Setup:
             warmup_steps=2,
             lr_scheduler_type="linear",
             logging_steps=1,
-            eval_strategy="steps",
+            eval_strategy="steps" if evaluates else "no",
             eval_steps=10**6,
             save_strategy="no",
             report_to="none",
@@ -91,7 +100,7 @@ class Setup:
             model=self.model,
             args=args,
             train_dataset=self.data,
-            eval_dataset=byte_domains()["prose"][:16],
+            eval_dataset=byte_domains()["prose"][:16] if evaluates else None,
             callbacks=[self.callback, Probe(self.script)],
         )
 
@@ -271,3 +280,20 @@ def test_rollback_evaluate_pause_and_stop_act_on_the_trainer(setup) -> None:  # 
     evaluate = run.script.result("eval")
     metrics = run.metrics("main.r3")
     assert evaluate.status == "applied" and evaluate.applied_step in metrics["eval_loss"]
+
+
+def test_without_evaluation_evaluate_is_rejected_and_health_false_records_loss_and_lr_only(
+    tmp_path: Path, server_url: str, client: Client
+) -> None:
+    """A Trainer with eval_strategy 'no' refuses evaluate, naming the setting; health=False leaves out the health."""
+    run = Setup(tmp_path, server_url, client, 6, evaluates=False, health=False)
+    run.script.at(2, lambda: run.script.send("eval", {"type": "evaluate"}))
+    try:
+        output = run.trainer.train()
+        metrics = run.metrics()
+    finally:
+        run.close()
+    record = run.script.result("eval")
+    assert output.global_step == 6 and record.status == "rejected" and "eval_strategy" in record.message
+    assert sorted(metrics["loss"]) == sorted(metrics["lr"]) == list(range(6))
+    assert "grad_norm" not in metrics and "logit_max" not in metrics and "hf/grad_norm" in metrics

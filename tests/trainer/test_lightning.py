@@ -28,6 +28,7 @@ from tests.trainer.frameworks import (
 )
 from trainer.lightning import SteerCallback
 from trainer.mixture import DomainMixture
+from trainer.schedule import Schedule
 from trainer.steer import SteerConfig
 
 pytestmark = [
@@ -58,6 +59,7 @@ class ByteLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         loss, logits = self._loss(batch)
+        self.log("train_loss", loss)
         return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -82,7 +84,7 @@ class Probe(L.Callback):
 class Setup:
     """A `lightning.Trainer` on `ByteLM`, steered by `SteerCallback`, with a script acting at known boundaries."""
 
-    def __init__(self, tmp_path: Path, server_url: str, client: Client, max_steps: int) -> None:
+    def __init__(self, tmp_path: Path, server_url: str, client: Client, max_steps: int, accumulate: int = 1) -> None:
         torch.manual_seed(0)
         self.module = ByteLM()
         self.data: DomainMixture[dict[str, torch.Tensor]] = mixture(batch_size=4)
@@ -103,6 +105,8 @@ class Setup:
             val_check_interval=10**6,
             check_val_every_n_epoch=None,
             gradient_clip_val=1.0,
+            accumulate_grad_batches=accumulate,
+            log_every_n_steps=2,
             default_root_dir=tmp_path,
             callbacks=[self.callback, Probe(self.script)],
         )
@@ -134,7 +138,8 @@ def setup(tmp_path: Path, server_url: str, client: Client):  # type: ignore[no-u
 
 def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer(setup) -> None:  # type: ignore[no-untyped-def]
     """lr survives the LambdaLR, clipping lands in gradient_clip_val, SGD replaces AdamW in trainer.optimizers,
-    the mix reweights the stream, evaluate runs validation and reports val_loss; bad commands change nothing."""
+    the mix reweights the stream, the LambdaLR follows a new schedule, evaluate runs validation and reports
+    val_loss; bad commands change nothing."""
     run = setup(12)
     seen: dict[str, Any] = {}
     run.script.at(5, lambda: run.script.send("hp", {"type": "set_hparams", "lr": 2e-3, "grad_clip": 0.5}))
@@ -156,10 +161,19 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     def after_mix() -> None:
         seen["moved"] = any(not torch.equal(a, b) for a, b in zip(seen["params"], run.module.parameters(), strict=True))
         seen["drawn"] = {run.data.draw(run.data.index + i)[0] for i in range(40)}
+        run.script.send("schedule", {"type": "set_schedule", "kind": "linear", "peak_lr": 1e-2, "horizon_steps": 10})
+
+    def after_schedule() -> None:
+        seen["lr10"], seen["last10"] = run.lr(), run.scheduler.get_last_lr()[0]
+
+    def one_scheduler_step_later() -> None:
+        seen["lr11"], seen["last11"] = run.lr(), run.scheduler.get_last_lr()[0]
 
     run.script.at(6, after_hparams)
     run.script.at(7, after_swap)
     run.script.at(9, after_mix)
+    run.script.at(10, after_schedule)
+    run.script.at(11, one_scheduler_step_later)
     run.fit()
 
     assert run.trainer.global_step == 12, "training went on past the refused commands"
@@ -167,6 +181,10 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     assert seen["clip"] == 0.5
     assert seen["type"] is torch.optim.SGD and seen["same"] and seen["moved"]
     assert seen["drawn"] == {"sums"}
+    schedule = Schedule("linear", (1e-2,), start_step=10, horizon_steps=10)
+    assert seen["lr10"] == pytest.approx(1e-2) and seen["last10"] == pytest.approx(1e-2)
+    assert seen["lr11"] == pytest.approx(schedule.lrs(11)[0]) and seen["last11"] == pytest.approx(seen["lr11"])
+    assert run.script.result("schedule").status == "applied"
     for name, words in {"bad_betas": "betas", "bad_eval": "max_batches"}.items():
         record = run.script.result(name)
         assert record.status == "rejected" and words in record.message, (name, record.message)
@@ -186,6 +204,10 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
     ):
         assert sorted(metrics[name])[:12] == list(range(12)), name
     assert metrics["lr"][6] == pytest.approx(2e-3) and metrics["val_loss"][evaluate.applied_step] > 0
+    assert sorted(metrics["pl/train_loss"]) == [1, 3, 5, 7, 9, 11], "what self.log gave, every log_every_n_steps"
+    assert metrics["pl/train_loss"][5] == pytest.approx(metrics["loss"][5], rel=1e-5)
+    (validation,) = metrics["pl/val_loss"].values()  # logged once by the validation, and not repeated after
+    assert validation == pytest.approx(evaluate.effective["val_loss"])
 
 
 def test_rollback_pause_and_stop_act_on_the_lightning_trainer(setup) -> None:  # type: ignore[no-untyped-def]
@@ -227,3 +249,17 @@ def test_rollback_pause_and_stop_act_on_the_lightning_trainer(setup) -> None:  #
     stop = run.script.result("stop")
     assert stop.status == "applied" and stop.effective is not None and Path(str(stop.effective["path"])).is_file()
     assert run.trainer.should_stop and run.trainer.global_step == stop.applied_step < 40
+
+
+def test_gradient_accumulation_makes_one_boundary_and_one_point_per_optimizer_step(
+    tmp_path: Path, server_url: str, client: Client
+) -> None:
+    """With accumulate_grad_batches=2, 12 batches make 6 optimizer steps: 6 recorded steps, each with its health."""
+    run = Setup(tmp_path, server_url, client, max_steps=6, accumulate=2)
+    try:
+        run.fit()
+        metrics = metrics_of(client, run.callback.steer)
+    finally:
+        run.close()
+    assert run.trainer.global_step == 6 and run.script.calls == 12
+    assert sorted(metrics["loss"]) == sorted(metrics["grad_norm"]) == sorted(metrics["update_ratio"]) == list(range(6))
