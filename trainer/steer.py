@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult
+from protocols.errors import RunsteerError
 from protocols.records import CheckpointInfo, LogReport, RunRegistration, StatusReport
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
@@ -240,6 +241,12 @@ class Steer:
     def run_id(self) -> str | None:
         """The server's id for this run, once registered."""
         return self.io.run_info.run_id if self.io.run_info else None
+
+    @property
+    def registration_error(self) -> RunsteerError | None:
+        """The server's refusal of this run (a wrong token, another protocol version) when it refused it after
+        start-up: training goes on, nothing reaches the server, and metrics spill within their memory bound."""
+        return self.io.registration_error if isinstance(self.io, IOWorker) else None
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
