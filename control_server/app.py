@@ -34,7 +34,7 @@ from control_server.policy import TokenBudget
 from control_server.prometheus import Exposition
 from control_server.routes import routes
 from control_server.runs import RunRegistry
-from control_server.store import Store
+from control_server.store import SqliteStore
 from protocols.constants import CLOSE_SERVER_SHUTDOWN
 from protocols.policy import Policy
 
@@ -92,7 +92,7 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = Store(config.db)
+    store = SqliteStore(config.db)
     store.open()
     broadcaster = Broadcaster(config.subscriber_queue)
     events = EventLog(store, broadcaster)

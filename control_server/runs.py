@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 import uuid
 
 from control_server.errors import ConflictError, NotFoundError, PolicyViolation
 from control_server.events import EventLog
-from control_server.store import Store
+from control_server.store import Db, Store
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.errors import ErrorDetail
 from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent
@@ -233,14 +232,15 @@ class RunRegistry:
             )
         )
 
-        def index(db: sqlite3.Connection) -> None:
+        def index(db: Db) -> None:
             if report.deleted:
                 db.execute(
                     "DELETE FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?", (run_id, checkpoint.checkpoint_id)
                 )
             else:
                 db.execute(
-                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, checkpoint_id) "
+                    "DO UPDATE SET branch = excluded.branch, step = excluded.step, body = excluded.body",
                     (
                         run_id,
                         checkpoint.checkpoint_id,
@@ -257,7 +257,7 @@ class RunRegistry:
         self.get(run_id)
         where, args = ("AND branch = ?", (run_id, branch)) if branch else ("", (run_id,))
 
-        def op(db: sqlite3.Connection) -> list[str]:
+        def op(db: Db) -> list[str]:
             rows = db.execute(
                 f"SELECT body FROM checkpoints WHERE run_id = ? {where} ORDER BY step, checkpoint_id", args
             )
@@ -280,7 +280,7 @@ class RunRegistry:
             lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run)
         )
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Db) -> None:
             db.execute(
                 "INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (run_id) DO UPDATE SET body = excluded.body",

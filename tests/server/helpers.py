@@ -15,7 +15,7 @@ from protocols.client import Client
 
 T = TypeVar("T")
 
-STORE_TABLES = ("commands", "metric_points", "runs", "events", "checkpoints")
+STORE_TABLES = ("commands", "metric_steps", "runs", "events", "checkpoints")
 """The store tables whose row counts tell whether a request stored anything."""
 
 
