@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--port", type=int, default=defaults.port, help="TCP port, 0 for any free one (default %(default)s)"
     )
-    parser.add_argument("--db", type=Path, default=defaults.db, help="SQLite file (default %(default)s)")
+    parser.add_argument(
+        "--db", default=str(defaults.db), help="SQLite file, or a postgresql:// URL (default %(default)s)"
+    )
     parser.add_argument("--tokens-file", type=Path, default=None, help="JSON list of {name, token, scopes}")
     parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once listening")
     parser.add_argument(

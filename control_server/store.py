@@ -71,26 +71,26 @@ class Store(Protocol):
 SCHEMA_VERSION = 2
 """Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
 
-SCHEMA = """
+SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
+    created_at {real} NOT NULL,
     body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS commands (
     run_id TEXT NOT NULL,
     id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
+    seq {int} NOT NULL,
     status TEXT NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (run_id, id)
-) WITHOUT ROWID;
+){clustered};
 CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (run_id, seq);
 CREATE TABLE IF NOT EXISTS events (
-    event_id INTEGER PRIMARY KEY,
+    event_id {int} PRIMARY KEY,
     run_id TEXT NOT NULL,
     kind TEXT NOT NULL,
-    time REAL NOT NULL,
+    time {real} NOT NULL,
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, event_id);
@@ -98,49 +98,59 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL,
     checkpoint_id TEXT NOT NULL,
     branch TEXT NOT NULL,
-    step INTEGER NOT NULL,
+    step {int} NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (run_id, checkpoint_id)
-) WITHOUT ROWID;
+){clustered};
 CREATE TABLE IF NOT EXISTS metric_series (
-    series_id INTEGER PRIMARY KEY,
+    series_id {serial},
     run_id TEXT NOT NULL,
     branch TEXT NOT NULL,
     UNIQUE (run_id, branch)
 );
 CREATE TABLE IF NOT EXISTS metric_keysets (
-    keyset_id INTEGER PRIMARY KEY,
+    keyset_id {serial},
     keys TEXT NOT NULL UNIQUE
 );
 CREATE TABLE IF NOT EXISTS metric_series_keys (
-    series_id INTEGER NOT NULL,
+    series_id {int} NOT NULL,
     key TEXT NOT NULL,
     PRIMARY KEY (series_id, key)
-) WITHOUT ROWID;
+){clustered};
 CREATE TABLE IF NOT EXISTS metric_steps (
-    series_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    time REAL NOT NULL,
-    keyset_id INTEGER NOT NULL,
-    packed BLOB NOT NULL,
+    series_id {int} NOT NULL,
+    step {int} NOT NULL,
+    time {real} NOT NULL,
+    keyset_id {int} NOT NULL,
+    packed {blob} NOT NULL,
     PRIMARY KEY (series_id, step)
-) WITHOUT ROWID;
+){clustered};
 CREATE TABLE IF NOT EXISTS metric_rollups (
-    series_id INTEGER NOT NULL,
+    series_id {int} NOT NULL,
     shift INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    keyset_id INTEGER NOT NULL,
-    packed BLOB NOT NULL,
+    bucket {int} NOT NULL,
+    keyset_id {int} NOT NULL,
+    packed {blob} NOT NULL,
     PRIMARY KEY (series_id, shift, bucket)
-) WITHOUT ROWID;
+){clustered};
 CREATE TABLE IF NOT EXISTS metric_batches (
     run_id TEXT NOT NULL,
     batch_id TEXT NOT NULL,
     PRIMARY KEY (run_id, batch_id)
-) WITHOUT ROWID;
+){clustered};
 """
-"""Metrics are a row per (run, branch, step) holding every value of that step packed (see `series`), so a
+"""The tables of both stores, with each dialect's types filled in (`SQLITE_TYPES`, `postgres.POSTGRES_TYPES`).
+Metrics are a row per (run, branch, step) holding every value of that step packed (see `series`), so a
 step of 40 values is one row and one index entry instead of forty."""
+
+SQLITE_TYPES = {
+    "real": "REAL",
+    "int": "INTEGER",
+    "blob": "BLOB",
+    "serial": "INTEGER PRIMARY KEY",
+    "clustered": " WITHOUT ROWID",
+}
+SCHEMA = SCHEMA_TEMPLATE.format(**SQLITE_TYPES)
 
 
 @dataclass
@@ -382,6 +392,20 @@ class SqliteStore(GroupWriter):
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             connection.close()
+
+
+def is_postgres_url(db: object) -> bool:
+    """True for a `postgresql://` (or `postgres://`) URL."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def make_store(db: Path | str) -> Store:
+    """The store `--db` names: a PostgreSQL URL, or else a SQLite file."""
+    if is_postgres_url(db):
+        from control_server.postgres import PostgresStore  # psycopg is loaded only by those who use it
+
+        return PostgresStore(str(db))
+    return SqliteStore(Path(db))
 
 
 def _size(path: Path) -> int:

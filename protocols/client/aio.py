@@ -14,6 +14,7 @@ from protocols.client.core import (
     HttpRequest,
     Model,
     Requests,
+    ServerList,
     auth_headers,
     decode,
     envelope_of,
@@ -41,7 +42,8 @@ class AsyncClient:
     """Talks to a runsteer server from asyncio code; one aiohttp session per client."""
 
     def __init__(self, server: str = "http://127.0.0.1:8765", *, token: str | None = None) -> None:
-        self.server = server.rstrip("/")
+        self.servers = ServerList(server)
+        """Several URLs separated by commas: requests go to the first that accepts a connection."""
         self.token = token
         self._session: aiohttp.ClientSession | None = None
 
@@ -65,20 +67,32 @@ class AsyncClient:
             )
         return self._session
 
+    @property
+    def server(self) -> str:
+        """The base URL in use."""
+        return self.servers.current
+
     async def send(self, request: HttpRequest[Model]) -> Model:
-        """Send one request and decode its answer."""
-        try:
-            async with self._http().request(
-                request.method,
-                self.server + request.target,
-                data=request.body,
-                timeout=aiohttp.ClientTimeout(total=request.timeout_s),
-            ) as response:
-                body = await response.read()
-                status = response.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
-        return decode(request, status, body)
+        """Send one request and decode its answer, failing over past servers that refuse the connection."""
+        for attempt in range(len(self.servers.urls)):
+            try:
+                async with self._http().request(
+                    request.method,
+                    self.server + request.target,
+                    data=request.body,
+                    timeout=aiohttp.ClientTimeout(total=request.timeout_s),
+                ) as response:
+                    body = await response.read()
+                    status = response.status
+            except aiohttp.ClientConnectorError as exc:  # not connected: nothing was sent, another may take it
+                if attempt == len(self.servers.urls) - 1:
+                    raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
+                self.servers.fail_over()
+                continue
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
+            return decode(request, status, body)
+        raise AssertionError("unreachable")
 
     async def register_run(self, registration: RunRegistration) -> RunInfo:
         """Register a run (or re-attach to `registration.run_id`)."""
