@@ -50,13 +50,13 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout_s: float = 30.0) -> Server:
+    def start(self, timeout_s: float = 30.0, port: int = 0) -> Server:
         command = [
             sys.executable,
             "-m",
             "control_server",
             "--port",
-            "0",
+            str(port),
             "--db",
             self.db_arg,
             "--port-file",

@@ -7,6 +7,10 @@ time, so a command usually crosses servers. Every 10-second window prints: comma
 (submit until the trainer's result is committed) p50/p99, metrics POST p50/p99, refused or failed
 requests, server CPU (mean and busiest second, in % of one core), RSS and the store's size on disk.
 
+With two servers on PostgreSQL, one serves and the other stands by; halfway through, the serving one
+is SIGKILLed and the simulated runs fail over to the other (as the reference client does when a
+connection is refused), so the windows around the kill show what a failover costs.
+
     python -m benchmarks.fleet --runs 300 --duration 300 --store sqlite
     python -m benchmarks.fleet --runs 300 --duration 300 --store postgres --servers 2
 
@@ -20,9 +24,11 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import random
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +38,7 @@ import aiohttp
 
 from benchmarks._common import UNLIMITED, Server, load_average, percentiles_ms
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
-from tests.postgres import LocalPostgres
+from tests.postgres import LocalPostgres, free_port
 
 STEP_INTERVAL_S = 0.5
 VALUES = 40
@@ -60,10 +66,17 @@ class Fleet:
     submitted: dict[str, float] = field(default_factory=dict)
     stopping: bool = False
     run_ids: list[str] = field(default_factory=list)
-    lost_commands: int = 0
+    active: int = 0
 
     def url_for(self, index: int) -> str:
-        return self.urls[index % len(self.urls)]
+        """The server every run talks to: the serving one."""
+        del index
+        return self.urls[self.active]
+
+    def refused(self, url: str) -> None:
+        """A connection to `url` was refused: move on to the next server, as the reference client does."""
+        if self.urls[self.active] == url:
+            self.active = (self.active + 1) % len(self.urls)
 
 
 async def register(session: aiohttp.ClientSession, url: str, name: str) -> str:
@@ -75,7 +88,6 @@ async def register(session: aiohttp.ClientSession, url: str, name: str) -> str:
 
 async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, run_id: str) -> None:
     """Post one step of VALUES values every STEP_INTERVAL_S, on a fixed schedule (late posts are counted)."""
-    url = f"{fleet.url_for(index)}{API_PREFIX}/runs/{run_id}/metrics"
     keys = [f"metric_{k:02d}" for k in range(VALUES)]
     start = time.monotonic() + random.uniform(0, STEP_INTERVAL_S)
     for step in itertools.count():
@@ -90,10 +102,14 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
         values = {key: step * 1e-3 + k for k, key in enumerate(keys)}
         body = {"samples": [{"step": step, "time": time.time(), "values": values}], "batch_id": f"{run_id}-{step}"}
         started = time.perf_counter()
+        server = fleet.url_for(index)
         try:
-            async with session.post(url, json=body) as response:
+            async with session.post(f"{server}{API_PREFIX}/runs/{run_id}/metrics", json=body) as response:
                 await response.read()
                 ok = response.status == 200
+        except aiohttp.ClientConnectorError:
+            fleet.refused(server)
+            ok = False
         except aiohttp.ClientError:
             ok = False
         if ok:
@@ -104,30 +120,34 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
 
 async def follow_commands(fleet: Fleet, session: aiohttp.ClientSession, index: int, run_id: str) -> None:
     """Long-poll for commands and answer each as applied; the round trip ends when the result is committed."""
-    base = f"{fleet.url_for(index)}{API_PREFIX}/runs/{run_id}/commands"
     after = 0
     while not fleet.stopping:
+        server = fleet.url_for(index)
+        base = f"{server}{API_PREFIX}/runs/{run_id}/commands"
         try:
             async with session.get(f"{base}/next", params={"after": after, "wait": LONG_POLL_S}) as response:
                 records = (await response.json())["commands"] if response.status == 200 else []
                 if response.status != 200:
                     fleet.window.failed += 1
-        except (aiohttp.ClientError, TimeoutError):
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                fleet.refused(server)
             fleet.window.failed += 1
             await asyncio.sleep(0.5)
             continue
         for record in records:
             after = max(after, record["seq"])
             result = {"status": "applied", "step": 0, "effective": {}}
-            async with session.post(f"{base}/{record['id']}/result", json=result) as response:
-                await response.read()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.post(f"{base}/{record['id']}/result", json=result) as response:
+                    await response.read()
             sent = fleet.submitted.pop(record["id"], None)
             if sent is not None:
                 fleet.window.round_trips.append(time.perf_counter() - sent)
 
 
 async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
-    """Send set_hparams to random runs at COMMANDS_PER_S, through the server its run does not use when there are two."""
+    """Send set_hparams to random runs at COMMANDS_PER_S."""
     start = time.monotonic()
     for count in itertools.count():
         delay = start + count / COMMANDS_PER_S - time.monotonic()
@@ -145,7 +165,7 @@ async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
             "reason": "fleet benchmark",
         }
         fleet.submitted[command_id] = time.perf_counter()
-        url = fleet.url_for(index + 1)
+        url = fleet.url_for(index)
         try:
             async with session.post(f"{url}{API_PREFIX}/runs/{run_id}/commands", json=body) as response:
                 await response.read()
@@ -153,6 +173,9 @@ async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
                     fleet.window.refused += 1
                 elif response.status >= 300:
                     fleet.window.failed += 1
+        except aiohttp.ClientConnectorError:
+            fleet.refused(url)
+            fleet.window.failed += 1
         except aiohttp.ClientError:
             fleet.window.failed += 1
 
@@ -162,15 +185,25 @@ def servers(store: str, count: int, workdir: Path) -> Iterator[tuple[list[Server
     """Start `count` servers on a fresh store (and a throwaway PostgreSQL cluster for `postgres`)."""
     postgres = LocalPostgres().start() if store == "postgres" else None
     started: list[Server] = []
+    standbys: list[threading.Thread] = []
     try:
         for index in range(count):
             server = Server(workdir / f"server-{index}", db=postgres.url if postgres else None)
             server.dir.mkdir(parents=True, exist_ok=True)
-            started.append(server.start())
+            server.port = free_port()
+            started.append(server)
+            if index == 0:
+                server.start(port=server.port)
+            else:  # stands by (not listening) until the first one's session ends
+                standbys.append(threading.Thread(target=server.start, kwargs={"port": server.port, "timeout_s": 3600}))
+                standbys[-1].start()
+                time.sleep(1.0)
         yield started, postgres
     finally:
         for server in started:
             server.stop()
+        for thread in standbys:
+            thread.join(60)
         if postgres is not None:
             postgres.stop()
 
@@ -186,13 +219,40 @@ def disk_mib(running: list[Server], postgres: LocalPostgres | None) -> str:
     return f"db {size / 2**20:7.1f} MiB  wal {wal_size / 2**20:6.1f} MiB"
 
 
-async def sample_cpu(running: list[Server], per_second: list[float]) -> None:
-    """Append the servers' CPU use over each second, in % of one core."""
-    last = sum(server.cpu_s() for server in running)
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of one process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_s(postgres: LocalPostgres | None) -> float:
+    """CPU seconds of the PostgreSQL postmaster and every backend it forked."""
+    if postgres is None or postgres.process is None:
+        return 0.0
+    root = postgres.process.pid
+    total = process_cpu_s(root)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == root:
+                total += process_cpu_s(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+async def sample_cpu(
+    running: list[Server], postgres: LocalPostgres | None, per_second: list[tuple[float, float]]
+) -> None:
+    """Append the servers' and PostgreSQL's CPU use over each second, in % of one core."""
+    last = sum(process_cpu_s(server.pid) for server in running), postgres_cpu_s(postgres)
     while True:
         await asyncio.sleep(1.0)
-        now = sum(server.cpu_s() for server in running)
-        per_second.append((now - last) * 100)
+        now = sum(process_cpu_s(server.pid) for server in running), postgres_cpu_s(postgres)
+        # A backend that exits takes its CPU time with it; count no second below zero.
+        per_second.append((max(0.0, now[0] - last[0]) * 100, max(0.0, now[1] - last[1]) * 100))
         last = now
 
 
@@ -207,6 +267,14 @@ async def background(*coroutines: object) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def kill_serving_at(running: list[Server], after_s: float) -> None:
+    """SIGKILL the serving server after `after_s` (two servers: the other takes over)."""
+    await asyncio.sleep(after_s)
+    assert running[0].process is not None
+    running[0].process.kill()
+    print(f"-- SIGKILLed the serving server at {after_s:.0f} s; the standby takes over", flush=True)
+
+
 async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int, duration_s: float) -> list[dict]:
     fleet = Fleet([server.url for server in running], runs)
     connector = aiohttp.TCPConnector(limit=0)
@@ -216,15 +284,18 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
         fleet.run_ids = list(
             await asyncio.gather(*(register(session, fleet.url_for(i), f"fleet-{i}") for i in range(runs)))
         )
-        cpu: list[float] = []
+        cpu: list[tuple[float, float]] = []
         workers = [post_steps(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
         workers += [follow_commands(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
-        async with background(*workers, command_sender(fleet, session), sample_cpu(running, cpu)):
+        if len(running) > 1:
+            workers.append(kill_serving_at(running, duration_s / 2))
+        async with background(*workers, command_sender(fleet, session), sample_cpu(running, postgres, cpu)):
             started = time.monotonic()
             while time.monotonic() - started < duration_s:
                 await asyncio.sleep(WINDOW_S)
                 window, fleet.window = fleet.window, Window()
-                seconds = cpu[-int(WINDOW_S) :] or [0.0]
+                seconds = [server for server, _ in cpu[-int(WINDOW_S) :]] or [0.0]
+                database = [pg for _, pg in cpu[-int(WINDOW_S) :]] or [0.0]
                 rt, post = percentiles_ms(window.round_trips), percentiles_ms(window.posts)
                 row = {
                     "t_s": round(time.monotonic() - started),
@@ -235,7 +306,8 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     "late": window.late,
                     "cpu_pct_mean": statistics.fmean(seconds),
                     "cpu_pct_max": max(seconds),
-                    "rss_mib": [round(server.rss_mib()) for server in running],
+                    "postgres_cpu_pct_mean": statistics.fmean(database),
+                    "rss_mib": [round(rss) if (rss := server.rss_mib()) == rss else 0 for server in running],
                     "disk": disk_mib(running, postgres),
                 }
                 rows.append(row)
@@ -243,7 +315,9 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     f"{row['t_s']:>4} s  rt p50 {rt.get('p50', 0):6.1f} p99 {rt.get('p99', 0):7.1f} ms (n={rt['n']})  "
                     f"POST p50 {post.get('p50', 0):6.1f} p99 {post.get('p99', 0):7.1f} ms (n={post['n']})  "
                     f"refused {window.refused} failed {window.failed} late {window.late}  "
-                    f"cpu {row['cpu_pct_mean']:5.1f}% (max {row['cpu_pct_max']:5.1f}%)  rss {row['rss_mib']} MiB  "
+                    f"cpu {row['cpu_pct_mean']:5.1f}% (max {row['cpu_pct_max']:5.1f}%)"
+                    + (f" + postgres {row['postgres_cpu_pct_mean']:5.1f}%" if postgres else "")
+                    + f"  rss {row['rss_mib']} MiB  "
                     f"{row['disk']}  load {load_average()}",
                     flush=True,
                 )
