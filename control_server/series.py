@@ -27,8 +27,9 @@ ROLLUP_SHIFTS = (4, 7, 10, 13)
 """Rollup bucket widths as bit shifts (16, 128, 1024, 8192 steps). Any power-of-two read width of 16 or
 more takes at most 8 rows per point it returns, up to 65536 steps per point."""
 
-_AGG = struct.Struct("<Iqddd")
-"""One key's aggregate in a rollup: count, last step, sum, min, max."""
+_AGG = struct.Struct("<HHddd")
+"""One key's aggregate in a rollup: count, last step (as an offset into the bucket), sum, min, max. 28 bytes, so
+a bucket of 40 keys stays within a page (SQLite spills larger rows to overflow pages, mostly empty)."""
 
 RAW_CHUNK = 4096
 """Rows read per query when scanning raw steps."""
@@ -114,12 +115,20 @@ def unpack_values(packed: bytes, keys: tuple[str, ...]) -> dict[str, float]:
     return dict(zip(keys, struct.unpack(f"<{len(keys)}d", packed), strict=True))
 
 
-def pack_bucket(bucket: Bucket, keys: tuple[str, ...]) -> bytes:
-    return b"".join(_AGG.pack(a.n, a.last, a.total, a.lo, a.hi) for a in (bucket[key] for key in keys))
+def pack_bucket(bucket: Bucket, keys: tuple[str, ...], first_step: int) -> bytes:
+    """A bucket's aggregates in keyset order; `first_step` is the bucket's first step (counts and offsets fit 16 bits:
+    no bucket is wider than 8192 steps)."""
+    return b"".join(
+        _AGG.pack(agg.n, agg.last - first_step, agg.total, agg.lo, agg.hi) for agg in (bucket[key] for key in keys)
+    )
 
 
-def unpack_bucket(packed: bytes, keys: tuple[str, ...]) -> Bucket:
-    return {key: Agg(*_AGG.unpack_from(packed, index * _AGG.size)) for index, key in enumerate(keys)}
+def unpack_bucket(packed: bytes, keys: tuple[str, ...], first_step: int) -> Bucket:
+    found: Bucket = {}
+    for index, key in enumerate(keys):
+        n, offset, total, lo, hi = _AGG.unpack_from(packed, index * _AGG.size)
+        found[key] = Agg(n, first_step + offset, total, lo, hi)
+    return found
 
 
 def insert_steps(
@@ -182,7 +191,8 @@ def _roll_up(
             merged = _children(db, cache, series_id, below, bucket << shift, (bucket + 1) << shift)
             if merged:
                 keys = tuple(sorted(merged))
-                rows.append((series_id, shift, bucket, cache.keyset_id(db, keys), pack_bucket(merged, keys)))
+                packed = pack_bucket(merged, keys, bucket << shift)
+                rows.append((series_id, shift, bucket, cache.keyset_id(db, keys), packed))
         if rows:
             db.executemany(
                 "INSERT INTO metric_rollups VALUES (?, ?, ?, ?, ?) ON CONFLICT (series_id, shift, bucket) "
@@ -221,7 +231,7 @@ def _read_level(db: Db, cache: SeriesCache, series_id: int, shift: int, first: i
         "WHERE series_id = ? AND shift = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
         (series_id, shift, first, end),
     ):
-        found[bucket] = unpack_bucket(packed, cache.keys_of(db, keyset_id))
+        found[bucket] = unpack_bucket(packed, cache.keys_of(db, keyset_id), bucket << shift)
     return found
 
 

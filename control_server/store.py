@@ -124,7 +124,7 @@ CREATE TABLE IF NOT EXISTS metric_steps (
     keyset_id {int} NOT NULL,
     packed {blob} NOT NULL,
     PRIMARY KEY (series_id, step)
-){clustered};
+);
 CREATE TABLE IF NOT EXISTS metric_rollups (
     series_id {int} NOT NULL,
     shift INTEGER NOT NULL,
@@ -132,7 +132,7 @@ CREATE TABLE IF NOT EXISTS metric_rollups (
     keyset_id {int} NOT NULL,
     packed {blob} NOT NULL,
     PRIMARY KEY (series_id, shift, bucket)
-){clustered};
+);
 CREATE TABLE IF NOT EXISTS metric_batches (
     run_id TEXT NOT NULL,
     batch_id TEXT NOT NULL,
@@ -141,7 +141,9 @@ CREATE TABLE IF NOT EXISTS metric_batches (
 """
 """The tables of both stores, with each dialect's types filled in (`SQLITE_TYPES`, `postgres.POSTGRES_TYPES`).
 Metrics are a row per (run, branch, step) holding every value of that step packed (see `series`), so a
-step of 40 values is one row and one index entry instead of forty."""
+step of 40 values is one row and one index entry instead of forty. Their rows stay in SQLite's rowid order
+(appended, so pages fill up) with the key in a small index beside them: clustering them by key filled pages
+about half, and spilled the larger rollup rows to overflow pages."""
 
 SQLITE_TYPES = {
     "real": "REAL",
