@@ -56,6 +56,8 @@ class Window:
     refused: int = 0
     failed: int = 0
     late: int = 0
+    answered: int = 0
+    """Requests the servers answered (any status): the CPU per request divides by this."""
 
 
 @dataclass
@@ -107,6 +109,7 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
             async with session.post(f"{server}{API_PREFIX}/runs/{run_id}/metrics", json=body) as response:
                 await response.read()
                 ok = response.status == 200
+            fleet.window.answered += 1
         except aiohttp.ClientConnectorError:
             fleet.refused(server)
             ok = False
@@ -129,6 +132,7 @@ async def follow_commands(fleet: Fleet, session: aiohttp.ClientSession, index: i
                 records = (await response.json())["commands"] if response.status == 200 else []
                 if response.status != 200:
                     fleet.window.failed += 1
+            fleet.window.answered += 1
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 fleet.refused(server)
@@ -141,6 +145,7 @@ async def follow_commands(fleet: Fleet, session: aiohttp.ClientSession, index: i
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.post(f"{base}/{record['id']}/result", json=result) as response:
                     await response.read()
+                fleet.window.answered += 1
             sent = fleet.submitted.pop(record["id"], None)
             if sent is not None:
                 fleet.window.round_trips.append(time.perf_counter() - sent)
@@ -169,6 +174,7 @@ async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
         try:
             async with session.post(f"{url}{API_PREFIX}/runs/{run_id}/commands", json=body) as response:
                 await response.read()
+                fleet.window.answered += 1
                 if response.status == 429:
                     fleet.window.refused += 1
                 elif response.status >= 300:
@@ -307,6 +313,8 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     "cpu_pct_mean": statistics.fmean(seconds),
                     "cpu_pct_max": max(seconds),
                     "postgres_cpu_pct_mean": statistics.fmean(database),
+                    "answered": window.answered,
+                    "server_cpu_ms_per_request": sum(seconds) * 10 / max(1, window.answered),
                     "rss_mib": [round(rss) if (rss := server.rss_mib()) == rss else 0 for server in running],
                     "disk": disk_mib(running, postgres),
                 }
@@ -317,7 +325,7 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     f"refused {window.refused} failed {window.failed} late {window.late}  "
                     f"cpu {row['cpu_pct_mean']:5.1f}% (max {row['cpu_pct_max']:5.1f}%)"
                     + (f" + postgres {row['postgres_cpu_pct_mean']:5.1f}%" if postgres else "")
-                    + f"  rss {row['rss_mib']} MiB  "
+                    + f"  {row['server_cpu_ms_per_request']:.2f} ms CPU/request  rss {row['rss_mib']} MiB  "
                     f"{row['disk']}  load {load_average()}",
                     flush=True,
                 )

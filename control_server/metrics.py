@@ -76,7 +76,10 @@ class MetricsService:
         last = max(batch.samples, key=lambda sample: (sample.time, sample.step))
         self.runs.note_step(run_id, last.branch, last.step)
         event = self.events.make(
-            lambda event_id, now: MetricsEvent(event_id=event_id, time=now, run_id=run_id, samples=batch.samples)
+            # The samples were validated on the way in; building the event does not check them again.
+            lambda event_id, now: MetricsEvent.model_construct(
+                event_id=event_id, time=now, run_id=run_id, samples=batch.samples
+            )
         )
         self.events.publish(event)
         return MetricsAck(stored_values=stored)

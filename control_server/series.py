@@ -204,10 +204,38 @@ def _roll_up(
 
 def _children(db: Db, cache: SeriesCache, series_id: int, shift: int, start: int, end: int) -> Bucket:
     """The aggregate of steps [start, end) from the level `shift` (0: the raw steps), all of it closed."""
+    if shift == 0:
+        return _raw_buckets(db, cache, series_id, start, end, end - start).get(start // (end - start), {})
     merged: Bucket = {}
     for bucket in _read_level(db, cache, series_id, shift, start >> shift, end >> shift).values():
         _merge_into(merged, bucket)
     return merged
+
+
+def _raw_buckets(db: Db, cache: SeriesCache, series_id: int, start: int, end: int, width: int) -> dict[int, Bucket]:
+    """Raw steps in [start, end) aggregated into buckets of `width` steps (keyed by step // width).
+
+    Rows of one bucket and keyset are unpacked together and reduced column by column (sum, min, max run in C),
+    which is what keeps building a rollup cheap next to the insert that closes it.
+    """
+    groups: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    for step, keyset_id, packed in db.execute(
+        "SELECT step, keyset_id, packed FROM metric_steps WHERE series_id = ? AND step >= ? AND step < ? ORDER BY step",
+        (series_id, start, end),
+    ):
+        groups.setdefault((step // width, keyset_id), []).append((step, packed))
+    found: dict[int, Bucket] = {}
+    for (bucket, keyset_id), rows in groups.items():
+        keys = cache.keys_of(db, keyset_id)
+        unpack = struct.Struct(f"<{len(keys)}d").unpack
+        last = rows[-1][0]
+        columns = zip(*(unpack(packed) for _, packed in rows), strict=True)
+        aggs = {
+            key: Agg(len(rows), last, sum(column), min(column), max(column))
+            for key, column in zip(keys, columns, strict=True)
+        }
+        _merge_into(found.setdefault(bucket, {}), aggs)
+    return found
 
 
 def _merge_into(target: Bucket, source: Bucket) -> None:
@@ -221,11 +249,9 @@ def _merge_into(target: Bucket, source: Bucket) -> None:
 
 def _read_level(db: Db, cache: SeriesCache, series_id: int, shift: int, first: int, end: int) -> dict[int, Bucket]:
     """Stored buckets of one level in [first, end) (level 0: one bucket per raw step)."""
-    found: dict[int, Bucket] = {}
     if shift == 0:
-        for step, _, values in raw_steps(db, cache, series_id, first, end):
-            found[step] = {key: Agg(1, step, value, value, value) for key, value in values.items()}
-        return found
+        return _raw_buckets(db, cache, series_id, first, end, 1)
+    found: dict[int, Bucket] = {}
     for bucket, keyset_id, packed in db.execute(
         "SELECT bucket, keyset_id, packed FROM metric_rollups "
         "WHERE series_id = ? AND shift = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
@@ -268,7 +294,7 @@ def bucketed(db: Db, cache: SeriesCache, series_id: int, start: int, width: int)
     """Buckets of `width` steps from `start` (a multiple of width), keyed by bucket index, from the best level."""
     usable = [shift for shift in ROLLUP_SHIFTS if width % (1 << shift) == 0]
     if not usable:
-        return _regroup(_read_level(db, cache, series_id, 0, start, 2**62), 0, width)
+        return _raw_buckets(db, cache, series_id, start, 2**62, width)
     shift = max(usable)
     return _regroup(_level_with_open_tail(db, cache, series_id, ROLLUP_SHIFTS.index(shift), start), shift, width)
 
@@ -283,12 +309,11 @@ def _level_with_open_tail(db: Db, cache: SeriesCache, series_id: int, index: int
     found = _read_level(db, cache, series_id, shift, start >> shift, open_bucket)
     tail_start = max(start, open_bucket << shift)
     if index == 0:
-        tail = _read_level(db, cache, series_id, 0, tail_start, 2**62)
-        below = 0
+        tail = _raw_buckets(db, cache, series_id, tail_start, 2**62, 1 << shift)
     else:
-        tail = _level_with_open_tail(db, cache, series_id, index - 1, tail_start)
         below = ROLLUP_SHIFTS[index - 1]
-    for bucket, aggs in _regroup(tail, below, 1 << shift).items():
+        tail = _regroup(_level_with_open_tail(db, cache, series_id, index - 1, tail_start), below, 1 << shift)
+    for bucket, aggs in tail.items():
         _merge_into(found.setdefault(bucket, {}), aggs)
     return found
 
