@@ -257,8 +257,15 @@ class Client:
         return self.send(Requests.list_checkpoints(run_id, branch=branch)).checkpoints
 
     def stream(self, run_id: str | None = None, *, open_timeout_s: float = 10.0) -> EventStream:
-        """Open the live stream of one run (or all runs when `run_id` is None)."""
-        return EventStream(stream_url(self.server, run_id), self.token, open_timeout_s)
+        """The live stream of one run (or all runs when `run_id` is None), failing over past unreachable servers."""
+        for attempt in range(len(self.servers.urls)):
+            try:
+                return EventStream(stream_url(self.server, run_id), self.token, open_timeout_s)
+            except ServerUnavailable:
+                if attempt == len(self.servers.urls) - 1:
+                    raise
+                self.servers.fail_over()
+        raise AssertionError("unreachable")
 
 
 class EventStream:
