@@ -69,6 +69,7 @@ class Fleet:
     stopping: bool = False
     run_ids: list[str] = field(default_factory=list)
     active: int = 0
+    values_stored: int = 0
 
     def url_for(self, index: int) -> str:
         """The server every run talks to: the serving one."""
@@ -117,6 +118,7 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
             ok = False
         if ok:
             fleet.window.posts.append(time.perf_counter() - started)
+            fleet.values_stored += VALUES
         else:
             fleet.window.failed += 1
 
@@ -212,6 +214,14 @@ def servers(store: str, count: int, workdir: Path) -> Iterator[tuple[list[Server
             thread.join(60)
         if postgres is not None:
             postgres.stop()
+
+
+def disk_bytes(running: list[Server], postgres: LocalPostgres | None) -> int:
+    """The store's bytes on disk: the SQLite file and its WAL, or the PostgreSQL database (its WAL is the cluster's)."""
+    if postgres is not None:
+        return postgres.disk_bytes()["db"]
+    db = running[0].db
+    return sum(path.stat().st_size for path in (db, db.with_name(db.name + "-wal")) if path.exists())
 
 
 def disk_mib(running: list[Server], postgres: LocalPostgres | None) -> str:
@@ -330,6 +340,12 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     flush=True,
                 )
             fleet.stopping = True
+    on_disk = disk_bytes(running, postgres)
+    print(
+        f"stored {fleet.values_stored:,} values (acknowledged); on disk {on_disk / 2**20:.1f} MiB: "
+        f"{on_disk / max(1, fleet.values_stored):.1f} bytes per value, runs, commands and events included",
+        flush=True,
+    )
     return rows
 
 
