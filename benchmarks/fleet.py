@@ -272,6 +272,16 @@ async def sample_cpu(
         last = now
 
 
+async def sample_own_cpu(per_second: list[float]) -> None:
+    """Append the load generator's own CPU use over each second (it shares the machine with the servers)."""
+    last = time.process_time()
+    while True:
+        await asyncio.sleep(1.0)
+        now = time.process_time()
+        per_second.append((now - last) * 100)
+        last = now
+
+
 @contextlib.asynccontextmanager
 async def background(*coroutines: object) -> AsyncIterator[None]:
     tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]  # type: ignore[arg-type]
@@ -301,11 +311,13 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
             await asyncio.gather(*(register(session, fleet.url_for(i), f"fleet-{i}") for i in range(runs)))
         )
         cpu: list[tuple[float, float]] = []
+        own: list[float] = []
         workers = [post_steps(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
         workers += [follow_commands(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
         if len(running) > 1:
             workers.append(kill_serving_at(running, duration_s / 2))
-        async with background(*workers, command_sender(fleet, session), sample_cpu(running, postgres, cpu)):
+        samplers = (sample_cpu(running, postgres, cpu), sample_own_cpu(own))
+        async with background(*workers, command_sender(fleet, session), *samplers):
             started = time.monotonic()
             while time.monotonic() - started < duration_s:
                 await asyncio.sleep(WINDOW_S)
@@ -324,6 +336,7 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     "cpu_pct_max": max(seconds),
                     "postgres_cpu_pct_mean": statistics.fmean(database),
                     "answered": window.answered,
+                    "generator_cpu_pct_mean": statistics.fmean(own[-int(WINDOW_S) :] or [0.0]),
                     "server_cpu_ms_per_request": sum(seconds) * 10 / max(1, window.answered),
                     "rss_mib": [round(rss) if (rss := server.rss_mib()) == rss else 0 for server in running],
                     "disk": disk_mib(running, postgres),
@@ -335,7 +348,9 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
                     f"refused {window.refused} failed {window.failed} late {window.late}  "
                     f"cpu {row['cpu_pct_mean']:5.1f}% (max {row['cpu_pct_max']:5.1f}%)"
                     + (f" + postgres {row['postgres_cpu_pct_mean']:5.1f}%" if postgres else "")
-                    + f"  {row['server_cpu_ms_per_request']:.2f} ms CPU/request  rss {row['rss_mib']} MiB  "
+                    + f"  {row['server_cpu_ms_per_request']:.2f} ms CPU/request"
+                    + f"  generator {row['generator_cpu_pct_mean']:.0f}%"
+                    + f"  rss {row['rss_mib']} MiB  "
                     f"{row['disk']}  load {load_average()}",
                     flush=True,
                 )
