@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,16 @@ class SqliteStore(GroupWriter):
 def is_postgres_url(db: object) -> bool:
     """True for a `postgresql://` (or `postgres://`) URL."""
     return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def describe_store(db: Path | str) -> str:
+    """`--db` as it may be logged: a PostgreSQL URL loses its password."""
+    if not is_postgres_url(db):
+        return str(db)
+    parts = urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def make_store(db: Path | str) -> Store:

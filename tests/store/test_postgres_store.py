@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 from control_server.postgres import SCHEMA_VERSION, PostgresStore
-from control_server.store import Db
+from control_server.store import Db, describe_store
 from tests.postgres import LocalPostgres
 
 
@@ -75,3 +75,11 @@ def test_a_second_store_stands_by_until_the_first_closes(postgres_cluster: Local
         first.close()
         waiter.join(10)
         second.close()
+
+
+def test_the_logged_store_url_hides_the_password() -> None:
+    """`runsteer server` logs where it stores; a PostgreSQL password never reaches the log."""
+    assert (
+        describe_store("postgresql://runsteer:s3cret@db:5432/runsteer") == "postgresql://runsteer:***@db:5432/runsteer"
+    )
+    assert describe_store("postgresql://runsteer@db/runsteer") == "postgresql://runsteer@db/runsteer"
