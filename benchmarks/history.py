@@ -152,16 +152,19 @@ def main() -> None:
         db_mib = sum(p.stat().st_size for p in server.dir.glob("bench.db*")) / 2**20
 
     print(
-        f"history ({args.fill} fill), load avg {load_average()}; server RSS at start {baseline:.0f} MiB; SQLite files at the end {db_mib:.0f} MiB"
+        f"history ({args.fill} fill), load avg {load_average()}; server RSS at start {baseline:.0f} MiB; "
+        f"SQLite files at the end {db_mib:.0f} MiB"
     )
     for row in rows:
         print(
-            f"  {row['steps']:>6,} steps x {args.values} values: filled in {row['fill_s']:.1f} s ({row['fill_rate']:,.0f} values/s); "
+            f"  {row['steps']:>6,} steps x {args.values} values: filled in {row['fill_s']:.1f} s "
+            f"({row['fill_rate']:,.0f} values/s); "
             f"server RSS {row['rss_filled']:.0f} MiB after ingest, {row['rss_after_queries']:.0f} MiB after queries"
         )
         for label, q in row["queries"].items():
             print(
-                f"    max_points=1000, {label:>7} ({q['points']} points x bucket {q['bucket_steps']}, {q['bytes']:,} B): "
+                f"    max_points=1000, {label:>7} ({q['points']} points x bucket {q['bucket_steps']}, "
+                f"{q['bytes']:,} B): "
                 f"client {format_ms(q['client'])}"
             )
             print(f"    {'':>36}raw HTTP {format_ms(q['http'])}")
