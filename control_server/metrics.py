@@ -2,8 +2,8 @@
 
 History lives in the store, not in memory: the server keeps only each run's latest values
 (for Prometheus). `control_server.series` stores a step per row and keeps rollups (count, sum,
-min, max per bucket of 16 to 8192 steps) as buckets close; downsampling reads those, so a long
-run answers as fast as a short one.
+min, max per bucket of every power of two from 16 to 8192 steps) as buckets close; downsampling
+reads those, so a long run answers as fast as a short one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from control_server.errors import ApiError
 from control_server.events import EventLog
 from control_server.runs import RunRegistry
-from control_server.series import ROLLUP_SHIFTS, SeriesCache, bucketed, insert_steps, raw_steps, step_span
+from control_server.series import SeriesCache, bucketed, insert_steps, raw_steps, step_span
 from control_server.store import Db, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
@@ -144,8 +144,8 @@ def _raw_series(
 def _bucket_width(span: tuple[int, int], max_points: int) -> int:
     """Steps per bucket so that the series has no more than `max_points` buckets (1: no downsampling).
 
-    Widths the rollups can serve are powers of two of at least the smallest rollup; below that the
-    raw steps are grouped, which reads at most that many rows per bucket.
+    Widths are powers of two (at most twice the width needed): from the smallest rollup up, each point is one
+    rollup row; below it the raw steps are grouped, at most 8 rows per point.
     """
     low, high = span
     steps = high - low + 1
@@ -153,14 +153,13 @@ def _bucket_width(span: tuple[int, int], max_points: int) -> int:
         return 1
     # Buckets are aligned to multiples of the width, so a span can touch one bucket more than span / width.
     needed = steps if max_points == 1 else math.ceil(steps / (max_points - 1))
-    smallest_rollup = 1 << ROLLUP_SHIFTS[0]
-    return needed if needed < smallest_rollup else 1 << (needed - 1).bit_length()
+    return 1 << (needed - 1).bit_length()
 
 
 def _bucketed_series(
     db: Db, cache: SeriesCache, series_id: int, names: list[str], since_step: int, width: int
 ) -> dict[str, MetricSeries]:
-    buckets = bucketed(db, cache, series_id, (since_step // width) * width, width)
+    buckets = bucketed(db, cache, series_id, (since_step // width) * width, width, frozenset(names))
     series: dict[str, MetricSeries] = {}
     for name in names:
         aggs = [buckets[index][name] for index in sorted(buckets) if name in buckets[index]]

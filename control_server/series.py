@@ -4,17 +4,18 @@ Layout and why. A trainer sends the same few dozen keys every step, so a step is
 values as little-endian float64s in the order of a *keyset* (the sorted key names, stored once
 and referenced by id). That is 8 bytes per value plus ~20 per step, where a row per value cost
 an index entry and a key per value. Downsampled reads use rollups (count, sum, min, max and last
-step per key) at buckets of 16, 128, 1024 and 8192 steps. A rollup row is written only when its
+step per key) at every power of two from 16 to 8192 steps. A rollup row is written only when its
 bucket *closes* (the series' newest step has moved past it), computed from the level below, so
-the write path adds about one rollup row per 14 steps instead of nine upserts per batch. The
+the write path adds about one rollup row per eight steps instead of nine upserts per batch. The
 newest, still-open bucket of each level is aggregated at read time from the level below (at most
-8 rows each). A late point for an already closed bucket rewrites that bucket (and its parents).
+2 rows each). A late point for an already closed bucket rewrites that bucket (and its parents).
 
 Everything here runs inside a store op, so SQLite and PostgreSQL share it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,9 +24,10 @@ from typing import Any
 
 from control_server.store import SCHEMA, SCHEMA_VERSION, Db
 
-ROLLUP_SHIFTS = (4, 7, 10, 13)
-"""Rollup bucket widths as bit shifts (16, 128, 1024, 8192 steps). Any power-of-two read width of 16 or
-more takes at most 8 rows per point it returns, up to 65536 steps per point."""
+ROLLUP_SHIFTS = tuple(range(4, 14))
+"""Rollup bucket widths as bit shifts: every power of two from 16 to 8192 steps, so a downsampled read takes one
+rollup row per point it returns up to buckets of 8192 steps (and a few beyond). Each level is written once per
+bucket, from two rows of the level below, so the ten levels cost about one row per eight steps."""
 
 _AGG = struct.Struct("<HHddd")
 """One key's aggregate in a rollup: count, last step (as an offset into the bucket), sum, min, max. 28 bytes, so
@@ -35,7 +37,7 @@ RAW_CHUNK = 4096
 """Rows read per query when scanning raw steps."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Agg:
     """Count, last step, sum, min and max of one key over a bucket."""
 
@@ -54,6 +56,8 @@ class Agg:
 
 
 Bucket = dict[str, Agg]
+Keys = frozenset[str] | None
+"""The metric names a read wants (None: all)."""
 
 
 @dataclass
@@ -123,12 +127,19 @@ def pack_bucket(bucket: Bucket, keys: tuple[str, ...], first_step: int) -> bytes
     )
 
 
-def unpack_bucket(packed: bytes, keys: tuple[str, ...], first_step: int) -> Bucket:
-    found: Bucket = {}
-    for index, key in enumerate(keys):
-        n, offset, total, lo, hi = _AGG.unpack_from(packed, index * _AGG.size)
-        found[key] = Agg(n, first_step + offset, total, lo, hi)
-    return found
+@functools.cache
+def _bucket_struct(count: int) -> struct.Struct:
+    return struct.Struct("<" + "HHddd" * count)
+
+
+def unpack_bucket(packed: bytes, keys: tuple[str, ...], first_step: int, only: Keys = None) -> Bucket:
+    """A bucket's aggregates (of the keys in `only`, when given: a read of one metric builds one)."""
+    flat = _bucket_struct(len(keys)).unpack(packed)
+    return {
+        key: Agg(flat[at], first_step + flat[at + 1], flat[at + 2], flat[at + 3], flat[at + 4])
+        for key, at in zip(keys, range(0, len(flat), 5), strict=True)
+        if only is None or key in only
+    }
 
 
 def insert_steps(
@@ -212,7 +223,9 @@ def _children(db: Db, cache: SeriesCache, series_id: int, shift: int, start: int
     return merged
 
 
-def _raw_buckets(db: Db, cache: SeriesCache, series_id: int, start: int, end: int, width: int) -> dict[int, Bucket]:
+def _raw_buckets(
+    db: Db, cache: SeriesCache, series_id: int, start: int, end: int, width: int, only: Keys = None
+) -> dict[int, Bucket]:
     """Raw steps in [start, end) aggregated into buckets of `width` steps (keyed by step // width).
 
     Rows of one bucket and keyset are unpacked together and reduced column by column (sum, min, max run in C),
@@ -233,6 +246,7 @@ def _raw_buckets(db: Db, cache: SeriesCache, series_id: int, start: int, end: in
         aggs = {
             key: Agg(len(rows), last, sum(column), min(column), max(column))
             for key, column in zip(keys, columns, strict=True)
+            if only is None or key in only
         }
         _merge_into(found.setdefault(bucket, {}), aggs)
     return found
@@ -247,17 +261,19 @@ def _merge_into(target: Bucket, source: Bucket) -> None:
             mine.merge(agg)
 
 
-def _read_level(db: Db, cache: SeriesCache, series_id: int, shift: int, first: int, end: int) -> dict[int, Bucket]:
+def _read_level(
+    db: Db, cache: SeriesCache, series_id: int, shift: int, first: int, end: int, only: Keys = None
+) -> dict[int, Bucket]:
     """Stored buckets of one level in [first, end) (level 0: one bucket per raw step)."""
     if shift == 0:
-        return _raw_buckets(db, cache, series_id, first, end, 1)
+        return _raw_buckets(db, cache, series_id, first, end, 1, only)
     found: dict[int, Bucket] = {}
     for bucket, keyset_id, packed in db.execute(
         "SELECT bucket, keyset_id, packed FROM metric_rollups "
         "WHERE series_id = ? AND shift = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
         (series_id, shift, first, end),
     ):
-        found[bucket] = unpack_bucket(packed, cache.keys_of(db, keyset_id), bucket << shift)
+        found[bucket] = unpack_bucket(packed, cache.keys_of(db, keyset_id), bucket << shift, only)
     return found
 
 
@@ -290,29 +306,35 @@ def step_span(db: Db, series_id: int, since_step: int) -> tuple[int, int] | None
     return None if first is None else (int(first), int(last))
 
 
-def bucketed(db: Db, cache: SeriesCache, series_id: int, start: int, width: int) -> dict[int, Bucket]:
+def bucketed(
+    db: Db, cache: SeriesCache, series_id: int, start: int, width: int, only: Keys = None
+) -> dict[int, Bucket]:
     """Buckets of `width` steps from `start` (a multiple of width), keyed by bucket index, from the best level."""
     usable = [shift for shift in ROLLUP_SHIFTS if width % (1 << shift) == 0]
     if not usable:
-        return _raw_buckets(db, cache, series_id, start, 2**62, width)
+        return _raw_buckets(db, cache, series_id, start, 2**62, width, only)
     shift = max(usable)
-    return _regroup(_level_with_open_tail(db, cache, series_id, ROLLUP_SHIFTS.index(shift), start), shift, width)
+    level = _level_with_open_tail(db, cache, series_id, ROLLUP_SHIFTS.index(shift), start, only)
+    return _regroup(level, shift, width)
 
 
-def _level_with_open_tail(db: Db, cache: SeriesCache, series_id: int, index: int, start: int) -> dict[int, Bucket]:
+def _level_with_open_tail(
+    db: Db, cache: SeriesCache, series_id: int, index: int, start: int, only: Keys
+) -> dict[int, Bucket]:
     """Every bucket of level ROLLUP_SHIFTS[index] from `start`: closed ones stored, the open one built from below."""
     shift = ROLLUP_SHIFTS[index]
     newest = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (series_id,)).fetchone()[0]
     if newest is None:
         return {}
     open_bucket = newest >> shift
-    found = _read_level(db, cache, series_id, shift, start >> shift, open_bucket)
+    found = _read_level(db, cache, series_id, shift, start >> shift, open_bucket, only)
     tail_start = max(start, open_bucket << shift)
     if index == 0:
-        tail = _raw_buckets(db, cache, series_id, tail_start, 2**62, 1 << shift)
+        tail = _raw_buckets(db, cache, series_id, tail_start, 2**62, 1 << shift, only)
     else:
         below = ROLLUP_SHIFTS[index - 1]
-        tail = _regroup(_level_with_open_tail(db, cache, series_id, index - 1, tail_start), below, 1 << shift)
+        lower = _level_with_open_tail(db, cache, series_id, index - 1, tail_start, only)
+        tail = _regroup(lower, below, 1 << shift)
     for bucket, aggs in tail.items():
         _merge_into(found.setdefault(bucket, {}), aggs)
     return found
@@ -320,6 +342,8 @@ def _level_with_open_tail(db: Db, cache: SeriesCache, series_id: int, index: int
 
 def _regroup(buckets: Mapping[int, Bucket], shift: int, width: int) -> dict[int, Bucket]:
     """Merge buckets of 2**shift steps into buckets of `width` steps."""
+    if width == 1 << shift:
+        return dict(buckets)
     grouped: dict[int, Bucket] = {}
     for bucket, aggs in buckets.items():
         _merge_into(grouped.setdefault((bucket << shift) // width, {}), aggs)
