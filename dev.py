@@ -70,13 +70,23 @@ def setup() -> None:
     STAMP.write_text(wanted)
 
 
-TEST_SYSTEM_PACKAGES = {"prometheus": "prometheus", "chromium": "chromium"}
-"""Programs the tests drive for real (a Prometheus server, a browser), by Debian package."""
+TEST_SYSTEM_PACKAGES = {"prometheus": "prometheus", "chromium": "chromium", "initdb": "postgresql"}
+"""Programs the tests drive for real (a Prometheus server, a browser, a PostgreSQL cluster), by Debian package."""
+
+POSTGRES_BINDIRS = "/usr/lib/postgresql/*/bin"
+"""Where Debian puts initdb and postgres (not on PATH); the tests look there too (tests/postgres.py)."""
+
+
+def has_program(program: str) -> bool:
+    """True when `program` is on PATH (or, for PostgreSQL's initdb, in Debian's versioned directory)."""
+    if shutil.which(program) is not None:
+        return True
+    return program == "initdb" and any(Path("/").glob(POSTGRES_BINDIRS.lstrip("/") + "/initdb"))
 
 
 def ensure_system_packages() -> None:
     """Install the test suite's system programs with apt-get when they are missing and we may."""
-    missing = sorted({package for program, package in TEST_SYSTEM_PACKAGES.items() if shutil.which(program) is None})
+    missing = sorted({package for program, package in TEST_SYSTEM_PACKAGES.items() if not has_program(program)})
     if not missing:
         return
     if shutil.which("apt-get") is None or os.geteuid() != 0:

@@ -23,12 +23,13 @@ UNLIMITED = Policy(rate_limit=RateLimit(max_commands=100_000, per_seconds=1.0))
 
 
 class Server:
-    """`python -m control_server` on a free loopback port with a fresh SQLite file, as a separate process."""
+    """`python -m control_server` on a free loopback port with a fresh SQLite file (or `db`), as a separate process."""
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, db: str | None = None) -> None:
         self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="runsteer-bench-")
         self.dir = workdir if workdir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         self.db = self.dir / "bench.db"
+        self.db_arg = db or str(self.db)
         self.port_file = self.dir / "bench.port"
         self.log_path = self.dir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -49,15 +50,15 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self, timeout_s: float = 30.0) -> Server:
+    def start(self, timeout_s: float = 30.0, port: int = 0) -> Server:
         command = [
             sys.executable,
             "-m",
             "control_server",
             "--port",
-            "0",
+            str(port),
             "--db",
-            str(self.db),
+            self.db_arg,
             "--port-file",
             str(self.port_file),
         ]

@@ -17,8 +17,7 @@ from urllib.parse import urlencode
 
 from benchmarks._common import Server, base_parser, format_ms, load_average, percentiles_ms, register, write_summary
 from benchmarks.ingest import build_batches
-from control_server.metrics import insert_points
-from control_server.store import BATCH_TABLE
+from control_server.series import SeriesCache, insert_steps
 from protocols.client.sync import Client
 
 MARKS = (10_000, 25_000, 50_000)
@@ -49,32 +48,24 @@ def fill(
 def fill_direct(
     server: Server, run_id: str, first_step: int, last_step: int, values: int, steps_per_commit: int = 500
 ) -> float:
-    """Write steps [first_step, last_step) into the live server's SQLite file with the SQL of its ingest path.
+    """Write steps [first_step, last_step) into the live server's SQLite file with the code of its ingest path.
 
-    Rows go through the server's own `insert_points` (points and rollups in one transaction); the running
-    server sees them at its next read, as it would after its own writes.
+    Steps go through the server's own `insert_steps` (packed rows and rollups in one transaction); the
+    running server sees them at its next read, as it would after its own writes.
     """
     started = time.perf_counter()
     db = sqlite3.connect(server.db, isolation_level=None, timeout=30.0)
-    db.executescript(BATCH_TABLE)
+    cache = SeriesCache()
     keys = [f"metric_{i:02d}" for i in range(values)]
-    series = []
-    for key in keys:
-        db.execute("INSERT OR IGNORE INTO metric_series (run_id, branch, key) VALUES (?, ?, ?)", (run_id, "main", key))
-        series.append(
-            db.execute(
-                "SELECT series_id FROM metric_series WHERE run_id = ? AND branch = ? AND key = ?", (run_id, "main", key)
-            ).fetchone()[0]
-        )
     now = time.time()
     for chunk in range(first_step, last_step, steps_per_commit):
-        rows = [
-            (series_id, step, now, step * 1e-3 + j)
-            for step in range(chunk, min(chunk + steps_per_commit, last_step))
-            for j, series_id in enumerate(series)
-        ]
         db.execute("BEGIN IMMEDIATE")
-        insert_points(db, rows)
+        series_id = cache.series_id(db, run_id, "main")
+        steps = {
+            step: (now, {key: step * 1e-3 + j for j, key in enumerate(keys)})
+            for step in range(chunk, min(chunk + steps_per_commit, last_step))
+        }
+        insert_steps(db, cache, series_id, steps)
         db.execute("COMMIT")
     db.close()
     return time.perf_counter() - started
@@ -161,16 +152,19 @@ def main() -> None:
         db_mib = sum(p.stat().st_size for p in server.dir.glob("bench.db*")) / 2**20
 
     print(
-        f"history ({args.fill} fill), load avg {load_average()}; server RSS at start {baseline:.0f} MiB; SQLite files at the end {db_mib:.0f} MiB"
+        f"history ({args.fill} fill), load avg {load_average()}; server RSS at start {baseline:.0f} MiB; "
+        f"SQLite files at the end {db_mib:.0f} MiB"
     )
     for row in rows:
         print(
-            f"  {row['steps']:>6,} steps x {args.values} values: filled in {row['fill_s']:.1f} s ({row['fill_rate']:,.0f} values/s); "
+            f"  {row['steps']:>6,} steps x {args.values} values: filled in {row['fill_s']:.1f} s "
+            f"({row['fill_rate']:,.0f} values/s); "
             f"server RSS {row['rss_filled']:.0f} MiB after ingest, {row['rss_after_queries']:.0f} MiB after queries"
         )
         for label, q in row["queries"].items():
             print(
-                f"    max_points=1000, {label:>7} ({q['points']} points x bucket {q['bucket_steps']}, {q['bytes']:,} B): "
+                f"    max_points=1000, {label:>7} ({q['points']} points x bucket {q['bucket_steps']}, "
+                f"{q['bytes']:,} B): "
                 f"client {format_ms(q['client'])}"
             )
             print(f"    {'':>36}raw HTTP {format_ms(q['http'])}")

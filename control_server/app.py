@@ -34,7 +34,7 @@ from control_server.policy import TokenBudget
 from control_server.prometheus import Exposition
 from control_server.routes import add_routes
 from control_server.runs import RunRegistry
-from control_server.store import Store
+from control_server.store import make_store
 from protocols.constants import CLOSE_SERVER_SHUTDOWN
 from protocols.policy import Policy
 
@@ -92,8 +92,9 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = Store(config.db)
-    store.open()
+    store = make_store(config.db)
+    # A PostgreSQL store waits here while another server serves the same database.
+    await asyncio.get_running_loop().run_in_executor(None, store.open)
     broadcaster = Broadcaster(config.subscriber_queue)
     events = EventLog(store, broadcaster)
     runs = RunRegistry(store, events, default_policy=Policy(), heartbeat_timeout_s=config.heartbeat_timeout_s)

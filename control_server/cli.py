@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from control_server.app import create_app
 from control_server.config import ServerConfig
+from control_server.store import describe_store
 from protocols.flags import add_config_flags, config_values
 
 log = logging.getLogger("runsteer.server")
@@ -42,7 +43,7 @@ async def serve(app: web.Application, config: ServerConfig) -> None:
         temporary = config.port_file.with_suffix(".tmp")
         temporary.write_text(str(port))
         os.replace(temporary, config.port_file)
-    log.info("runsteer server listening on http://%s:%d (store %s)", config.host, port, config.db)
+    log.info("runsteer server listening on http://%s:%d (store %s)", config.host, port, describe_store(config.db))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

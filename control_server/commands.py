@@ -8,7 +8,6 @@ published or answered.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from control_server.errors import ConflictError, Forbidden, NotFoundError
 from control_server.events import EventLog, insert_event
 from control_server.policy import RateLimiter, check_command
 from control_server.runs import RunRegistry
-from control_server.store import Store
+from control_server.store import Db, Store
 from protocols.commands import CommandDecision, CommandEnvelope, CommandRecord, CommandResult
 from protocols.constants import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from protocols.errors import ErrorDetail
@@ -108,7 +107,7 @@ class CommandService:
         limit = run.policy.rate_limit
         counted: list[float] = []
 
-        def admit(db: sqlite3.Connection) -> None:
+        def admit(db: Db) -> None:
             # In the inserting transaction: concurrent submitters are counted one by one, never all let through.
             counted.append(self.rate_limiter.take(run_id, limit))
 
@@ -149,7 +148,7 @@ class CommandService:
         self.runs.get(run_id)
         where, args = ("AND status = ?", (status,)) if status else ("", ())
 
-        def op(db: sqlite3.Connection) -> list[str]:
+        def op(db: Db) -> list[str]:
             rows = db.execute(
                 f"SELECT body FROM commands WHERE run_id = ? AND seq > ? {where} ORDER BY seq LIMIT ?",
                 (run_id, after_seq, *args, limit),
@@ -262,7 +261,7 @@ class CommandService:
         if record is not None:
             return record
 
-        def op(db: sqlite3.Connection) -> str | None:
+        def op(db: Db) -> str | None:
             row = db.execute("SELECT body FROM commands WHERE run_id = ? AND id = ?", (run_id, command_id)).fetchone()
             return row[0] if row else None
 
@@ -296,12 +295,12 @@ class CommandService:
         changes: Sequence[tuple[CommandRecord, CommandRecord | None]],
         *,
         insert: bool = False,
-        admit: Callable[[sqlite3.Connection], None] | None = None,
+        admit: Callable[[Db], None] | None = None,
     ) -> None:
         """Write the changes and their events in one transaction (after `admit`, which may refuse them all)."""
         events = [self.events.make(partial(_command_event, record)) for record, _ in changes]
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Db) -> None:
             if admit is not None:
                 admit(db)
             for record, _ in changes:

@@ -18,8 +18,9 @@ class ServerConfig(BaseModel):
     """Interface to bind; anything but loopback requires tokens."""
     port: int = Field(default=8765, ge=0, le=65535)
     """TCP port; 0 picks a free one (see `port_file`)."""
-    db: Path = Path("runsteer-data/runsteer.db")
-    """SQLite file holding runs, commands, events, metrics and the checkpoint index."""
+    db: Path | str = Path("runsteer-data/runsteer.db")
+    """Where runs, commands, events, metrics and the checkpoint index live: a SQLite file, or a
+    `postgresql://` URL shared by several servers (one serves at a time; the others stand by)."""
     tokens_file: Path | None = None
     """JSON list of {"name", "token", "scopes"}; also read from RUNSTEER_TOKENS. No tokens: no auth (loopback only)."""
     port_file: Path | None = None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
 
 from control_server.fanout import Broadcaster
-from control_server.store import Store
+from control_server.store import Db, Store
 from protocols.events import Event, event_adapter
 
 EventFactory = Callable[[int, float], Event]
@@ -42,12 +41,12 @@ class EventLog:
     async def record(
         self,
         event: Event,
-        also: Callable[[sqlite3.Connection], Any] | None = None,
+        also: Callable[[Db], Any] | None = None,
         before_publish: Callable[[], None] | None = None,
     ) -> None:
         """Store the event (with `also`, in the same transaction); once committed, run `before_publish`, publish."""
 
-        def op(db: sqlite3.Connection) -> None:
+        def op(db: Db) -> None:
             if also is not None:
                 also(db)
             insert_event(db, event)
@@ -62,7 +61,7 @@ class EventLog:
 
         kind_filter = f"AND kind IN ({', '.join('?' * len(kinds))})" if kinds else ""
 
-        def op(db: sqlite3.Connection) -> list[str]:
+        def op(db: Db) -> list[str]:
             rows = db.execute(
                 f"SELECT body FROM events WHERE run_id = ? AND event_id > ? {kind_filter} ORDER BY event_id LIMIT ?",
                 (run_id, after, *sorted(kinds), limit),
@@ -72,7 +71,7 @@ class EventLog:
         return [event_adapter.validate_json(body, strict=False) for body in await self.store.read(op)]
 
 
-def insert_event(db: sqlite3.Connection, event: Event) -> None:
+def insert_event(db: Db, event: Event) -> None:
     """Insert one event row."""
     db.execute(
         "INSERT INTO events (event_id, run_id, kind, time, body) VALUES (?, ?, ?, ?, ?)",

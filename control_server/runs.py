@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import sqlite3
 import time
 import uuid
 from functools import partial
@@ -13,7 +12,7 @@ from functools import partial
 from control_server.auth import Principal
 from control_server.errors import ConflictError, Forbidden, NotFoundError, PolicyViolation
 from control_server.events import EventLog
-from control_server.store import Store
+from control_server.store import Db, Store
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.errors import ErrorDetail
 from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent, RunStateEvent
@@ -302,14 +301,15 @@ class RunRegistry:
             )
         )
 
-        def index(db: sqlite3.Connection) -> None:
+        def index(db: Db) -> None:
             if report.deleted:
                 db.execute(
                     "DELETE FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?", (run_id, checkpoint.checkpoint_id)
                 )
             else:
                 db.execute(
-                    "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, checkpoint_id) "
+                    "DO UPDATE SET branch = excluded.branch, step = excluded.step, body = excluded.body",
                     (
                         run_id,
                         checkpoint.checkpoint_id,
@@ -326,7 +326,7 @@ class RunRegistry:
         self.get(run_id)
         where, args = ("AND branch = ?", (run_id, branch)) if branch else ("", (run_id,))
 
-        def op(db: sqlite3.Connection) -> list[str]:
+        def op(db: Db) -> list[str]:
             rows = db.execute(
                 f"SELECT body FROM checkpoints WHERE run_id = ? {where} ORDER BY step, checkpoint_id", args
             )
@@ -354,7 +354,7 @@ class RunRegistry:
             else partial(RunStateEvent.of, run)
         )
 
-        def write(db: sqlite3.Connection) -> None:
+        def write(db: Db) -> None:
             db.execute(
                 "INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (run_id) DO UPDATE SET body = excluded.body",

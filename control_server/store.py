@@ -1,50 +1,97 @@
-"""The durable store: SQLite in WAL mode with one writer thread doing group commits.
+"""The durable store: one writer thread doing group commits, readers on a small pool.
 
-Every write is a function of a connection, queued to the writer thread; the writer runs
-all queued writes in one transaction (each inside its own savepoint, so one failure does
-not undo the others), commits, and only then resolves each caller's future. Reads run on
-a small pool of read-only connections, never on the event loop.
+Every write is a function of a connection (`Db`), queued to the writer thread; the writer runs
+all queued writes in one transaction (each inside its own savepoint, so one failure does not
+undo the others), commits, and only then resolves each caller's future. Reads run on a small
+pool of connections, never on the event loop. `SqliteStore` (the embedded default, WAL mode)
+lives here; `control_server.postgres` has the PostgreSQL one behind the same `Store` seam.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
-WriteOp = Callable[[sqlite3.Connection], Result]
 
-ROLLUP_LEVELS = (3, 4, 5, 6, 7, 8, 9, 10, 11)
-"""Rollup bucket sizes as bit shifts (every power of two from 8 to 2048 steps), so a downsampled read takes
-one rollup row per point it returns up to buckets of 2048 steps, and a few beyond."""
 
-SCHEMA = """
+class Cursor(Protocol):
+    """What an op reads back from a statement (sqlite3 and psycopg cursors both are one)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Db(Protocol):
+    """The connection an op runs on; SQL uses `?` placeholders and the syntax SQLite and PostgreSQL share."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Cursor: ...
+
+
+class Store(Protocol):
+    """The storage seam: `await write(op)` returns once `op`'s transaction is committed; reads run off the loop."""
+
+    commits: int
+    writes: int
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def write(self, op: Callable[[Db], Result]) -> Result: ...
+
+    async def read(self, op: Callable[[Db], Result]) -> Result: ...
+
+    def read_now(self, op: Callable[[Db], Result]) -> Result: ...
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Bytes the store keeps on disk, by part (for benchmarks and /metrics)."""
+        ...
+
+
+SCHEMA_VERSION = 2
+"""Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
+
+SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
+    created_at {real} NOT NULL,
     body TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS commands (
     run_id TEXT NOT NULL,
     id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
+    seq {int} NOT NULL,
     status TEXT NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (run_id, id)
-) WITHOUT ROWID;
+){clustered};
 CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (run_id, seq);
 CREATE TABLE IF NOT EXISTS events (
-    event_id INTEGER PRIMARY KEY,
+    event_id {int} PRIMARY KEY,
     run_id TEXT NOT NULL,
     kind TEXT NOT NULL,
-    time REAL NOT NULL,
+    time {real} NOT NULL,
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_run ON events (run_id, event_id);
@@ -52,66 +99,66 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     run_id TEXT NOT NULL,
     checkpoint_id TEXT NOT NULL,
     branch TEXT NOT NULL,
-    step INTEGER NOT NULL,
+    step {int} NOT NULL,
     body TEXT NOT NULL,
     PRIMARY KEY (run_id, checkpoint_id)
-) WITHOUT ROWID;
+){clustered};
 CREATE TABLE IF NOT EXISTS metric_series (
-    series_id INTEGER PRIMARY KEY,
+    series_id {serial},
     run_id TEXT NOT NULL,
     branch TEXT NOT NULL,
-    key TEXT NOT NULL,
-    UNIQUE (run_id, branch, key)
+    UNIQUE (run_id, branch)
 );
-CREATE TABLE IF NOT EXISTS metric_points (
-    series_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    time REAL NOT NULL,
-    value REAL NOT NULL,
+CREATE TABLE IF NOT EXISTS metric_keysets (
+    keyset_id {serial},
+    keys TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS metric_series_keys (
+    series_id {int} NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (series_id, key)
+){clustered};
+CREATE TABLE IF NOT EXISTS metric_steps (
+    series_id {int} NOT NULL,
+    step {int} NOT NULL,
+    time {real} NOT NULL,
+    keyset_id {int} NOT NULL,
+    packed {blob} NOT NULL,
     PRIMARY KEY (series_id, step)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS metric_rollups (
-    series_id INTEGER NOT NULL,
+    series_id {int} NOT NULL,
     shift INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    total REAL NOT NULL,
-    lo REAL NOT NULL,
-    hi REAL NOT NULL,
-    last_step INTEGER NOT NULL,
+    bucket {int} NOT NULL,
+    keyset_id {int} NOT NULL,
+    packed {blob} NOT NULL,
     PRIMARY KEY (series_id, shift, bucket)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS metric_batches (
     run_id TEXT NOT NULL,
     batch_id TEXT NOT NULL,
     PRIMARY KEY (run_id, batch_id)
-) WITHOUT ROWID;
+){clustered};
 """
+"""The tables of both stores, with each dialect's types filled in (`SQLITE_TYPES`, `postgres.POSTGRES_TYPES`).
+Metrics are a row per (run, branch, step) holding every value of that step packed (see `series`), so a
+step of 40 values is one row and one index entry instead of forty. Their rows stay in SQLite's rowid order
+(appended, so pages fill up) with the key in a small index beside them: clustering them by key filled pages
+about half, and spilled the larger rollup rows to overflow pages."""
 
-BATCH_TABLE = """
-CREATE TEMP TABLE IF NOT EXISTS batch_points (
-    series_id INTEGER NOT NULL,
-    step INTEGER NOT NULL,
-    time REAL NOT NULL,
-    value REAL NOT NULL,
-    PRIMARY KEY (series_id, step)
-) WITHOUT ROWID;
-CREATE TEMP TABLE IF NOT EXISTS batch_rollup (
-    series_id INTEGER NOT NULL,
-    bucket INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    total REAL NOT NULL,
-    lo REAL NOT NULL,
-    hi REAL NOT NULL,
-    last_step INTEGER NOT NULL,
-    PRIMARY KEY (series_id, bucket)
-) WITHOUT ROWID;
-"""
+SQLITE_TYPES = {
+    "real": "REAL",
+    "int": "INTEGER",
+    "blob": "BLOB",
+    "serial": "INTEGER PRIMARY KEY",
+    "clustered": " WITHOUT ROWID",
+}
+SCHEMA = SCHEMA_TEMPLATE.format(**SQLITE_TYPES)
 
 
 @dataclass
 class _PendingWrite:
-    op: Callable[[sqlite3.Connection], Any]
+    op: Callable[[Any], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
@@ -119,107 +166,48 @@ class _PendingWrite:
 _STOP = object()
 
 
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    connection.execute("PRAGMA busy_timeout = 30000")
-    if readonly:
-        connection.execute("PRAGMA query_only = ON")
-    else:
-        connection.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
-        connection.execute("PRAGMA synchronous = NORMAL")
-        connection.execute("PRAGMA temp_store = MEMORY")
-        # Checkpoints copy the WAL into the database and fsync; the checkpointer thread does them, off the
-        # writer's path, so a commit never waits for one.
-        connection.execute("PRAGMA wal_autocheckpoint = 0")
-    return connection
+class GroupWriter:
+    """The writer thread shared by both stores: queued ops run in one transaction, a savepoint each."""
 
+    begin = "BEGIN"
+    error: type[Exception] = Exception
+    """The driver's error class: a failure of the group itself (commit, lost connection)."""
 
-CHECKPOINT_INTERVAL_S = 0.5
-"""How often the checkpointer folds the WAL back into the database file."""
-
-
-class Store:
-    """SQLite access for the server: `await write(op)` commits before returning; `await read(op)`."""
-
-    def __init__(self, path: Path, *, max_batch: int = 512, readers: int = 2) -> None:
-        self.path = path
+    def __init__(self, *, max_batch: int) -> None:
         self.max_batch = max_batch
         self._writes: queue.SimpleQueue[_PendingWrite | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
-        self._checkpointer: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="runsteer-store-read")
-        self._local = threading.local()
-        self._read_connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
         self.commits = 0
         self.writes = 0
 
-    def open(self) -> None:
-        """Create the file and schema if needed and start the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = _connect(self.path, readonly=False)
-        connection.executescript(SCHEMA)
-        connection.executescript(BATCH_TABLE)
-        self._stopping.clear()
-        self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="runsteer-store-writer")
+    def start_writer(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="runsteer-store-writer")
         self._writer.start()
-        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="runsteer-store-checkpointer")
-        self._checkpointer.start()
 
-    def close(self) -> None:
-        """Finish queued writes, stop the writer and close every connection."""
+    def stop_writer(self) -> None:
         if self._writer is not None:
             self._writes.put(_STOP)
             self._writer.join()
             self._writer = None
-        self._stopping.set()
-        if self._checkpointer is not None:
-            self._checkpointer.join()
-            self._checkpointer = None
-        self._readers.shutdown(wait=True)
-        with self._connections_lock:
-            for connection in self._read_connections:
-                connection.close()
-            self._read_connections.clear()
 
-    async def write(self, op: Callable[[sqlite3.Connection], Result]) -> Result:
+    async def write(self, op: Callable[[Db], Result]) -> Result:
         """Run `op` in the next group transaction and return its result once that transaction is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
         self._writes.put(_PendingWrite(op, future, loop))
         return await future
 
-    async def read(self, op: Callable[[sqlite3.Connection], Result]) -> Result:
-        """Run `op` on a read-only connection in the reader pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, op)
+    def writer_db(self) -> Any:
+        """The writer's connection, (re)opened when needed."""
+        raise NotImplementedError
 
-    def read_now(self, op: Callable[[sqlite3.Connection], Result]) -> Result:
-        """Run `op` on a read connection in the calling thread (start-up only, before serving)."""
-        return self._run_read(op)
+    def close_writer_db(self) -> None:
+        raise NotImplementedError
 
-    def _run_read(self, op: Callable[[sqlite3.Connection], Result]) -> Result:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = _connect(self.path, readonly=True)
-            self._local.connection = connection
-            with self._connections_lock:
-                self._read_connections.append(connection)
-        return op(connection)
+    def after_commit(self) -> None:
+        """Called in the writer thread after each group (SQLite keeps its WAL bounded here)."""
 
-    def _checkpoint_loop(self) -> None:
-        """Fold the WAL into the database every CHECKPOINT_INTERVAL_S without blocking the writer (PASSIVE)."""
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        try:
-            while not self._stopping.wait(CHECKPOINT_INTERVAL_S):
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        finally:
-            connection.close()
-
-    def _write_loop(self, connection: sqlite3.Connection) -> None:
+    def _write_loop(self) -> None:
         stopping = False
         while not stopping:
             batch: list[_PendingWrite] = []
@@ -237,31 +225,207 @@ class Store:
                 except queue.Empty:
                     break
             if batch:
-                self._commit_group(connection, batch)
-        connection.close()
+                self._commit_group(batch)
+                self.after_commit()
+        self.close_writer_db()
 
-    def _commit_group(self, connection: sqlite3.Connection, batch: list[_PendingWrite]) -> None:
+    def _commit_group(self, batch: list[_PendingWrite]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            db = self.writer_db()
+            db.execute(self.begin)
             for pending in batch:
-                connection.execute("SAVEPOINT op")
+                db.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((True, pending.op(connection)))
-                    connection.execute("RELEASE op")
+                    outcomes.append((True, pending.op(db)))
+                    db.execute("RELEASE SAVEPOINT op")
                 except Exception as exc:  # the op's own error goes back to its caller only
-                    connection.execute("ROLLBACK TO op")
-                    connection.execute("RELEASE op")
+                    db.execute("ROLLBACK TO SAVEPOINT op")
+                    db.execute("RELEASE SAVEPOINT op")
                     outcomes.append((False, exc))
-            connection.execute("COMMIT")
-        except sqlite3.Error as exc:  # the commit itself failed: every write in the group failed
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except self.error as exc:  # the group itself failed: every write in it failed
+            log.warning("store group commit failed: %s", exc)
+            self._abandon_group()
             outcomes = [(False, exc)] * len(batch)
         self.commits += 1
         self.writes += len(batch)
         for pending, (ok, value) in zip(batch, outcomes, strict=True):
             pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
+
+    def _abandon_group(self) -> None:
+        """Roll back what is left of a failed group (or drop a broken connection)."""
+        raise NotImplementedError
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    connection.execute("PRAGMA busy_timeout = 30000")
+    if readonly:
+        connection.execute("PRAGMA query_only = ON")
+    else:
+        connection.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash may lose the last ones.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("PRAGMA temp_store = MEMORY")
+        # Checkpoints copy the WAL into the database and fsync; the checkpointer thread does them, off the
+        # writer's path; automatic ones would run inside a commit.
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
+        # When a checkpoint resets the WAL, SQLite also cuts the file back to this size.
+        connection.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
+    return connection
+
+
+CHECKPOINT_INTERVAL_S = 0.25
+"""How often the checkpointer copies the WAL back into the database file (PASSIVE: never blocks anyone)."""
+WAL_RESTART_BYTES = 16 * 2**20
+"""WAL size past which the writer, between two groups, finishes a checkpoint and restarts the WAL.
+
+A passive checkpoint alone never restarts the WAL while commits keep coming (each new commit lands
+after the frames it copied), so under steady load the file grew without bound. The restart waits
+only for the frames the checkpointer has not copied yet and for readers still on old frames."""
+WAL_KEEP_BYTES = 4 * 2**20
+"""What the WAL file is truncated to after a restart (a WAL that size is reused, not regrown)."""
+RESTART_BUSY_MS = 200
+"""How long a restart waits for readers before giving up until the next group (commits must not stall)."""
+
+
+class SqliteStore(GroupWriter):
+    """SQLite access for the server: the embedded default, one process, nothing to install."""
+
+    begin = "BEGIN IMMEDIATE"
+    error = sqlite3.Error
+
+    def __init__(self, path: Path, *, max_batch: int = 512, readers: int = 2, wal_restart_bytes: int = 0) -> None:
+        super().__init__(max_batch=max_batch)
+        self.path = path
+        self.wal_restart_bytes = wal_restart_bytes or WAL_RESTART_BYTES
+        self.wal_restarts = 0
+        self._db: sqlite3.Connection | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="runsteer-store-read")
+        self._local = threading.local()
+        self._read_connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+
+    @property
+    def wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def open(self) -> None:
+        """Create the file and schema if needed (migrating an older one) and start the writer thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = _connect(self.path, readonly=False)
+        from control_server.series import migrate_sqlite
+
+        migrate_sqlite(connection)
+        self._db = connection
+        self._stopping.clear()
+        self.start_writer()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="runsteer-store-checkpointer")
+        self._checkpointer.start()
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer and close every connection."""
+        self.stop_writer()
+        self._stopping.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
+            self._checkpointer = None
+        self._readers.shutdown(wait=True)
+        with self._connections_lock:
+            for connection in self._read_connections:
+                connection.close()
+            self._read_connections.clear()
+
+    def disk_bytes(self) -> dict[str, int]:
+        """Sizes of the database file and its WAL."""
+        return {"db": _size(self.path), "wal": _size(self.wal_path)}
+
+    async def read(self, op: Callable[[Db], Result]) -> Result:
+        """Run `op` on a read-only connection in the reader pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, op)
+
+    def read_now(self, op: Callable[[Db], Result]) -> Result:
+        """Run `op` on a read connection in the calling thread (start-up only, before serving)."""
+        return self._run_read(op)
+
+    def _run_read(self, op: Callable[[Db], Result]) -> Result:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = _connect(self.path, readonly=True)
+            self._local.connection = connection
+            with self._connections_lock:
+                self._read_connections.append(connection)
+        return op(connection)
+
+    def writer_db(self) -> sqlite3.Connection:
+        assert self._db is not None
+        return self._db
+
+    def close_writer_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _abandon_group(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def after_commit(self) -> None:
+        """Restart the WAL once it passes `wal_restart_bytes`, so it stays bounded under any steady load."""
+        if _size(self.wal_path) < self.wal_restart_bytes or self._db is None:
+            return
+        self._db.execute(f"PRAGMA busy_timeout = {RESTART_BUSY_MS}")
+        try:
+            busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        finally:
+            self._db.execute("PRAGMA busy_timeout = 30000")
+        if not busy:
+            self.wal_restarts += 1
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database every CHECKPOINT_INTERVAL_S without blocking anyone (PASSIVE)."""
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        try:
+            while not self._stopping.wait(CHECKPOINT_INTERVAL_S):
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            connection.close()
+
+
+def is_postgres_url(db: object) -> bool:
+    """True for a `postgresql://` (or `postgres://`) URL."""
+    return isinstance(db, str) and db.startswith(("postgresql://", "postgres://"))
+
+
+def describe_store(db: Path | str) -> str:
+    """`--db` as it may be logged: a PostgreSQL URL loses its password."""
+    if not is_postgres_url(db):
+        return str(db)
+    parts = urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def make_store(db: Path | str) -> Store:
+    """The store `--db` names: a PostgreSQL URL, or else a SQLite file."""
+    if is_postgres_url(db):
+        from control_server.postgres import PostgresStore  # psycopg is loaded only by those who use it
+
+        return PostgresStore(str(db))
+    return SqliteStore(Path(db))
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:

@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")"
 token() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
-admin=$(token) trainer=$(token) rules=$(token) dashboard=$(token) prometheus=$(token)
+admin=$(token) trainer=$(token) rules=$(token) dashboard=$(token) prometheus=$(token) postgres=$(token)
 mkdir -p secrets
 printf '%s' "$prometheus" > secrets/prometheus.token
 cat > .env <<ENV
@@ -12,5 +12,6 @@ RUNSTEER_TOKENS=[{"name":"you","token":"$admin","scopes":["admin"]},{"name":"tra
 TRAINER_TOKEN=$trainer
 AGENT_TOKEN=$rules
 DASHBOARD_TOKEN=$dashboard
+POSTGRES_PASSWORD=$postgres
 ENV
 echo "wrote docker/.env and docker/secrets/; your admin token (for the dashboard and the CLI): $admin"

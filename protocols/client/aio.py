@@ -14,6 +14,7 @@ from protocols.client.core import (
     HttpRequest,
     Model,
     Requests,
+    ServerList,
     auth_headers,
     decode,
     envelope_of,
@@ -41,7 +42,8 @@ class AsyncClient:
     """Talks to a runsteer server from asyncio code; one aiohttp session per client."""
 
     def __init__(self, server: str = "http://127.0.0.1:8765", *, token: str | None = None) -> None:
-        self.server = server.rstrip("/")
+        self.servers = ServerList(server)
+        """Several URLs separated by commas: requests go to the first that accepts a connection."""
         self.token = token
         self._session: aiohttp.ClientSession | None = None
 
@@ -65,20 +67,32 @@ class AsyncClient:
             )
         return self._session
 
+    @property
+    def server(self) -> str:
+        """The base URL in use."""
+        return self.servers.current
+
     async def send(self, request: HttpRequest[Model]) -> Model:
-        """Send one request and decode its answer."""
-        try:
-            async with self._http().request(
-                request.method,
-                self.server + request.target,
-                data=request.body,
-                timeout=aiohttp.ClientTimeout(total=request.timeout_s),
-            ) as response:
-                body = await response.read()
-                status = response.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
-        return decode(request, status, body)
+        """Send one request and decode its answer, failing over past servers that refuse the connection."""
+        for attempt in range(len(self.servers.urls)):
+            try:
+                async with self._http().request(
+                    request.method,
+                    self.server + request.target,
+                    data=request.body,
+                    timeout=aiohttp.ClientTimeout(total=request.timeout_s),
+                ) as response:
+                    body = await response.read()
+                    status = response.status
+            except aiohttp.ClientConnectorError as exc:  # not connected: nothing was sent, another may take it
+                if attempt == len(self.servers.urls) - 1:
+                    raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
+                self.servers.fail_over()
+                continue
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise ServerUnavailable(f"{self.server} unreachable: {exc!r}") from exc
+            return decode(request, status, body)
+        raise AssertionError("unreachable")
 
     async def register_run(self, registration: RunRegistration) -> RunInfo:
         """Register a run (or re-attach to `registration.run_id`)."""
@@ -197,26 +211,33 @@ class AsyncClient:
 
     def stream(self, run_id: str | None = None) -> AsyncEventStream:
         """The live stream of one run (or all runs): `async with client.stream(run_id) as events`."""
-        return AsyncEventStream(self._http(), stream_url(self.server, run_id))
+        return AsyncEventStream(self._http(), self.servers, run_id)
 
 
 class AsyncEventStream:
     """A live websocket stream: `async for event in stream`; `submit` sends a command over it."""
 
-    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+    def __init__(self, session: aiohttp.ClientSession, servers: ServerList, run_id: str | None) -> None:
         self._session = session
-        self._url = url
+        self._servers = servers
+        self._run_id = run_id
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._pending: deque[Event] = deque()
 
     async def __aenter__(self) -> AsyncEventStream:
-        try:
-            self._socket = await self._session.ws_connect(self._url, max_msg_size=16 * 2**20, heartbeat=20.0)
-        except aiohttp.WSServerHandshakeError as exc:
-            raise error_for_status(exc.status, None, f"stream refused: HTTP {exc.status}") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ServerUnavailable(f"cannot open stream {self._url}: {exc!r}") from exc
-        return self
+        """Open the socket on the client's current server, failing over past those that refuse the connection."""
+        for attempt in range(len(self._servers.urls)):
+            url = stream_url(self._servers.current, self._run_id)
+            try:
+                self._socket = await self._session.ws_connect(url, max_msg_size=16 * 2**20, heartbeat=20.0)
+                return self
+            except aiohttp.WSServerHandshakeError as exc:
+                raise error_for_status(exc.status, None, f"stream refused: HTTP {exc.status}") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                if attempt == len(self._servers.urls) - 1:
+                    raise ServerUnavailable(f"cannot open stream {url}: {exc!r}") from exc
+                self._servers.fail_over()
+        raise AssertionError("unreachable")
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

@@ -126,6 +126,31 @@ def normalise_base_url(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
+class ServerList:
+    """The base URLs of servers that share one store, given as one string separated by commas.
+
+    Requests go to `current`; a client moves on with `fail_over()` when it cannot connect there (a
+    standby server does not listen until it takes over), so every caller gets failover for free.
+    """
+
+    def __init__(self, server: str) -> None:
+        self.urls = [part.strip().rstrip("/") for part in server.split(",") if part.strip()]
+        if not self.urls:
+            raise ValueError("no server URL given")
+        for url in self.urls:
+            normalise_base_url(url)
+        self.index = 0
+
+    @property
+    def current(self) -> str:
+        """The URL requests go to now."""
+        return self.urls[self.index]
+
+    def fail_over(self) -> None:
+        """Move on to the next URL (round robin)."""
+        self.index = (self.index + 1) % len(self.urls)
+
+
 def stream_url(base_url: str, run_id: str | None) -> str:
     """The websocket URL of one run's stream, or of every run's when `run_id` is None."""
     scheme, host, port = normalise_base_url(base_url)
@@ -325,6 +350,7 @@ __all__ = [
     "HttpRequest",
     "Requests",
     "RunsteerError",
+    "ServerList",
     "auth_headers",
     "build",
     "decode",

@@ -19,6 +19,7 @@ from protocols.client.core import (
     HttpRequest,
     Model,
     Requests,
+    ServerList,
     auth_headers,
     decode,
     envelope_of,
@@ -46,12 +47,14 @@ _STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, Con
 
 
 class Client:
-    """Talks to a runsteer server from ordinary (threaded) code. Not shared between threads."""
+    """Talks to a runsteer server from ordinary (threaded) code. Not shared between threads.
+
+    `server` may list several URLs separated by commas: a connection goes to the first that accepts it.
+    """
 
     def __init__(self, server: str = "http://127.0.0.1:8765", *, token: str | None = None) -> None:
-        self.server = server.rstrip("/")
+        self.servers = ServerList(server)
         self.token = token
-        self._scheme, self._host, self._port = normalise_base_url(server)
         self._connection: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._closings = 0
@@ -105,12 +108,28 @@ class Client:
                 return decode(request, response.status, body)
         raise AssertionError("unreachable")
 
+    @property
+    def server(self) -> str:
+        """The base URL in use."""
+        return self.servers.current
+
     def _connect(self) -> http.client.HTTPConnection:
-        kind = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        connection = kind(self._host, self._port, timeout=10.0)
-        connection.connect()
-        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return connection
+        """Connect to the current server, failing over to the next ones that refuse (nothing was sent yet)."""
+        for attempt in range(len(self.servers.urls)):
+            scheme, host, port = normalise_base_url(self.servers.current)
+            kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            connection = kind(host, port, timeout=10.0)
+            try:
+                connection.connect()
+            except OSError:
+                connection.close()
+                if attempt == len(self.servers.urls) - 1:
+                    raise
+                self.servers.fail_over()
+                continue
+            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return connection
+        raise AssertionError("unreachable")
 
     def _drop_connection(self) -> None:
         if self._connection is not None:
@@ -238,8 +257,15 @@ class Client:
         return self.send(Requests.list_checkpoints(run_id, branch=branch)).checkpoints
 
     def stream(self, run_id: str | None = None, *, open_timeout_s: float = 10.0) -> EventStream:
-        """Open the live stream of one run (or all runs when `run_id` is None)."""
-        return EventStream(stream_url(self.server, run_id), self.token, open_timeout_s)
+        """The live stream of one run (or all runs when `run_id` is None), failing over past unreachable servers."""
+        for attempt in range(len(self.servers.urls)):
+            try:
+                return EventStream(stream_url(self.server, run_id), self.token, open_timeout_s)
+            except ServerUnavailable:
+                if attempt == len(self.servers.urls) - 1:
+                    raise
+                self.servers.fail_over()
+        raise AssertionError("unreachable")
 
 
 class EventStream:

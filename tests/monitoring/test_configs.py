@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control_server.prometheus import TRAINING_GAUGES
 from protocols import MetricsBatch, MetricsSample
 from protocols.client import Client
+from protocols.client.core import ServerList
 from protocols.entry import SUBCOMMANDS
 from tests.scripted_trainer import ScriptedTrainer
 
@@ -42,8 +43,38 @@ def referenced_names(expressions: list[str]) -> set[str]:
 
 
 def test_compose_brings_up_every_part_of_the_stack() -> None:
-    """Server, dashboard, trainer, rule agent, Prometheus and Grafana are all services."""
-    assert set(COMPOSE["services"]) == {"server", "dashboard", "trainer", "agent", "prometheus", "grafana"}
+    """Two servers on PostgreSQL, dashboard, trainer, rule agent, Prometheus and Grafana are all services."""
+    assert set(COMPOSE["services"]) == {
+        "postgres",
+        "server",
+        "server-b",
+        "dashboard",
+        "trainer",
+        "agent",
+        "prometheus",
+        "grafana",
+    }
+
+
+def test_compose_servers_share_postgres_and_every_client_knows_both() -> None:
+    """Both servers store in the compose PostgreSQL; dashboard, trainer, agent and Prometheus name both servers."""
+    from control_server.cli import build_parser, config_from_args
+    from control_server.store import is_postgres_url
+
+    services = COMPOSE["services"]
+    databases = set()
+    for name in ("server", "server-b"):
+        config = config_from_args(build_parser().parse_args(services[name]["command"][2:]))
+        assert is_postgres_url(config.db), name
+        assert "@postgres:5432/" in str(config.db) and services[name]["depends_on"]["postgres"]
+        databases.add(config.db)
+    assert len(databases) == 1, "one database, shared"
+    for name in ("dashboard", "trainer", "agent"):
+        command = services[name]["command"]
+        urls = ServerList(command[command.index("--server") + 1]).urls
+        assert urls == ["http://server:8765", "http://server-b:8765"], name
+    scrape = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["server:8765", "server-b:8765"]
 
 
 def test_compose_runsteer_commands_are_real_subcommands() -> None:

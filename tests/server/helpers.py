@@ -15,7 +15,7 @@ from protocols.client import Client
 
 T = TypeVar("T")
 
-STORE_TABLES = ("commands", "metric_points", "runs", "events", "checkpoints")
+STORE_TABLES = ("commands", "metric_steps", "runs", "events", "checkpoints")
 """The store tables whose row counts tell whether a request stored anything."""
 
 
@@ -64,8 +64,13 @@ def raw_request(
         connection.close()
 
 
-def row_counts(db: Path) -> dict[str, int]:
-    """Rows per store table, read straight from the SQLite file (read-only, beside the server's connections)."""
+def row_counts(db: Path | str) -> dict[str, int]:
+    """Rows per store table, read straight from the store (read-only, beside the server's connections)."""
+    if isinstance(db, str) and db.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(db) as pg:
+            return {table: pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in STORE_TABLES}  # type: ignore[index]
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in STORE_TABLES}

@@ -15,6 +15,8 @@ from protocols.client.core import Requests
 from tests.server.helpers import raw_request, register, row_counts
 from tests.serving import ServerThread
 
+pytestmark = pytest.mark.both_stores
+
 APPROVAL = Policy(approval_required=["agent:*"])
 
 

@@ -1,4 +1,4 @@
-"""Restart durability: a new server process on the same SQLite file shows all history and redelivers open commands."""
+"""Restart durability: a new server process on the same store shows all history and redelivers open commands."""
 
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ def processes(tmp_path: Path) -> Iterator[list[ServerProcess]]:
         process.stop(kill=True)
 
 
-def start(processes: list[ServerProcess], db: Path) -> ServerProcess:
-    process = ServerProcess(db, "--heartbeat-timeout", "60").start()
+def start(processes: list[ServerProcess], db: Path | str, workdir: Path) -> ServerProcess:
+    process = ServerProcess(workdir / "runsteer.db", "--db", str(db), "--heartbeat-timeout", "60").start()
     processes.append(process)
     return process
 
@@ -54,13 +54,14 @@ def history(client: Client, run_id: str) -> dict[str, object]:
 
 
 @pytest.mark.slow
+@pytest.mark.both_stores
 @pytest.mark.parametrize("kill", [False, True], ids=["SIGTERM", "SIGKILL"])
 def test_a_restarted_server_shows_all_history_and_redelivers_unanswered_commands(
-    processes: list[ServerProcess], tmp_path: Path, kill: bool
+    processes: list[ServerProcess], tmp_path: Path, kill: bool, store_db: Path | str
 ) -> None:
     """Runs, commands with their statuses, metrics, checkpoints and events survive; open commands come back."""
-    db = tmp_path / "runsteer.db"
-    first = start(processes, db)
+    db = store_db
+    first = start(processes, db, tmp_path)
     with Client(first.url) as client:
         run_id = register(client, "durable", domains=["web", "code"], policy=Policy(approval_required=["agent:*"]))
         other_run = register(client, "other")
@@ -109,7 +110,7 @@ def test_a_restarted_server_shows_all_history_and_redelivers_unanswered_commands
         other_before = client.list_commands(other_run)
 
     assert first.stop(kill=kill) == (-9 if kill else 0)
-    second = start(processes, db)
+    second = start(processes, db, tmp_path)
     with Client(second.url) as client:
         after = history(client, run_id)
         for key in before:

@@ -11,6 +11,8 @@ import pytest
 from protocols import MetricsBatch, MetricsSample, RunRegistration
 from protocols.client import Client
 
+pytestmark = pytest.mark.both_stores
+
 STEPS = 6000
 
 

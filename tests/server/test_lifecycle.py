@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from protocols import CommandResult, MetricsBatch, MetricsSample, RunRegistration, SetHparams
 from protocols.client import Client
+
+pytestmark = pytest.mark.both_stores
 
 
 def register(client: Client, name: str = "lifecycle", **fields: object) -> str:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from protocols import Heartbeat, Policy, RateLimit, RunRegistration, RunState
 from protocols.client import AsyncClient
 from tests.serving import ServerThread
+
+pytestmark = pytest.mark.both_stores
 
 
 async def test_a_policy_set_while_heartbeats_arrive_is_kept(server: ServerThread) -> None:

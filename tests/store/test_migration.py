@@ -1,0 +1,80 @@
+"""A SQLite file written with a row per value (schema 1) opens as packed steps with the same history."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from control_server.series import SeriesCache, bucketed, raw_steps
+from control_server.store import SCHEMA_VERSION, SqliteStore
+
+VERSION_1 = """
+CREATE TABLE metric_series (series_id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, branch TEXT NOT NULL,
+    key TEXT NOT NULL, UNIQUE (run_id, branch, key));
+CREATE TABLE metric_points (series_id INTEGER NOT NULL, step INTEGER NOT NULL, time REAL NOT NULL,
+    value REAL NOT NULL, PRIMARY KEY (series_id, step)) WITHOUT ROWID;
+CREATE TABLE metric_rollups (series_id INTEGER NOT NULL, shift INTEGER NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL, total REAL NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, last_step INTEGER NOT NULL,
+    PRIMARY KEY (series_id, shift, bucket)) WITHOUT ROWID;
+"""
+
+
+def series_of(db: sqlite3.Connection, branch: str) -> int:
+    row = db.execute("SELECT series_id FROM metric_series WHERE run_id = 'r' AND branch = ?", (branch,)).fetchone()
+    return int(row[0])
+
+
+def test_row_per_value_history_is_repacked_on_open(tmp_path: Path) -> None:
+    """Every value of a version-1 file is there after opening, in raw reads and in rollups, and old tables are gone."""
+    path = tmp_path / "runsteer.db"
+    rng = random.Random(3)
+    values = {
+        (branch, key, step): rng.uniform(-1, 1)
+        for branch in ("main", "b2")
+        for key in ("loss", "lr")
+        for step in range(0, 700)
+        if not (key == "lr" and step % 3)
+    }
+    old = sqlite3.connect(path)
+    old.executescript(VERSION_1)
+    ids = {}
+    for branch, key, _ in values:
+        if (branch, key) not in ids:
+            old.execute("INSERT INTO metric_series (run_id, branch, key) VALUES ('r', ?, ?)", (branch, key))
+            ids[(branch, key)] = old.execute("SELECT last_insert_rowid()").fetchone()[0]
+    old.executemany(
+        "INSERT INTO metric_points VALUES (?, ?, 1.0, ?)",
+        [(ids[(branch, key)], step, value) for (branch, key, step), value in values.items()],
+    )
+    old.commit()
+    old.close()
+
+    store = SqliteStore(path)
+    store.open()
+    try:
+
+        def read(db: sqlite3.Connection) -> tuple[int, dict[tuple[str, str, int], float], dict[int, float]]:
+            cache = SeriesCache()
+            found = {}
+            for branch in ("main", "b2"):
+                series_id = series_of(db, branch)
+                for step, _, row in raw_steps(db, cache, series_id, 0):
+                    found.update({(branch, key, step): value for key, value in row.items()})
+            main = series_of(db, "main")
+            buckets = bucketed(db, cache, main, 0, 128)
+            means = {bucket: agg["loss"].total / agg["loss"].n for bucket, agg in buckets.items()}
+            return db.execute("PRAGMA user_version").fetchone()[0], found, means
+
+        version, found, means = store.read_now(read)
+        tables = store.read_now(lambda db: {name for (name,) in db.execute("SELECT name FROM sqlite_master")})
+    finally:
+        store.close()
+    assert version == SCHEMA_VERSION
+    assert found == values
+    assert "metric_points" not in tables
+    for bucket, mean in means.items():
+        members = [values[("main", "loss", step)] for step in range(bucket * 128, min(bucket * 128 + 128, 700))]
+        assert mean == pytest.approx(sum(members) / len(members), rel=1e-12)
