@@ -13,13 +13,13 @@ from control_server.auth import LOCAL_ADMIN
 from control_server.events import EventLog
 from control_server.fanout import Broadcaster
 from control_server.runs import RunRegistry
-from control_server.store import Store
+from control_server.store import SqliteStore
 from protocols import Heartbeat, Policy, RunRegistration, RunState
 
 
 @pytest.fixture
 async def registry(tmp_path: Path) -> AsyncIterator[RunRegistry]:
-    store = Store(tmp_path / "runsteer.db")
+    store = SqliteStore(tmp_path / "runsteer.db")
     store.open()
     try:
         yield RunRegistry(store, EventLog(store, Broadcaster(64)), default_policy=Policy(), heartbeat_timeout_s=30.0)
