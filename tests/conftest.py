@@ -13,7 +13,9 @@ from protocols.client import Client
 from tests.postgres import LocalPostgres
 from tests.serving import ServerThread
 
-STORES = ("sqlite", "postgres")
+STORES = ("sqlite", pytest.param("postgres", marks=pytest.mark.slow))
+"""The stores `both_stores` tests run on; those on PostgreSQL need the session's cluster, so the fast loop skips
+them."""
 _databases = itertools.count()
 
 
