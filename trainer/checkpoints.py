@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import shutil
 import threading
 import time
@@ -29,7 +30,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,12 @@ the optimizer's whole per-parameter state)."""
 _IMMUTABLE = (int, float, str, bool, bytes, type(None))
 
 
+def _is_parameter(value: Any) -> bool:
+    """A parameter of a subclass of `nn.Parameter` (its `isinstance` goes through a slow metaclass check, so the
+    common exact type is tested first by the caller)."""
+    return isinstance(value, Tensor) and isinstance(value, nn.Parameter)
+
+
 def split_copy(state: Any, deferred: Deferred) -> Any:
     """Like `detached_copy`, except that parameters and the optimizer's per-parameter `state` are left out and
     listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread."""
@@ -82,7 +88,7 @@ def split_copy(state: Any, deferred: Deferred) -> Any:
     if isinstance(state, dict):
         copied: dict[Any, Any] = {}
         for key, value in state.items():
-            if isinstance(value, nn.Parameter) or (key == "state" and "param_groups" in state):
+            if type(value) is nn.Parameter or (key == "state" and "param_groups" in state) or _is_parameter(value):
                 deferred.append((copied, key, value))
                 copied[key] = None
             elif isinstance(value, Tensor):
@@ -184,6 +190,9 @@ class CheckpointStore:
         """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
+        self._ids = random.Random()
+        """Checkpoint id suffixes: seeded once from the OS (a `uuid4` per id reads `os.urandom`, which costs hundreds
+        of microseconds on some hosts), and apart from the `random` module's state, which the run may depend on."""
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             for info in self._read_index():
@@ -201,7 +210,7 @@ class CheckpointStore:
         metrics: dict[str, float] | None = None,
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
         """Snapshot `state`; returns the new checkpoint's info and the infos of checkpoints it evicted."""
-        checkpoint_id = f"{branch[:40]}.s{step}.{uuid4().hex[:8]}"
+        checkpoint_id = f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}"
         self.wait()
         if (to_disk and self.directory is not None) or not self.overlap:
             snapshot = detached_copy(state)

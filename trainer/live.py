@@ -42,6 +42,10 @@ class Sampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+LR_TABLE_STEPS = 64
+"""How many steps' learning rates `apply_schedule` works out at once."""
+
+
 class ScheduleFactor:
     """A `LambdaLR` multiplier that makes a torch scheduler follow a runsteer `Schedule`.
 
@@ -55,6 +59,58 @@ class ScheduleFactor:
 
     def __call__(self, epoch: int) -> float:
         return Schedule.from_state_dict(self.schedule).factor(epoch + self.offset)
+
+
+class ModelState:
+    """`model.state_dict(keep_vars=True)` refilled from a plan made once, so a snapshot does not walk the module tree.
+
+    The plan holds where each parameter and persistent buffer lives (its module's table and name), read anew at each
+    capture, so a tensor reassigned since is seen; the module tree itself must stay as it was. A model that torch's
+    default would not save that way (state-dict hooks, an overridden `state_dict`, `_save_to_state_dict` or
+    `get_extra_state`) gets torch's own `state_dict` every time.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._plan: list[tuple[str, dict[str, Any], str]] | None = None
+        self._own = True
+        """False once the plan found a module torch's default does not save as the plan would."""
+
+    def capture(self) -> dict[str, Any]:
+        """The model's parameters and persistent buffers by state-dict key (references, not copies)."""
+        if self._plan is None and self._own:
+            self._plan = self._make_plan()
+        if self._plan is None:
+            return self.model.state_dict(keep_vars=True)
+        state: dict[str, Any] = {}
+        for key, table, name in self._plan:
+            value = table.get(name)
+            if value is not None:
+                state[key] = value
+        return state
+
+    def _make_plan(self) -> list[tuple[str, dict[str, Any], str]] | None:
+        plan: list[tuple[str, dict[str, Any], str]] = []
+        base = nn.Module
+        for path, module in self.model.named_modules(remove_duplicate=False):
+            kind = type(module)
+            if (
+                module._state_dict_hooks
+                or module._state_dict_pre_hooks
+                or kind.state_dict is not base.state_dict
+                or kind._save_to_state_dict is not base._save_to_state_dict
+                or kind.get_extra_state is not base.get_extra_state
+            ):
+                self._own = False
+                return None
+            prefix = f"{path}." if path else ""
+            plan += [(prefix + name, module._parameters, name) for name in module._parameters]
+            plan += [
+                (prefix + name, module._buffers, name)
+                for name in module._buffers
+                if name not in module._non_persistent_buffers_set
+            ]
+        return plan
 
 
 class LiveRun:
@@ -93,7 +149,11 @@ class LiveRun:
         self._healthy_since_checkpoint = True
         self._last_values: dict[str, float] = {}
         self._lambdas: list[Any] = list(getattr(scheduler, "lr_lambdas", []))
+        self._model_state = ModelState(model)
         self._schedule: Schedule | None = None
+        self._schedule_state: dict[str, Any] | None = None
+        self._lr_table: tuple[tuple[Schedule, list[list[float]]] | None, int] = (None, 0)
+        """The schedule's learning rates from a step on, for that schedule object only (a new one starts afresh)."""
         self.schedule = schedule
 
     @property
@@ -104,6 +164,7 @@ class LiveRun:
     @schedule.setter
     def schedule(self, schedule: Schedule | None) -> None:
         self._schedule = schedule
+        self._schedule_state = schedule.state_dict() if schedule is not None else None
         scheduler = self.scheduler
         if schedule is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
@@ -146,9 +207,16 @@ class LiveRun:
 
     def apply_schedule(self) -> None:
         """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
-        if self.schedule is None:
+        schedule = self.schedule
+        if schedule is None:
             return
-        for group, lr in zip(self.optimizer.param_groups, self.schedule.lrs(self.step), strict=True):
+        table, first = self._lr_table
+        index = self.step - first
+        if table is None or table[0] is not schedule or not 0 <= index < len(table[1]):
+            # Worked out for the next `LR_TABLE_STEPS` steps at once: a step then only looks its rates up.
+            table, first, index = (schedule, [schedule.lrs(self.step + k) for k in range(LR_TABLE_STEPS)]), self.step, 0
+            self._lr_table = table, first
+        for group, lr in zip(self.optimizer.param_groups, table[1][index], strict=True):
             group["lr"] = lr
         self._tell_scheduler()
 
@@ -177,7 +245,8 @@ class LiveRun:
 
     def note_values(self, values: dict[str, float]) -> None:
         """Remember a step's values: the next checkpoint carries them and is unhealthy if any was non-finite."""
-        if not all(math.isfinite(value) for value in values.values()):
+        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
+        if not math.isfinite(sum(values.values())) and not all(math.isfinite(value) for value in values.values()):
             self._healthy_since_checkpoint = False
         self._last_values = values
 
@@ -200,10 +269,10 @@ class LiveRun:
         """Everything a checkpoint restores (references; the store copies them)."""
         state: dict[str, Any] = {
             # Parameters as `nn.Parameter`s: the ring copies those off the training thread (see checkpoints.py).
-            "model": self.model.state_dict(keep_vars=True),
+            "model": self._model_state.capture(),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_name": optimizer_name(self.optimizer) or type(self.optimizer).__name__,
-            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "schedule": self._schedule_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "rng": {"torch": torch.get_rng_state()},
