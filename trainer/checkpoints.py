@@ -71,35 +71,35 @@ Deferred = list[tuple[dict[Any, Any], Any, Any]]
 the optimizer's whole per-parameter state)."""
 
 
-_IMMUTABLE = (int, float, str, bool, bytes, type(None))
-
-
-def _is_parameter(value: Any) -> bool:
-    """A parameter of a subclass of `nn.Parameter` (its `isinstance` goes through a slow metaclass check, so the
-    common exact type is tested first by the caller)."""
-    return isinstance(value, Tensor) and isinstance(value, nn.Parameter)
+_IMMUTABLE_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
 
 
 def split_copy(state: Any, deferred: Deferred) -> Any:
     """Like `detached_copy`, except that parameters and the optimizer's per-parameter `state` are left out and
-    listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread."""
+    listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread (exact types
+    are tested first, as `isinstance(x, nn.Parameter)` goes through a slow metaclass check)."""
     if isinstance(state, Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         copied: dict[Any, Any] = {}
         for key, value in state.items():
-            if type(value) is nn.Parameter or (key == "state" and "param_groups" in state) or _is_parameter(value):
+            kind = type(value)
+            if kind is nn.Parameter or (key == "state" and "param_groups" in state):
                 deferred.append((copied, key, value))
                 copied[key] = None
-            elif isinstance(value, Tensor):
-                copied[key] = value.detach().to("cpu", copy=True)
-            elif isinstance(value, _IMMUTABLE):
+            elif kind in _IMMUTABLE_TYPES:
                 copied[key] = value
+            elif isinstance(value, Tensor):
+                if isinstance(value, nn.Parameter):
+                    deferred.append((copied, key, value))
+                    copied[key] = None
+                else:
+                    copied[key] = value.detach().to("cpu", copy=True)
             else:
                 copied[key] = split_copy(value, deferred)
         return copied
     if isinstance(state, (list, tuple)):
-        items = [value if isinstance(value, _IMMUTABLE) else split_copy(value, deferred) for value in state]
+        items = [value if type(value) in _IMMUTABLE_TYPES else split_copy(value, deferred) for value in state]
         return items if isinstance(state, list) else tuple(items)
     return copy.deepcopy(state)
 
@@ -145,7 +145,7 @@ class BackgroundCopy:
         if isinstance(source, (list, tuple)):
             items = [self._copy_tree(value) for value in source]
             return items if isinstance(source, list) else tuple(items)
-        return source if isinstance(source, _IMMUTABLE) else copy.deepcopy(source)
+        return source if type(source) in _IMMUTABLE_TYPES else copy.deepcopy(source)
 
     def before_write(self) -> None:
         """Block the host until the copies are made (CPU) or issued, and make the device wait for them (CUDA)."""
