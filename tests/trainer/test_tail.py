@@ -16,7 +16,7 @@ from protocols.records import RunRegistration
 from tests.trainer.conftest import FAST_IO
 from trainer.checkpoints import CheckpointStore
 from trainer.io import FlushItem, IOWorker, SampleItem
-from trainer.live import LR_TABLE_STEPS, LiveRun, ModelState
+from trainer.live import LR_TABLE_STEPS, LiveRun, ModelState, OptimizerState
 from trainer.schedule import Schedule
 
 
@@ -30,14 +30,13 @@ def test_model_state_is_torchs_state_dict_for_tied_weights_and_buffers() -> None
     normed = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     normed.register_buffer("scratch", torch.zeros(2), persistent=False)
     for model in (gpt2, normed):
-        state = ModelState(model)
-        assert _same(state.capture(), model.state_dict(keep_vars=True))
+        assert _same(ModelState().capture(model), model.state_dict(keep_vars=True))
     # A reassigned parameter is seen by the next capture: the plan holds where it lives, not the tensor.
     normed[0].weight = nn.Parameter(torch.ones(4, 3))
-    state = ModelState(normed)
-    state.capture()
+    state = ModelState()
+    state.capture(normed)
     normed[0].bias = nn.Parameter(torch.ones(4))
-    assert _same(state.capture(), normed.state_dict(keep_vars=True))
+    assert _same(state.capture(normed), normed.state_dict(keep_vars=True))
 
 
 def test_model_state_with_a_state_dict_hook_is_torchs_own() -> None:
@@ -47,8 +46,27 @@ def test_model_state_with_a_state_dict_hook_is_torchs_own() -> None:
         state[f"{prefix}extra"] = torch.ones(1)
 
     model[1]._register_state_dict_hook(rename)
-    captured = ModelState(model).capture()
+    captured = ModelState().capture(model)
     assert "1.extra" in captured and list(captured) == list(model.state_dict(keep_vars=True))
+
+
+def test_optimizer_state_is_torchs_state_dict_across_groups_added_and_a_swap() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters()}], lr=1e-3)
+    state = OptimizerState()
+
+    def step() -> None:
+        model(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+
+    for change in (step, lambda: optimizer.add_param_group({"params": model[1].parameters(), "lr": 1e-2}), step):
+        change()
+        ours, theirs = state.capture(optimizer), optimizer.state_dict()
+        assert ours["param_groups"] == theirs["param_groups"]
+        assert list(ours["state"]) == list(theirs["state"])
+        assert all(ours["state"][key] is theirs["state"][key] for key in theirs["state"])
+    optimizer.param_groups = [{**group, "params": list(group["params"])} for group in optimizer.param_groups]
+    assert state.capture(optimizer)["param_groups"] == optimizer.state_dict()["param_groups"]
 
 
 def test_learning_rates_from_the_table_follow_the_schedule_and_its_replacement() -> None:
