@@ -44,6 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from benchmarks._common import UNLIMITED, Server, load_average
 from protocols.client import Client
+from protocols.errors import RequestRejected
 from trainer.data import arithmetic_domain, code_domain, prose_domain
 from trainer.hf import SteerCallback as HFSteer
 from trainer.lightning import SteerCallback as LightningSteer
@@ -163,7 +164,9 @@ def train(
         factory = HFSteer if framework == "hf" else LightningSteer
         callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
         clock.wrap(callback, HOOKS[framework])
-        callbacks.insert(0, callback)
+        # After the clock: a step's end is stamped before the callback's boundary takes the commands queued by then,
+        # so a command that reaches the trainer after that boundary is not counted as arriving before it.
+        callbacks.append(callback)
         if started is not None:
             started(callback)
     if kind == "peer":
@@ -246,12 +249,29 @@ def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks
             setattr(cls, name, method)
 
 
+class StampedInbox:
+    """The trainer's command inbox, noting when the poller thread queued each command: its arrival in the trainer."""
+
+    def __init__(self, inbox: Any) -> None:
+        self.inbox = inbox
+        self.queued: dict[int, float] = {}
+
+    def put(self, record: Any) -> None:
+        self.queued[record.seq] = time.time()
+        self.inbox.put(record)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inbox, name)
+
+
 def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
     """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
-    (`created_at`) and from its delivery to the trainer's poller (`delivered_at`) to the boundary that applied it."""
+    (`created_at`), from its handing the command out to the trainer's poller (`delivered_at`) and from the poller's
+    queuing it in the trainer (`queued`, its arrival there) to the boundary that applied it."""
     clock = Clock()
     started = threading.Event()
     holder: list[Any] = []
+    inboxes: list[StampedInbox] = []
 
     def send() -> None:
         started.wait(60)
@@ -259,12 +279,17 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
         while steer is None or steer.run_id is None:
             time.sleep(0.01)
             steer = holder[0].steer
+        inboxes.append(StampedInbox(steer.io.inbox))
+        steer.io.inbox = inboxes[0]
         with Client(server) as client:
             client.set_policy(steer.run_id, UNLIMITED)
             rng = random.Random(0)
             while len(clock.ends) < steps - 10:
                 time.sleep(rng.uniform(0.01, 0.15))
-                client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                try:
+                    client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                except RequestRejected:
+                    return  # the run finished between the check and the submit
 
     def hand_over(callback: Any) -> None:
         holder.append(callback)
@@ -276,14 +301,20 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
     sender.join(30)
     with Client(server) as client:
         records = [r for r in client.list_commands(callback.steer.run_id) if r.status == "applied"]
+    queued = inboxes[0].queued if inboxes else {}
+    moments: dict[str, Callable[[Any], float | None]] = {
+        "created_at": lambda r: r.created_at,
+        "delivered_at": lambda r: r.delivered_at,
+        "queued": lambda r: queued.get(r.seq),
+    }
     # A command that arrived while step n ran (n steps done) is due at boundary n + 1, the end of that step.
     return {
         moment: [
-            r.applied_step - bisect.bisect_right(clock.wall_ends, getattr(r, moment))
+            r.applied_step - bisect.bisect_right(clock.wall_ends, at(r))
             for r in records
-            if r.applied_step is not None and getattr(r, moment) is not None
+            if r.applied_step is not None and at(r) is not None
         ]
-        for moment in ("created_at", "delivered_at")
+        for moment, at in moments.items()
     }
 
 
@@ -336,7 +367,11 @@ def main() -> int:
                     f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
                     f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
                 )
-            for moment, label in (("created_at", "accepted by the server"), ("delivered_at", "delivered to it")):
+            for moment, label in (
+                ("created_at", "accepted by the server"),
+                ("delivered_at", "handed out by the server"),
+                ("queued", "queued in the trainer by its poller"),
+            ):
                 boundaries = latency[moment]
                 if boundaries:
                     share = sum(1 for d in boundaries if d <= 1) / len(boundaries)

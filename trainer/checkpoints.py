@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import shutil
 import threading
 import time
@@ -29,7 +30,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import torch
 from torch import Tensor, nn
@@ -71,29 +71,35 @@ Deferred = list[tuple[dict[Any, Any], Any, Any]]
 the optimizer's whole per-parameter state)."""
 
 
-_IMMUTABLE = (int, float, str, bool, bytes, type(None))
+_IMMUTABLE_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
 
 
 def split_copy(state: Any, deferred: Deferred) -> Any:
     """Like `detached_copy`, except that parameters and the optimizer's per-parameter `state` are left out and
-    listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread."""
+    listed in `deferred`, for a `BackgroundCopy` to fill in. Kept lean: it runs on the training thread (exact types
+    are tested first, as `isinstance(x, nn.Parameter)` goes through a slow metaclass check)."""
     if isinstance(state, Tensor):
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         copied: dict[Any, Any] = {}
         for key, value in state.items():
-            if isinstance(value, nn.Parameter) or (key == "state" and "param_groups" in state):
+            kind = type(value)
+            if kind is nn.Parameter or (key == "state" and "param_groups" in state):
                 deferred.append((copied, key, value))
                 copied[key] = None
-            elif isinstance(value, Tensor):
-                copied[key] = value.detach().to("cpu", copy=True)
-            elif isinstance(value, _IMMUTABLE):
+            elif kind in _IMMUTABLE_TYPES:
                 copied[key] = value
+            elif isinstance(value, Tensor):
+                if isinstance(value, nn.Parameter):
+                    deferred.append((copied, key, value))
+                    copied[key] = None
+                else:
+                    copied[key] = value.detach().to("cpu", copy=True)
             else:
                 copied[key] = split_copy(value, deferred)
         return copied
     if isinstance(state, (list, tuple)):
-        items = [value if isinstance(value, _IMMUTABLE) else split_copy(value, deferred) for value in state]
+        items = [value if type(value) in _IMMUTABLE_TYPES else split_copy(value, deferred) for value in state]
         return items if isinstance(state, list) else tuple(items)
     return copy.deepcopy(state)
 
@@ -139,7 +145,7 @@ class BackgroundCopy:
         if isinstance(source, (list, tuple)):
             items = [self._copy_tree(value) for value in source]
             return items if isinstance(source, list) else tuple(items)
-        return source if isinstance(source, _IMMUTABLE) else copy.deepcopy(source)
+        return source if type(source) in _IMMUTABLE_TYPES else copy.deepcopy(source)
 
     def before_write(self) -> None:
         """Block the host until the copies are made (CPU) or issued, and make the device wait for them (CUDA)."""
@@ -184,6 +190,9 @@ class CheckpointStore:
         """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
+        self._ids = random.Random()
+        """Checkpoint id suffixes: seeded once from the OS (a `uuid4` per id reads `os.urandom`, which costs hundreds
+        of microseconds on some hosts), and apart from the `random` module's state, which the run may depend on."""
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
             for info in self._read_index():
@@ -201,7 +210,7 @@ class CheckpointStore:
         metrics: dict[str, float] | None = None,
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
         """Snapshot `state`; returns the new checkpoint's info and the infos of checkpoints it evicted."""
-        checkpoint_id = f"{branch[:40]}.s{step}.{uuid4().hex[:8]}"
+        checkpoint_id = f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}"
         self.wait()
         if (to_disk and self.directory is not None) or not self.overlap:
             snapshot = detached_copy(state)

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 from protocols.commands import CommandRecord, CommandResult
 from protocols.records import CheckpointInfo, RunInfo
 from trainer.checkpoints import CheckpointStore, detached_copy
+from trainer.io import SampleItem
 
 Reduction = Literal["mean", "sum", "max", "norm"]
 
@@ -222,6 +224,8 @@ class FollowerIO:
         self.run_info = run_info
         self.inbox: queue.Queue[CommandRecord] = queue.Queue()
         self.outbox = _Discard()
+        self.samples: deque[SampleItem] = deque(maxlen=0)
+        """Drops every sample: rank 0 reports the run's (reduced) values."""
 
     def stop(self, timeout_s: float) -> bool:
         """Nothing to send."""

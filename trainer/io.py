@@ -230,6 +230,9 @@ class IOWorker:
         self.registration = registration
         self.inbox: queue.SimpleQueue[CommandRecord] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[OutItem] = queue.SimpleQueue()
+        self.samples: deque[SampleItem] = deque()
+        """Each step's values, appended without waking the sender: it takes them on its next wake, at the latest
+        `flush_interval_s / 2` later (samples need no quicker answer; everything else goes through `outbox`)."""
         self.registered = threading.Event()
         self.run_info: RunInfo | None = None
         self._after_seq = after_seq
@@ -379,24 +382,29 @@ class IOWorker:
         return self.config.flush_interval_s / 2
 
     def _take(self, timeout_s: float) -> None:
-        """Move queued items into the sender's own buffers: block for the first, then take what is there."""
+        """Move queued items into the sender's own buffers: block for the first, then take what is there, then
+        the samples (after the outbox, so a flush or stop sees every sample appended before it was queued)."""
         try:
             item: OutItem | None = self.outbox.get(timeout=timeout_s) if timeout_s > 0 else self.outbox.get_nowait()
         except queue.Empty:
-            return
+            item = None
         while item is not None:
             self._route(item)
             try:
                 item = self.outbox.get_nowait()
             except queue.Empty:
                 item = None
+        samples = self.samples
+        while samples:
+            self._route(samples.popleft())
 
     def _route(self, item: OutItem) -> None:
         if isinstance(item, SampleItem):
             self.buffer.append(to_sample(item))
             self._last_step = item.step
             if self._oldest_unsent is None:
-                self._oldest_unsent = time.monotonic()
+                # The sample's own age counts: it may have waited in `samples` for up to half a flush interval.
+                self._oldest_unsent = time.monotonic() - max(0.0, time.time() - item.time)
         elif isinstance(item, ResultItem):
             self._results.append(item)
         elif isinstance(item, RunState):

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from protocols.records import CheckpointInfo, CheckpointSaved, RunReport, RunState, StatusReport
 from trainer.checkpoints import CheckpointStore
@@ -42,6 +42,10 @@ class Sampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+LR_TABLE_STEPS = 64
+"""How many steps' learning rates `apply_schedule` works out at once."""
+
+
 class ScheduleFactor:
     """A `LambdaLR` multiplier that makes a torch scheduler follow a runsteer `Schedule`.
 
@@ -55,6 +59,113 @@ class ScheduleFactor:
 
     def __call__(self, epoch: int) -> float:
         return Schedule.from_state_dict(self.schedule).factor(epoch + self.offset)
+
+
+class ModelState:
+    """`model.state_dict(keep_vars=True)` refilled from a plan made once, so a snapshot does not walk the module tree.
+
+    The plan holds where each parameter and persistent buffer lives (its module's table and name), read anew at each
+    capture, so a tensor reassigned since is seen; the module tree itself must stay as it was. A model that torch's
+    default would not save that way (state-dict hooks, an overridden `state_dict`, `_save_to_state_dict` or
+    `get_extra_state`) gets torch's own `state_dict` every time.
+    """
+
+    def __init__(self) -> None:
+        self._model: nn.Module | None = None
+        self._plan: list[tuple[str, dict[str, Any], str]] | None = None
+        self._own = True
+        """False once the plan found a module torch's default does not save as the plan would."""
+
+    def capture(self, model: nn.Module) -> dict[str, Any]:
+        """The model's parameters and persistent buffers by state-dict key (references, not copies)."""
+        if model is not self._model:
+            self._model, self._plan, self._own = model, None, True
+        if self._plan is None and self._own:
+            self._plan = self._make_plan(model)
+        if self._plan is None:
+            return model.state_dict(keep_vars=True)
+        state: dict[str, Any] = {}
+        for key, table, name in self._plan:
+            value = table.get(name)
+            if value is not None:
+                state[key] = value
+        return state
+
+    def _make_plan(self, model: nn.Module) -> list[tuple[str, dict[str, Any], str]] | None:
+        plan: list[tuple[str, dict[str, Any], str]] = []
+        base = nn.Module
+        for path, module in model.named_modules(remove_duplicate=False):
+            kind = type(module)
+            if (
+                module._state_dict_hooks
+                or module._state_dict_pre_hooks
+                or kind.state_dict is not base.state_dict
+                or kind._save_to_state_dict is not base._save_to_state_dict
+                or kind.get_extra_state is not base.get_extra_state
+            ):
+                self._own = False
+                return None
+            prefix = f"{path}." if path else ""
+            plan += [(prefix + name, module._parameters, name) for name in module._parameters]
+            plan += [
+                (prefix + name, module._buffers, name)
+                for name in module._buffers
+                if name not in module._non_persistent_buffers_set
+            ]
+        return plan
+
+
+class OptimizerState:
+    """`optimizer.state_dict()` with the parameters' indices worked out once per set of parameter lists.
+
+    Torch numbers the parameters in group order at every call; here the numbering is kept while every group holds
+    the same parameter list (held, so its identity cannot be reused) of the same length. An optimizer with
+    state-dict hooks or its own `state_dict` gets torch's own every time.
+    """
+
+    def __init__(self) -> None:
+        self._lists: list[tuple[list[Any], int]] = []
+        self._index: dict[int, int] = {}
+        self._packed: list[list[int]] = []
+
+    def capture(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer's state dict as torch makes it (per-parameter state by reference, not copied)."""
+        if (
+            type(optimizer).state_dict is not torch.optim.Optimizer.state_dict
+            or optimizer._optimizer_state_dict_pre_hooks
+            or optimizer._optimizer_state_dict_post_hooks
+        ):
+            return optimizer.state_dict()
+        groups = optimizer.param_groups
+        lists = self._lists
+        if len(lists) != len(groups) or any(
+            group["params"] is not params or len(params) != size
+            for group, (params, size) in zip(groups, lists, strict=False)
+        ):
+            self._number(groups)
+        index = self._index
+        packed_groups = []
+        for group, params in zip(groups, self._packed, strict=True):
+            packed = {key: value for key, value in group.items() if key != "params"}
+            packed["params"] = params
+            packed_groups.append(packed)
+        state = {(index[id(key)] if isinstance(key, Tensor) else key): value for key, value in optimizer.state.items()}
+        return {"state": state, "param_groups": packed_groups}
+
+    def _number(self, groups: list[dict[str, Any]]) -> None:
+        """Number the parameters in group order, as torch does (a parameter in two groups keeps its first number)."""
+        index: dict[int, int] = {}
+        packed: list[list[int]] = []
+        start = 0
+        for group in groups:
+            params = group["params"]
+            for number, param in enumerate(params, start):
+                index.setdefault(id(param), number)
+            packed.append([index[id(param)] for param in params])
+            start += len(params)
+        self._lists = [(group["params"], len(group["params"])) for group in groups]
+        self._index = index
+        self._packed = packed
 
 
 class LiveRun:
@@ -93,7 +204,14 @@ class LiveRun:
         self._healthy_since_checkpoint = True
         self._last_values: dict[str, float] = {}
         self._lambdas: list[Any] = list(getattr(scheduler, "lr_lambdas", []))
+        self._model_state = ModelState()
+        self._optimizer_state = OptimizerState()
+        self._cuda = torch.cuda.is_available()
+        self._optimizer_name: tuple[type, str | None] = (type(None), None)
         self._schedule: Schedule | None = None
+        self._schedule_state: dict[str, Any] | None = None
+        self._lr_table: tuple[tuple[Schedule, list[list[float]]] | None, int] = (None, 0)
+        """The schedule's learning rates from a step on, for that schedule object only (a new one starts afresh)."""
         self.schedule = schedule
 
     @property
@@ -104,6 +222,7 @@ class LiveRun:
     @schedule.setter
     def schedule(self, schedule: Schedule | None) -> None:
         self._schedule = schedule
+        self._schedule_state = schedule.state_dict() if schedule is not None else None
         scheduler = self.scheduler
         if schedule is None or not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             return
@@ -146,9 +265,16 @@ class LiveRun:
 
     def apply_schedule(self) -> None:
         """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
-        if self.schedule is None:
+        schedule = self.schedule
+        if schedule is None:
             return
-        for group, lr in zip(self.optimizer.param_groups, self.schedule.lrs(self.step), strict=True):
+        table, first = self._lr_table
+        index = self.step - first
+        if table is None or table[0] is not schedule or not 0 <= index < len(table[1]):
+            # Worked out for the next `LR_TABLE_STEPS` steps at once: a step then only looks its rates up.
+            table, first, index = (schedule, [schedule.lrs(self.step + k) for k in range(LR_TABLE_STEPS)]), self.step, 0
+            self._lr_table = table, first
+        for group, lr in zip(self.optimizer.param_groups, table[1][index], strict=True):
             group["lr"] = lr
         self._tell_scheduler()
 
@@ -177,7 +303,8 @@ class LiveRun:
 
     def note_values(self, values: dict[str, float]) -> None:
         """Remember a step's values: the next checkpoint carries them and is unhealthy if any was non-finite."""
-        if not all(math.isfinite(value) for value in values.values()):
+        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
+        if not math.isfinite(sum(values.values())) and not all(math.isfinite(value) for value in values.values()):
             self._healthy_since_checkpoint = False
         self._last_values = values
 
@@ -200,10 +327,10 @@ class LiveRun:
         """Everything a checkpoint restores (references; the store copies them)."""
         state: dict[str, Any] = {
             # Parameters as `nn.Parameter`s: the ring copies those off the training thread (see checkpoints.py).
-            "model": self.model.state_dict(keep_vars=True),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_name": optimizer_name(self.optimizer) or type(self.optimizer).__name__,
-            "schedule": self.schedule.state_dict() if self.schedule is not None else None,
+            "model": self._model_state.capture(self.model),
+            "optimizer": self._optimizer_state.capture(self.optimizer),
+            "optimizer_name": self._name_of_optimizer(),
+            "schedule": self._schedule_state,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "sampler": self.sampler.state_dict() if self.sampler is not None else None,
             "rng": {"torch": torch.get_rng_state()},
@@ -212,9 +339,16 @@ class LiveRun:
             "hparams": {"grad_clip": self.grad_clip},
             "last_applied_seq": self.last_applied_seq,
         }
-        if torch.cuda.is_available():
+        if self._cuda:
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         return state
+
+    def _name_of_optimizer(self) -> str:
+        """The optimizer's registry name (or class name), looked up again only when its class changed (a swap)."""
+        kind = type(self.optimizer)
+        if self._optimizer_name[0] is not kind:
+            self._optimizer_name = (kind, optimizer_name(self.optimizer) or kind.__name__)
+        return self._optimizer_name[1] or kind.__name__
 
     def restore(self, state: dict[str, Any]) -> None:
         """Load a captured state into the model, optimizer, schedule, scheduler, sampler and RNG (not the branch)."""

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import JsonValue
@@ -38,7 +38,7 @@ from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
 from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
 from trainer.health import Health
-from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
+from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, SampleItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
 from trainer.schedule import Schedule
 
@@ -196,7 +196,11 @@ class Steer:
         if self.health is not None:
             floats = self.health.end_step(**given)
         else:
-            floats = {name: float(value) for name, value in given.items()}
+            # `given` is a fresh dict (the keyword arguments): values that are floats already are left as they are.
+            for name, value in given.items():
+                if type(value) is not float:
+                    given[name] = float(value)
+            floats = cast("dict[str, float]", given)
         if "lr" not in floats:
             floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.ranks is not None:
@@ -309,6 +313,8 @@ class Steer:
     # Internals
 
     def _take_inbox(self) -> None:
+        if self.io.inbox.empty():
+            return
         while True:
             try:
                 self._pending.append(self.io.inbox.get_nowait())
@@ -322,6 +328,8 @@ class Steer:
             with contextlib.suppress(queue.Empty):
                 self._pending.append(self.io.inbox.get(timeout=wait_s))
         self._take_inbox()
+        if not self._pending and self.ranks is None:
+            return
         due = self._due()
         if self.ranks is not None:
             due = self._exchange(due)
@@ -376,7 +384,10 @@ class Steer:
         ]
 
     def _emit(self, item: OutItem) -> None:
-        self.io.outbox.put(item)
+        if type(item) is SampleItem:
+            self.io.samples.append(item)  # no wake-up: the sender takes samples on its own timer
+        else:
+            self.io.outbox.put(item)
 
     def _periodic_checkpoints(self) -> None:
         live = self.live
