@@ -7,6 +7,17 @@ from agents.runtime import AgentRuntime
 from agents.window import RunWindow, Series, WindowTracker
 
 __all__ = [
-    "AgentRuntime", "Change", "Decision", "GuardrailConfig", "Guardrails", "Intervention", "Review", "RulePolicy",
-    "RuleSet", "RunWindow", "Series", "WindowTracker", "load_rules",
+    "AgentRuntime",
+    "Change",
+    "Decision",
+    "GuardrailConfig",
+    "Guardrails",
+    "Intervention",
+    "Review",
+    "RulePolicy",
+    "RuleSet",
+    "RunWindow",
+    "Series",
+    "WindowTracker",
+    "load_rules",
 ]

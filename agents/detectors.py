@@ -143,7 +143,7 @@ class Spike(Spec):
                 continue
             values = [v for _, v in points]
             scores = [
-                robust_z(values[max(0, i - self.window):i], values[i])
+                robust_z(values[max(0, i - self.window) : i], values[i])
                 for i in range(len(values) - self.for_steps, len(values))
             ]
             if not all(score is not None and score > self.z for score in scores):
@@ -151,7 +151,7 @@ class Spike(Spec):
             score = scores[-1]
             assert score is not None
             if best is None or score > best.value:
-                median = statistics.median(values[-self.window - 1:-1])
+                median = statistics.median(values[-self.window - 1 : -1])
                 run = f" for {self.for_steps} steps" if self.for_steps > 1 else ""
                 summary = (
                     f"{name} z={score:.1f} over its {self.window}-step median {median:.4g}{run} (now {values[-1]:.4g})"
@@ -186,7 +186,7 @@ class Ratio(Spec):
             first = len(points) - self.for_steps
             # Every point of the run is measured against the window before the run began: a spike must not raise
             # its own baseline (a 5-step spike would otherwise fall below the factor by its last step).
-            before = values[max(0, first - self.window):first] if self.baseline != "max" else values[:first]
+            before = values[max(0, first - self.window) : first] if self.baseline != "max" else values[:first]
             ratios = [self._ratio(before, value) for value in values[first:]]
             if all(r is not None and r >= self.factor for r in ratios):
                 onset = points[first][0]

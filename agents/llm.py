@@ -37,7 +37,14 @@ RETRY_MAX_S = 30.0
 ANTHROPIC_VERSION = "2023-06-01"
 
 KEY_METRICS = (
-    "loss", "eval_loss", "grad_norm", "update_ratio", "param_norm", "logit_max", "logit_z", "tokens_per_s",
+    "loss",
+    "eval_loss",
+    "grad_norm",
+    "update_ratio",
+    "param_norm",
+    "logit_max",
+    "logit_z",
+    "tokens_per_s",
 )
 RECENT_STEPS = 20
 RECENT_COMMANDS = 8
@@ -184,8 +191,14 @@ def summarize(window: RunWindow, trigger: str = "") -> dict[str, Any]:
         metrics["attn_logit_max (max over layers, latest)"] = round(max(p[1] for p in layers if p is not None), 4)
     state = window.state.model_dump(exclude={"param_groups"}) if window.state is not None else None
     return {
-        "run": {"run_id": window.run_id, "status": window.status, "branch": window.branch, "step": window.step,
-                "config": dict(window.config), "domains": list(window.domains)},
+        "run": {
+            "run_id": window.run_id,
+            "status": window.status,
+            "branch": window.branch,
+            "step": window.step,
+            "config": dict(window.config),
+            "domains": list(window.domains),
+        },
         "settings": state,
         "policy_bounds": {key: bounds.model_dump() for key, bounds in window.policy.bounds.items()},
         "metrics": metrics,
@@ -199,17 +212,25 @@ def _stats(points: list[tuple[int, float]]) -> dict[str, Any]:
     values = [v for _, v in points]
     recent = values[-RECENT_STEPS:]
     return {
-        "latest": round(values[-1], 5), "latest_step": points[-1][0],
-        "recent_mean": round(statistics.fmean(recent), 5), "recent_min": round(min(recent), 5),
-        "recent_max": round(max(recent), 5), "window_mean": round(statistics.fmean(values), 5),
-        "window_first": round(values[0], 5), "window_first_step": points[0][0],
+        "latest": round(values[-1], 5),
+        "latest_step": points[-1][0],
+        "recent_mean": round(statistics.fmean(recent), 5),
+        "recent_min": round(min(recent), 5),
+        "recent_max": round(max(recent), 5),
+        "window_mean": round(statistics.fmean(values), 5),
+        "window_first": round(values[0], 5),
+        "window_first_step": points[0][0],
     }
 
 
 def _command_view(record: Any, window: RunWindow) -> dict[str, Any]:
     view: dict[str, Any] = {
-        "seq": record.seq, "command": record.command.model_dump(exclude_none=True), "source": record.source,
-        "status": record.status, "reason": record.reason, "applied_step": record.applied_step,
+        "seq": record.seq,
+        "command": record.command.model_dump(exclude_none=True),
+        "source": record.source,
+        "status": record.status,
+        "reason": record.reason,
+        "applied_step": record.applied_step,
     }
     loss = window.series("loss")
     if record.applied_step is not None and loss is not None:
@@ -249,8 +270,9 @@ def parse_answer(text: str) -> tuple[Command | None, str]:
 class LLMPolicy:
     """Asks a model every `every_steps` steps, or when one of `triggers`' detectors fires (once per rule and period)."""
 
-    def __init__(self, backend: ChatBackend, *, every_steps: int = 200, triggers: RulePolicy | None = None,
-                 name: str = "llm") -> None:
+    def __init__(
+        self, backend: ChatBackend, *, every_steps: int = 200, triggers: RulePolicy | None = None, name: str = "llm"
+    ) -> None:
         self.backend = backend
         self.every_steps = every_steps
         self.triggers = triggers
@@ -299,7 +321,10 @@ class LLMPolicy:
             log.info("llm: no command at step %d: %s", window.step, reason)
             return None
         return Decision(
-            rule=self.name, reason=f"{reason} (model's words)", commands=(command,), step=window.step,
+            rule=self.name,
+            reason=f"{reason} (model's words)",
+            commands=(command,),
+            step=window.step,
             changes=changes_of(command, window),
         )
 

@@ -199,7 +199,11 @@ def respond(rule: Rule, finding: Finding, window: RunWindow) -> Decision:
     if rule.note:
         reason += f"; {rule.note}"
     return Decision(
-        rule=rule.name, reason=reason, commands=tuple(commands), severity=rule.severity, step=finding.step,
+        rule=rule.name,
+        reason=reason,
+        commands=tuple(commands),
+        severity=rule.severity,
+        step=finding.step,
         changes=tuple(changes),
     )
 
@@ -255,4 +259,3 @@ def _repeats(rule: str, window: RunWindow) -> int:
             break
         count += 1
     return count
-

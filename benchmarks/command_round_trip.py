@@ -92,7 +92,8 @@ def main() -> None:
         trainer.join(5)
 
     print(
-        f"command round trip, {args.commands} commands one at a time (+{args.warmup} warm-up), load avg {load_average()}"
+        f"command round trip, {args.commands} commands one at a time (+{args.warmup} warm-up), "
+        f"load avg {load_average()}"
     )
     print(f"  round trip (submit → applied result seen): {format_ms(percentiles_ms(total))}")
     print(f"  legs: submit answered (202)              : {format_ms(percentiles_ms(submit_leg))}")
@@ -100,7 +101,8 @@ def main() -> None:
     print(f"        trainer has it → result answered   : {format_ms(percentiles_ms(result_leg))}")
     print(f"        result answered → submitter sees it (may be < 0): {format_ms(percentiles_ms(visible_leg))}")
     print(
-        f"  throughput {args.commands / elapsed:.0f} round trips/s; server CPU {server_cpu / elapsed * 100:.0f}% of one core"
+        f"  throughput {args.commands / elapsed:.0f} round trips/s; "
+        f"server CPU {server_cpu / elapsed * 100:.0f}% of one core"
     )
     stats = percentiles_ms(total)
     write_summary(

@@ -220,10 +220,12 @@ def main() -> None:
     post_stats = stats_ms(np.asarray(post_times))
     print(
         f"fan-out: {connected} subscribers in {args.procs} processes, {args.rate} records/s x {args.values} values, "
-        f"one POST of {per_post} records every {args.interval * 1000:.0f} ms, {publish_s:.1f} s; load avg {load_average()}"
+        f"one POST of {per_post} records every {args.interval * 1000:.0f} ms, {publish_s:.1f} s; "
+        f"load avg {load_average()}"
     )
     print(
-        f"  published {step} records in {posts} POSTs ({step / publish_s:.0f} records/s; {late_posts} POSTs started late)"
+        f"  published {step} records in {posts} POSTs ({step / publish_s:.0f} records/s; "
+        f"{late_posts} POSTs started late)"
     )
     print(f"  POST answered: {format_ms(post_stats)}")
     print(
@@ -233,18 +235,23 @@ def main() -> None:
     print(f"  latency sent_at → received : {format_ms(send_stats)}")
     print(f"  latency record time → recv : {format_ms(record_stats)}")
     print(
-        f"  lost records per client: max {max(lost)}, total {sum(lost)}, clients with loss {sum(1 for n in lost if n)}; "
+        f"  lost records per client: max {max(lost)}, total {sum(lost)}, "
+        f"clients with loss {sum(1 for n in lost if n)}; "
         f"duplicates {sum(r['dupes'] for r in reports)}; closed early: {len(early)} {sorted(set(early))}"
     )
     print(f"  after the last POST, {caught_up} of {connected} clients had every record within {drain_s:.1f} s")
     print(
-        f"  server CPU {server_cpu / publish_s * 100:.0f}% of one core while publishing, subscriber processes {client_cpu / publish_s * 100:.0f}%; RSS {rss:.0f} MiB"
+        f"  server CPU {server_cpu / publish_s * 100:.0f}% of one core while publishing, "
+        f"subscriber processes {client_cpu / publish_s * 100:.0f}%; RSS {rss:.0f} MiB"
     )
     write_summary(
         args.summary_json,
         {
             "benchmark": "fan-out",
-            "figure": f"{events / publish_s:.0f} events/s, p50 {send_stats['p50']:.1f} / p99 {send_stats['p99']:.1f} ms, lost {sum(lost)}",
+            "figure": (
+                f"{events / publish_s:.0f} events/s, p50 {send_stats['p50']:.1f} / p99 {send_stats['p99']:.1f} ms, "
+                f"lost {sum(lost)}"
+            ),
             "target": "p99 < 100 ms, 0 lost",
             "met": send_stats["p99"] < 100.0 and sum(lost) == 0,
             "latency_send": send_stats,

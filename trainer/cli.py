@@ -18,7 +18,7 @@ log = logging.getLogger("runsteer.trainer")
 
 def build_parser() -> argparse.ArgumentParser:
     """The `runsteer train` flags: one per `RunConfig` field (generated from it), `--quiet` for the console and
-`--nproc-per-node` for the launcher."""
+    `--nproc-per-node` for the launcher."""
     parser = argparse.ArgumentParser(
         prog="runsteer train", description="Train the built-in byte-level GPT, steered live."
     )

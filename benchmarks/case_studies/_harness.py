@@ -142,8 +142,17 @@ class ServerProcess(Server):
 
     def start(self, timeout_s: float = 30.0) -> ServerProcess:
         """Start the process and wait until it listens."""
-        command = [sys.executable, "-m", "control_server", "--port", "0", "--db", str(self.db),
-                   "--port-file", str(self.port_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "control_server",
+            "--port",
+            "0",
+            "--db",
+            str(self.db),
+            "--port-file",
+            str(self.port_file),
+        ]
         self.port_file.unlink(missing_ok=True)  # a kept workdir holds the port of its last server
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env())
@@ -170,8 +179,20 @@ def launch(server: Server, spec: RunSpec, workdir: Path, rules: Path | None = No
     """Start `runsteer train` for `spec` and, when steered, `runsteer agent rules --mode act` on its run."""
     out = workdir / f"{spec.name}.out"
     args = [
-        "train", "--server", server.url, "--run-name", spec.name, "--steps", str(spec.steps), "--seed", str(SEED),
-        "--device", "cpu", "--checkpoint-dir", str(workdir / f"{spec.name}.ckpt"), "--quiet",
+        "train",
+        "--server",
+        server.url,
+        "--run-name",
+        spec.name,
+        "--steps",
+        str(spec.steps),
+        "--seed",
+        str(SEED),
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(workdir / f"{spec.name}.ckpt"),
+        "--quiet",
     ]
     if spec.lr is not None:
         args += ["--lr", repr(spec.lr)]
@@ -183,8 +204,18 @@ def launch(server: Server, spec: RunSpec, workdir: Path, rules: Path | None = No
     launched.run_id = _run_id(launched)
     if spec.steered:
         launched.agent_log = workdir / f"{spec.name}.agent.log"
-        agent_args = ["agent", "rules", "--run", launched.run_id, "--server", server.url, "--mode", "act",
-                      "--tick", "1"]
+        agent_args = [
+            "agent",
+            "rules",
+            "--run",
+            launched.run_id,
+            "--server",
+            server.url,
+            "--mode",
+            "act",
+            "--tick",
+            "1",
+        ]
         if rules is not None:
             agent_args += ["--rules", str(rules)]
         with open(launched.agent_log, "wb") as log:
@@ -256,9 +287,18 @@ def outcome(url: str, spec: RunSpec, run_id: str, wall_s: float = 0.0, agent_log
                         times.append(value)
     times.sort()
     return RunOutcome(
-        spec=spec, run_id=run_id, branch=run.branch, step=run.step, eval_loss=evals, loss=losses, commands=commands,
-        step_ms=times[len(times) // 2] if times else float("nan"), wall_s=wall_s, agent_log=agent_log,
-        branches=trained, parents=parents,
+        spec=spec,
+        run_id=run_id,
+        branch=run.branch,
+        step=run.step,
+        eval_loss=evals,
+        loss=losses,
+        commands=commands,
+        step_ms=times[len(times) // 2] if times else float("nan"),
+        wall_s=wall_s,
+        agent_log=agent_log,
+        branches=trained,
+        parents=parents,
     )
 
 
@@ -364,15 +404,27 @@ def stop_if_held(server: Server, launched: Launched, patience_s: float = 20.0) -
 def parser(description: str, steps: int) -> argparse.ArgumentParser:
     """Flags every case study takes."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--plots", type=lambda value: Path(value) if value else None, default=REPO / "docs",
-                        help="write the picture (case_study_<name>.png) to this folder, '' for none "
-                        "(default %(default)s; needs the plots extra, matplotlib)")
+    parser.add_argument(
+        "--plots",
+        type=lambda value: Path(value) if value else None,
+        default=REPO / "docs",
+        help="write the picture (case_study_<name>.png) to this folder, '' for none "
+        "(default %(default)s; needs the plots extra, matplotlib)",
+    )
     parser.add_argument("--steps", type=int, default=steps, help="steps per run (default %(default)s)")
-    parser.add_argument("--parallel", type=int, default=2,
-                        help="runs at a time, one torch thread each (default %(default)s, one per core)")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="runs at a time, one torch thread each (default %(default)s, one per core)",
+    )
     parser.add_argument("--rules", type=Path, default=None, help="rule file for the agent (the shipped defaults)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep logs, database and checkpoints here (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep logs, database and checkpoints here (default: a temporary directory)",
+    )
     return parser
 
 

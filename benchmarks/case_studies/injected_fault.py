@@ -43,7 +43,11 @@ def report(outcomes: list[RunOutcome]) -> str:
     good = outcomes[0].final_eval
     rows = [
         (
-            o.spec.label, f"{o.final_eval:.4f}", within(o.final_eval, good), o.steps_redone, o.batches_skipped,
+            o.spec.label,
+            f"{o.final_eval:.4f}",
+            within(o.final_eval, good),
+            o.steps_redone,
+            o.batches_skipped,
             o.interventions() if o.spec.steered else "",
         )
         for o in outcomes

@@ -31,8 +31,10 @@ def _state(lr: float = 0.004) -> RunState:
 
 
 def _checkpoints(*steps: int, branch: str = "main") -> dict[str, CheckpointInfo]:
-    return {f"{branch}-{s}": CheckpointInfo(checkpoint_id=f"{branch}-{s}", branch=branch, step=s, time=float(s))
-            for s in steps}
+    return {
+        f"{branch}-{s}": CheckpointInfo(checkpoint_id=f"{branch}-{s}", branch=branch, step=s, time=float(s))
+        for s in steps
+    }
 
 
 def _spiked(**run):
@@ -70,8 +72,16 @@ def test_a_rule_escalates_when_it_fired_the_given_times_in_a_row(tmp_path: Path)
     """After one spike intervention from the same rule, the second firing pauses instead."""
     path = tmp_path / "rules.toml"
     path.write_text(SPIKE_RULES)
-    past = (Intervention(rule="persistent-spike", decided_tick=1, time=1.0, command_types=("rollback",),
-                         command_ids=("a",), answered_tick=2),)
+    past = (
+        Intervention(
+            rule="persistent-spike",
+            decided_tick=1,
+            time=1.0,
+            command_types=("rollback",),
+            command_ids=("a",),
+            answered_tick=2,
+        ),
+    )
     window = _with_state(_spiked(checkpoints=_checkpoints(90), interventions=list(past)))
     decision = RulePolicy(load_rules(path)).decide(window)
     assert decision is not None and [c.type for c in decision.commands] == ["pause"]
@@ -105,19 +115,31 @@ def test_a_rule_without_actions_raises_an_alert_only():
     assert decision is not None and decision.rule == "attention-logits-warning" and not decision.intervenes
 
 
+RULE_HEAD = '[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }\n'
+"""A rule's first lines, before the actions a bad-rule case varies."""
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
         ('[[rules]]\nname = "a"\ndetector = { kind = "spike" }', "metric"),
-        ('[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }\nactions = [{ type = "set_hparams", lr = "x-1" }]',
-         "lr"),
-        ('[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }\nactions = [{ type = "set_hparams", eps = "x2" }]',
-         "cannot be relative"),
-        ('[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }\nactions = [{ type = "set_hparams", lr = 50.0 }]',
-         "not a valid set_hparams"),
+        (
+            RULE_HEAD + 'actions = [{ type = "set_hparams", lr = "x-1" }]',
+            "lr",
+        ),
+        (
+            RULE_HEAD + 'actions = [{ type = "set_hparams", eps = "x2" }]',
+            "cannot be relative",
+        ),
+        (
+            '[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }\nactions = [{ type = "set_hparams", lr = 50.0 }]',
+            "not a valid set_hparams",
+        ),
         ('[[rules]]\nname = "a"\ndetector = { kind = "bogus" }', "kind"),
-        ('[guardrails]\nmax_change_factor = 0.5\n[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }',
-         "max_change_factor"),
+        (
+            '[guardrails]\nmax_change_factor = 0.5\n[[rules]]\nname = "a"\ndetector = { kind = "nonfinite" }',
+            "max_change_factor",
+        ),
         ("[[rules]\n", "not valid TOML"),
     ],
 )
@@ -152,10 +174,13 @@ def test_attention_logit_growth_in_warm_up_rolls_back_to_step_0_and_cuts_the_lr_
     """cpu-tiny at lr 3e-2 (measured: layer 0 at 0.26, 5.7, 41 at steps 0, 10, 20) goes back to the step-0 snapshot
     with lr x0.1 of step 0's warm-up lr, not of the higher lr in force at step 20."""
     lrs = [3e-2 * (0.1 + 0.9 * step / 50) for step in range(21)]
-    logits = {"attn_logit_max/0": _every_tenth({0: 0.26, 10: 5.7, 20: 41.1}, 21),
-              "attn_logit_max/1": _every_tenth({0: 0.23, 10: 4.0, 20: 43.2}, 21)}
-    window = window_of({"loss": [5.4 - 0.1 * step for step in range(21)], "lr": lrs, **logits},
-                       checkpoints=_checkpoints(0))
+    logits = {
+        "attn_logit_max/0": _every_tenth({0: 0.26, 10: 5.7, 20: 41.1}, 21),
+        "attn_logit_max/1": _every_tenth({0: 0.23, 10: 4.0, 20: 43.2}, 21),
+    }
+    window = window_of(
+        {"loss": [5.4 - 0.1 * step for step in range(21)], "lr": lrs, **logits}, checkpoints=_checkpoints(0)
+    )
     decision = RulePolicy(load_rules()).decide(window)
     assert decision is not None and decision.rule == "attention-logit-growth" and decision.severity == "critical"
     rollback, cut = decision.commands
@@ -174,6 +199,8 @@ def test_attention_logit_growth_in_warm_up_rolls_back_to_step_0_and_cuts_the_lr_
 def test_attention_logit_growth_stays_quiet_on_the_good_learning_rate(measured: dict[int, float]):
     """The rises of a healthy cpu-tiny run stay under the rule's 20: no decision at all."""
     last = max(measured) + 1
-    window = window_of({"loss": [2.5] * last, "lr": [3e-3] * last, "attn_logit_max/0": _every_tenth(measured, last)},
-                       checkpoints=_checkpoints(0, 25, 50, 75, 100, 125))
+    window = window_of(
+        {"loss": [2.5] * last, "lr": [3e-3] * last, "attn_logit_max/0": _every_tenth(measured, last)},
+        checkpoints=_checkpoints(0, 25, 50, 75, 100, 125),
+    )
     assert RulePolicy(load_rules()).decide(window) is None
