@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dashboard.cli import die_with_parent
 from protocols.client.sync import Client
 from protocols.policy import Policy, RateLimit
 from protocols.records import RunInfo, RunRegistration
@@ -63,7 +64,14 @@ class Server:
             str(self.port_file),
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            # The server dies with the benchmark, even when the benchmark is killed outright.
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
+            )
         deadline = time.monotonic() + timeout_s
         while not self.port_file.exists():
             if self.process.poll() is not None:

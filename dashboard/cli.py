@@ -66,7 +66,7 @@ PR_SET_PDEATHSIG = 1
 """Linux prctl option: the signal a process gets when its parent dies."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: on Linux, ask for SIGTERM when this process's parent dies, even by SIGKILL."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -75,7 +75,7 @@ def _die_with_parent() -> None:
 def run_until_signalled(command: list[str]) -> int:
     """Run `command` as a child that never outlives this process: a signal here is passed on and the child waited
     for, and on Linux the child also gets SIGTERM if this process is killed outright."""
-    child = subprocess.Popen(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    child = subprocess.Popen(command, preexec_fn=die_with_parent if sys.platform == "linux" else None)
     previous = {signum: signal.signal(signum, lambda signum, frame: child.send_signal(signum)) for signum in FORWARDED}
     try:
         return child.wait()
