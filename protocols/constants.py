@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Final, Literal, get_args
 
-PROTOCOL_VERSION: Final = "1.0"
-"""Bumped on any incompatible change of the wire models; sent by clients and servers."""
+PROTOCOL_VERSION: Final = "1.1"
+"""Sent by clients and servers: the major part changes with an incompatible change of the wire models (a server
+refuses another major), the minor part with an addition (1.1: `RunInfo.registered_by`, the `run_state` event,
+tokens bound to a source kind)."""
 
 API_PREFIX: Final = "/api/v1"
 
