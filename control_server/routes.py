@@ -160,13 +160,17 @@ async def list_commands(request: web.Request) -> web.Response:
     return json_response(CommandList(commands=records))
 
 
+def long_poll_wait(request: web.Request, asked_s: float) -> float:
+    """How long a request that asked to wait `asked_s` may hold its connection: at most the server's long-poll cap."""
+    return min(asked_s, request.app[CONFIG].long_poll_max_s)
+
+
 @handler
 async def next_commands(request: web.Request) -> web.Response:
     """The trainer's long-poll for commands after `after`."""
     query = parse_query(request, NextCommandsQuery)
-    wait_s = min(query.wait, request.app[CONFIG].long_poll_max_s)
     records = await request.app[COMMANDS].next_for_trainer(
-        request.match_info["run_id"], after_seq=query.after, wait_s=wait_s
+        request.match_info["run_id"], after_seq=query.after, wait_s=long_poll_wait(request, query.wait)
     )
     return json_response(CommandList(commands=records))
 
@@ -176,7 +180,7 @@ async def get_command(request: web.Request) -> web.Response:
     """One command; `wait` holds the answer until it finishes."""
     query = parse_query(request, CommandWaitQuery)
     record = await request.app[COMMANDS].get(
-        request.match_info["run_id"], request.match_info["command_id"], wait_s=query.wait
+        request.match_info["run_id"], request.match_info["command_id"], wait_s=long_poll_wait(request, query.wait)
     )
     return json_response(record)
 
