@@ -119,6 +119,7 @@ class _LiveState(Collector):
             for prefix, (name, label, text) in LAYERED_GAUGES.items()
         }
         visible = self.exposition.visible_runs()
+        self.exposition.forget_hidden(visible)
         for (run_id, branch), values in metrics.latest.items():
             run = visible.get(run_id)
             if run is None:
@@ -217,6 +218,16 @@ class Exposition:
             if run.status not in ("finished", "failed", "lost")
             or now - self.runs.status_changed_at.get(run_id, now) <= self.finished_run_ttl_s
         }
+
+    def forget_hidden(self, visible: dict[str, RunInfo]) -> None:
+        """Drop the latest values and step-time histograms of runs no longer shown, so that the memory they hold
+        stays bounded however many runs a long-lived server has seen (a run that comes back fills them again)."""
+        metrics = self.metrics
+        for key in [key for key in metrics.latest if key[0] not in visible]:
+            del metrics.latest[key]
+            metrics.latest_nonfinite.pop(key, None)
+        for run_id in [run_id for run_id in self.step_times if run_id not in visible]:
+            del self.step_times[run_id]
 
     def _observe_steps(self, event: Event) -> None:
         if isinstance(event, MetricsEvent):

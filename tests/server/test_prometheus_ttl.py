@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from control_server.config import ServerConfig
+from control_server.keys import EXPOSITION
 from protocols import MetricsBatch, MetricsSample, RunRegistration, StatusReport
 from protocols.client import Client
 from tests.serving import ServerThread
@@ -44,3 +45,23 @@ def test_a_finished_run_stays_for_its_ttl_then_leaves_while_a_running_one_stays(
         time.sleep(TTL_S + 0.3)
         assert loss_lines(short_ttl_server.url, finished) == []
         assert len(loss_lines(short_ttl_server.url, live)) == 1
+
+
+def test_a_run_past_its_ttl_leaves_no_latest_values_or_step_times_in_server_memory(
+    short_ttl_server: ServerThread,
+) -> None:
+    """After a scrape past the TTL the server keeps none of the ended run's latest values or step-time histogram,
+    so a server that has seen many runs holds memory for the shown ones only; the live run keeps both."""
+    with Client(short_ttl_server.url) as client:
+        ended = client.register_run(RunRegistration(name="done")).run_id
+        live = client.register_run(RunRegistration(name="live")).run_id
+        for run_id in (ended, live):
+            sample = MetricsSample(step=1, time=time.time(), values={"loss": 2.5, "step_time_ms": 40.0})
+            client.push_metrics(run_id, MetricsBatch(samples=[sample]))
+        client.push_reports(ended, [StatusReport(status="failed")])
+        time.sleep(TTL_S + 0.3)
+        loss_lines(short_ttl_server.url, live)
+    exposition = short_ttl_server.app[EXPOSITION]
+    kept = {run_id for run_id, _ in exposition.metrics.latest}
+    assert kept == {live} and set(exposition.metrics.latest_nonfinite) == {(live, "main")}
+    assert set(exposition.step_times) == {live}
