@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import queue
 import random
@@ -38,7 +37,6 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from protocols.base import MAX_STEP
 from protocols.records import CheckpointInfo
 
 INDEX_FILE = "index.json"
@@ -239,8 +237,6 @@ class CheckpointStore:
         """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
-        self._valid_names: set[str] = set()
-        """Branch, tag and metric names a `CheckpointInfo` has accepted (see `_new_info`)."""
         self._ids = random.Random()
         """Checkpoint id suffixes: seeded once from the OS (a `uuid4` per id reads `os.urandom`, which costs hundreds
         of microseconds on some hosts), and apart from the `random` module's state, which the run may depend on."""
@@ -285,32 +281,9 @@ class CheckpointStore:
     def _new_info(
         self, branch: str, step: int, tag: str | None, healthy: bool, metrics: dict[str, float]
     ) -> CheckpointInfo:
-        """The new checkpoint's info; a bad name or step is refused (`ValidationError`) before anything is copied.
-
-        Names and metric keys are checked by the model once and remembered: a periodic snapshot, whose names have
-        all passed before, builds its info without validating it again (the id is a valid name whenever the
-        branch is one, the time a finite clock reading, the metrics finite floats)."""
-        checkpoint_id = f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}"
-        known = self._valid_names
-        if (
-            branch in known
-            and (tag is None or tag in known)
-            and type(step) is int
-            and 0 <= step <= MAX_STEP
-            and known.issuperset(metrics)
-            and all(type(value) is float and math.isfinite(value) for value in metrics.values())
-        ):
-            return CheckpointInfo.model_construct(
-                checkpoint_id=checkpoint_id,
-                branch=branch,
-                step=step,
-                time=time.time(),
-                tag=tag,
-                healthy=healthy,
-                metrics=metrics,
-            )
-        info = CheckpointInfo(
-            checkpoint_id=checkpoint_id,
+        """The new checkpoint's info; a bad name or step is refused (`ValidationError`) before anything is copied."""
+        return CheckpointInfo(
+            checkpoint_id=f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}",
             branch=branch,
             step=step,
             time=time.time(),
@@ -318,11 +291,6 @@ class CheckpointStore:
             healthy=healthy,
             metrics=metrics,
         )
-        known.update(metrics)
-        known.add(branch)
-        if tag is not None:
-            known.add(tag)
-        return info
 
     def find(
         self,
