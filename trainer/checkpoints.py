@@ -20,13 +20,14 @@ import copy
 import hashlib
 import json
 import os
+import queue
 import random
 import shutil
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,29 +105,69 @@ def split_copy(state: Any, deferred: Deferred) -> Any:
     return copy.deepcopy(state)
 
 
+class SnapshotWorker:
+    """One thread that runs the snapshots' copy jobs in order (leaner to wake than an executor: a queue put)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(self._jobs,), name="runsteer-snapshot", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None] | None) -> None:
+        """Run `job` on the worker thread after the jobs submitted before it (None: end the thread there)."""
+        self._jobs.put(job)
+
+    def shutdown(self) -> None:
+        """Run the jobs already submitted, then end the thread."""
+        self._jobs.put(None)
+        self._thread.join()
+
+    @staticmethod
+    def _run(jobs: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (job := jobs.get()) is not None:
+            job()
+
+
 class BackgroundCopy:
     """The copies of one snapshot's deferred parts, made on a worker thread (and a CUDA side stream)."""
 
-    def __init__(self, deferred: Deferred, executor: ThreadPoolExecutor) -> None:
-        devices = {source.device for _, _, source in deferred if isinstance(source, Tensor)}
-        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-            devices.add(torch.device("cuda", torch.cuda.current_device()))
+    def __init__(self, deferred: Deferred, worker: SnapshotWorker, dropped: list[Any]) -> None:
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        for device in devices:
-            if device.type == "cuda":
-                stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-                # The side stream starts where the training stream is now: the values of this moment.
-                stream.wait_stream(torch.cuda.current_stream(device))
-                self.streams[device] = stream
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            devices = {source.device for _, _, source in deferred if isinstance(source, Tensor)}
+            devices.add(torch.device("cuda", torch.cuda.current_device()))
+            for device in devices:
+                if device.type == "cuda":
+                    stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+                    # The side stream starts where the training stream is now: the values of this moment.
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    self.streams[device] = stream
         self.events: dict[torch.device, torch.cuda.Event] = {}
-        self.future: Future[None] = executor.submit(self._copy, deferred)
+        self.error: BaseException | None = None
+        # Two locks held until the job releases them: `copied` once the copies are made (CPU) or issued (CUDA),
+        # `done` once the job has also freed `dropped` (evicted snapshots) and ended.
+        self.copied = threading.Lock()
+        self.copied.acquire()
+        self.done = threading.Lock()
+        self.done.acquire()
         self._device_waited = False
+        self._deferred, self._dropped = deferred, dropped
+        worker.submit(self._job)
 
-    def _copy(self, deferred: Deferred) -> None:
-        for container, key, source in deferred:
-            container[key] = self._copy_tree(source)
-        for device, stream in self.streams.items():
-            self.events[device] = stream.record_event()
+    def _job(self) -> None:
+        try:
+            for container, key, source in self._deferred:
+                container[key] = self._copy_tree(source)
+            for device, stream in self.streams.items():
+                self.events[device] = stream.record_event()
+        except BaseException as error:  # handed to the training thread, which raises it at its next wait
+            self.error = error
+        finally:
+            self.copied.release()
+            # Freeing an evicted snapshot's memory costs milliseconds (munmap): done here, in the same wake-up.
+            self._dropped.clear()
+            self._deferred = []
+            self.done.release()
 
     def _copy_tree(self, source: Any) -> Any:
         if isinstance(source, Tensor):
@@ -149,7 +190,10 @@ class BackgroundCopy:
 
     def before_write(self) -> None:
         """Block the host until the copies are made (CPU) or issued, and make the device wait for them (CUDA)."""
-        self.future.result()
+        with self.copied:
+            pass
+        if self.error is not None:
+            raise self.error
         if not self._device_waited:
             for device, event in self.events.items():
                 torch.cuda.current_stream(device).wait_event(event)
@@ -157,7 +201,10 @@ class BackgroundCopy:
 
     def finish(self) -> None:
         """Block until the copies are in host memory."""
-        self.future.result()
+        with self.done:
+            pass
+        if self.error is not None:
+            raise self.error
         for event in self.events.values():
             event.synchronize()
 
@@ -183,7 +230,7 @@ class CheckpointStore:
         self.overlap = overlap
         """Copy parameters and optimizer state of in-memory snapshots off the training thread; turn it off for a
         loop that writes parameters between a snapshot and its next `optimizer.step()` other than by a load."""
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: SnapshotWorker | None = None
         self._pending: list[BackgroundCopy] = []
         """Copies not yet known to be in host memory."""
         self._unwritten: list[BackgroundCopy] = []
@@ -210,29 +257,40 @@ class CheckpointStore:
         metrics: dict[str, float] | None = None,
     ) -> tuple[CheckpointInfo, list[CheckpointInfo]]:
         """Snapshot `state`; returns the new checkpoint's info and the infos of checkpoints it evicted."""
-        checkpoint_id = f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}"
+        info = self._new_info(branch, step, tag, healthy, metrics or {})
         self.wait()
+        deferred: Deferred = []
         if (to_disk and self.directory is not None) or not self.overlap:
             snapshot = detached_copy(state)
         else:
-            snapshot = self._copy_in_background(state)
-        info = CheckpointInfo(
-            checkpoint_id=checkpoint_id,
+            snapshot = split_copy(state, deferred)
+        if to_disk and self.directory is not None:
+            path, size, digest = self._write(info.checkpoint_id, snapshot)
+            info = info.model_copy(update={"path": str(path), "size_bytes": size, "sha256": digest})
+        self.entries[info.checkpoint_id] = Entry(info, snapshot)
+        evicted, dropped = self._enforce_retention()
+        if deferred:
+            self._copy_in_background(deferred, dropped)
+        elif dropped and self.overlap:
+            # Freeing a snapshot's memory costs milliseconds (munmap); the worker thread does it.
+            self._worker().submit(dropped.clear)
+        if self.directory is not None:
+            self._write_index()
+        return info, evicted
+
+    def _new_info(
+        self, branch: str, step: int, tag: str | None, healthy: bool, metrics: dict[str, float]
+    ) -> CheckpointInfo:
+        """The new checkpoint's info; a bad name or step is refused (`ValidationError`) before anything is copied."""
+        return CheckpointInfo(
+            checkpoint_id=f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}",
             branch=branch,
             step=step,
             time=time.time(),
             tag=tag,
             healthy=healthy,
-            metrics=metrics or {},
+            metrics=metrics,
         )
-        if to_disk and self.directory is not None:
-            path, size, digest = self._write(checkpoint_id, snapshot)
-            info = info.model_copy(update={"path": str(path), "size_bytes": size, "sha256": digest})
-        self.entries[checkpoint_id] = Entry(info, snapshot)
-        evicted = self._enforce_retention()
-        if self.directory is not None:
-            self._write_index()
-        return info, evicted
 
     def find(
         self,
@@ -274,18 +332,16 @@ class CheckpointStore:
     def wait(self) -> None:
         """Block until every background copy is in host memory; call it before writing parameters other than
         through `optimizer.step()` (which waits by itself)."""
+        if not self._pending:
+            return
         with self._lock:
             pending, self._pending, self._unwritten = self._pending, [], []
         for background in pending:
             background.finish()
 
-    def _copy_in_background(self, state: dict[str, Any]) -> dict[str, Any]:
-        """The snapshot's structure, copied now except for the deferred tensors a worker thread fills in."""
-        deferred: Deferred = []
-        snapshot: dict[str, Any] = split_copy(state, deferred)
-        if not deferred:
-            return snapshot
-        background = BackgroundCopy(deferred, self._worker())
+    def _copy_in_background(self, deferred: Deferred, dropped: list[Any]) -> None:
+        """Fill in a snapshot's deferred tensors on the worker thread, which then frees `dropped`."""
+        background = BackgroundCopy(deferred, self._worker(), dropped)
         with self._lock:
             self._pending.append(background)
             self._unwritten.append(background)
@@ -300,11 +356,12 @@ class CheckpointStore:
                     bound(optimizer, args, kwargs)
 
             self._hook = register_optimizer_step_pre_hook(pre_hook)
-        return snapshot
 
-    def _worker(self) -> ThreadPoolExecutor:
+    def _worker(self) -> SnapshotWorker:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runsteer-snapshot")
+            self._executor = SnapshotWorker()
+            # A ring nobody closed ends its thread when it is freed (after the jobs already submitted).
+            weakref.finalize(self, self._executor.submit, None)
         return self._executor
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -351,9 +408,10 @@ class CheckpointStore:
         os.replace(temporary, final)
         return final, final.stat().st_size, digest
 
-    def _enforce_retention(self) -> list[CheckpointInfo]:
+    def _enforce_retention(self) -> tuple[list[CheckpointInfo], list[dict[str, Any]]]:
         """Drop ring copies past `ring_size` and files past `keep_files`, keeping every tagged file and the newest
-        healthy checkpoint in memory and on disk whatever came after it, so `latest_healthy` always has a target."""
+        healthy checkpoint in memory and on disk whatever came after it, so `latest_healthy` always has a target.
+        Returns the evicted infos and the dropped in-memory states, for the worker thread to free."""
         healthy = [key for key, entry in self.entries.items() if entry.info.healthy]
         healthy_in_memory = [key for key in healthy if self.entries[key].state is not None]
         healthy_on_disk = [key for key in healthy if self.entries[key].info.path]
@@ -374,10 +432,7 @@ class CheckpointStore:
             entry = self.entries.pop(key)
             remove_file(Path(entry.info.path))
             evicted.append(entry.info)
-        if dropped and self.overlap:
-            # Freeing a snapshot's memory costs milliseconds (munmap); the worker thread does it.
-            self._worker().submit(dropped.clear)
-        return evicted
+        return evicted, dropped
 
     def _read_index(self) -> list[CheckpointInfo]:
         assert self.directory is not None
