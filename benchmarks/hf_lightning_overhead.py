@@ -172,22 +172,8 @@ def train(
     if kind == "peer":
         return train_peer(steps, clock, workdir, examples, callbacks)
     if framework == "hf":
-        config = GPT2Config(
-            vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-        )
-        args = TrainingArguments(
-            output_dir=str(workdir / "hf"),
-            max_steps=steps,
-            per_device_train_batch_size=BATCH,
-            learning_rate=1e-3,
-            warmup_steps=10,
-            logging_steps=10,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-        )
-        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=examples, callbacks=callbacks).train()
+        model, args = hf_run(workdir / "hf", steps)
+        Trainer(model=model, args=args, train_dataset=examples, callbacks=callbacks).train()
     else:
         trainer = L.Trainer(
             max_steps=steps,
@@ -206,17 +192,13 @@ def train(
     return callback
 
 
-def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any]) -> None:
-    """The same HF run under the peer "Interactive Training" (`make_interactive(Trainer)`, its own copy of HF's
-    training loop and its four callbacks, which are timed like ours). It is installed outside the project."""
-    from interactive_training import callbacks as peer_callbacks  # the peer, installed apart
-    from interactive_training import make_interactive
-
+def hf_run(output_dir: Path, steps: int) -> tuple[GPT2LMHeadModel, TrainingArguments]:
+    """The tiny GPT-2 and its training arguments, the same for runsteer's runs and the peer's."""
     config = GPT2Config(
         vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
     )
     args = TrainingArguments(
-        output_dir=str(workdir / "peer"),
+        output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=BATCH,
         learning_rate=1e-3,
@@ -227,12 +209,20 @@ def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks
         use_cpu=True,
         disable_tqdm=True,
     )
+    return GPT2LMHeadModel(config), args
+
+
+def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any]) -> None:
+    """The same HF run under the peer "Interactive Training" (`make_interactive(Trainer)`, its own copy of HF's
+    training loop and its four callbacks, which are timed like ours). It is installed outside the project."""
+    from interactive_training import callbacks as peer_callbacks  # the peer, installed apart
+    from interactive_training import make_interactive
+
+    model, args = hf_run(workdir / "peer", steps)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    trainer = make_interactive(Trainer)(
-        port=port, model=GPT2LMHeadModel(config), args=args, train_dataset=examples, callbacks=callbacks
-    )
+    trainer = make_interactive(Trainer)(port=port, model=model, args=args, train_dataset=examples, callbacks=callbacks)
     # Its callbacks are made inside `train()`, so their classes' hooks are timed (and put back afterwards).
     classes = [
         cls
