@@ -38,7 +38,7 @@ from protocols.records import CheckpointInfo, RunInfo
 from trainer.checkpoints import CheckpointStore, detached_copy
 from trainer.io import SampleItem
 
-Reduction = Literal["mean", "sum", "max", "norm"]
+Reduction = Literal["mean", "sum", "max", "norm", "ratio"]
 
 REDUCTIONS: dict[str, Reduction] = {
     "loss": "mean",
@@ -46,9 +46,18 @@ REDUCTIONS: dict[str, Reduction] = {
     "step_time_ms": "max",
     "grad_norm": "norm",
     "param_norm": "norm",
+    "update_ratio": "ratio",
+    "logit_max": "max",
+    "logit_z": "mean",
+    "nonfinite": "max",
+    "nonfinite_grad": "max",
+    "nonfinite_param": "max",
 }
 """How a recorded value combines across ranks; every other value is rank 0's. `norm` values are the local
-shard's norm under FSDP (combined as the root of the summed squares) and already global under DDP."""
+shard's norm under FSDP (combined as the root of the summed squares) and already global under DDP; a `ratio` is
+a shard's norm over its `param_norm`, combined from the shards' numerators under FSDP."""
+PREFIXED: dict[str, Reduction] = {"grad_norm/": "norm", "attn_logit_max/": "max"}
+"""Reductions of whole families of names, by prefix: per-block gradient norms, per-layer attention logits."""
 
 _records = TypeAdapter(list[CommandRecord])
 
@@ -143,10 +152,13 @@ class Ranks:
         reduced: list[Sample] = []
         column = 3
         for (step, values), keys in zip(samples, names, strict=True):
+            columns = {key: table[:, column + index] for index, key in enumerate(keys)}
+            column += len(keys)
+            scale = columns.get("param_norm")
             combined = dict(values)
-            for key in keys:
-                combined[key] = combine_values(table[:, column], reduction_of(key), sharded=self.sharded)
-                column += 1
+            for key, values_of_ranks in columns.items():
+                how = reduction_of(key)
+                combined[key] = combine_values(values_of_ranks, how, sharded=self.sharded, denominators=scale)
             reduced.append((step, combined))
         size = int(table[0, 0])
         if size == 0:
@@ -182,14 +194,20 @@ class Ranks:
 
 
 def reduction_of(key: str) -> Reduction | None:
-    """How `key` combines across ranks; per-block gradient norms combine as norms."""
-    if key.startswith("grad_norm/"):
-        return "norm"
+    """How `key` combines across ranks (see `REDUCTIONS` and `PREFIXED`)."""
+    for prefix, how in PREFIXED.items():
+        if key.startswith(prefix):
+            return how
     return REDUCTIONS.get(key)
 
 
-def combine_values(column: Tensor, how: Reduction | None, *, sharded: bool) -> float:
-    """One value from every rank's: mean, sum, max, or a norm over shards (rank 0's when not sharded)."""
+def combine_values(
+    column: Tensor, how: Reduction | None, *, sharded: bool, denominators: Tensor | None = None
+) -> float:
+    """One value from every rank's: mean, sum, max, a norm over shards, or a ratio of norms over shards given each
+    rank's denominator norm (the last two: rank 0's when not sharded)."""
+    if how == "ratio" and sharded and denominators is not None:
+        return float((column * denominators).square().sum().sqrt() / denominators.square().sum().sqrt())
     if how == "mean":
         return float(column.mean())
     if how == "sum":

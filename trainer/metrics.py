@@ -10,10 +10,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 @dataclass
@@ -94,13 +98,17 @@ class GradientStats:
         self._per_block = torch.zeros(len(self.names), device=device)
         self.track_updates = track_updates
         """Without it, no copy of the parameters is kept and `update_ratio` is not reported."""
+        self.sharded = any(is_dtensor(param) for param in self.params)
+        """FSDP2 (`fully_shard`): every value is this rank's shard's, combined across ranks where they are reported
+        (trainer/distributed.py); clipping alone needs the global norm at once."""
         dtypes = {param.dtype for param in self.params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        sizes = [param.numel() for param in self.params] if track_updates else []
+        shards = self._shards(self.params)
+        sizes = [param.numel() for param in shards] if track_updates else []
         self._flat_before = torch.empty(sum(sizes), dtype=dtype, device=device)
         self._before = [
             self._flat_before[end - size : end].view_as(param)
-            for end, size, param in zip(accumulate(sizes), sizes, self.params, strict=False)
+            for end, size, param in zip(accumulate(sizes), sizes, shards, strict=False)
         ]
         self._copied = False
         self._scalars: dict[str, Tensor] = {}
@@ -108,16 +116,18 @@ class GradientStats:
     @torch.no_grad()
     def before_step(self, max_norm: float) -> Tensor:
         """After backward, before the optimizer: measure gradient norms and clip; returns the pre-clip norm."""
-        grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self.params]
+        params = self._shards(self.params)
+        grads = self._shards([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         squares = torch.stack(torch._foreach_norm(grads)).float().square_()
         per_block = self._per_block.zero_().index_add_(0, self._block_index, squares).sqrt()
         total = squares.sum().sqrt()
         if max_norm > 0.0:
-            # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again.
-            scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again (sharded: its shard's).
+            norm = self._global_norm() if self.sharded else total
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
         if self.track_updates:
-            torch._foreach_copy_(self._before, self.params)
+            torch._foreach_copy_(self._before, params)
             self._copied = True
         self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block.unbind(), strict=True))}
         return total
@@ -133,13 +143,29 @@ class GradientStats:
 
         The update ratio is reported only when `before_step` copied the parameters since the last call.
         """
-        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.params)))
+        params = self._shards(self.params)
+        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
         scalars, self._scalars = {**self._scalars, "param_norm": param_norm}, {}
         if self._copied:
-            torch._foreach_sub_(self._before, self.params)
+            torch._foreach_sub_(self._before, params)
             scalars["update_ratio"] = torch.linalg.vector_norm(self._flat_before) / (param_norm + 1e-12)
             self._copied = False
         return scalars
+
+    def _shards(self, tensors: list[Tensor]) -> list[Tensor]:
+        """This rank's shards of DTensors (looked up each time: FSDP2 may replace them), else the tensors."""
+        return [t.to_local() if is_dtensor(t) else t for t in tensors] if self.sharded else tensors
+
+    def _global_norm(self) -> Tensor:
+        """The norm of every shard's gradients together: one all-reduce on the model's own process group."""
+        grads = [param.grad for param in self.params if param.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if is_dtensor(norm) else norm
+
+
+def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
+    """True for a DTensor (an FSDP2 shard), without importing torch.distributed for plain tensors."""
+    return type(tensor).__name__ == "DTensor"
 
 
 def read_scalars(

@@ -19,21 +19,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
+from tests.distributed.sharding import full
 from tests.distributed.worker import FAST_IO, deliver
 from trainer.steer import Steer, SteerConfig
-
-
-def full(state: Any) -> Any:
-    """A nested state with every DTensor gathered into a plain tensor (a collective on every rank)."""
-    if isinstance(state, DTensor):
-        return state.full_tensor()
-    if isinstance(state, torch.Tensor):
-        return state.clone()
-    if isinstance(state, dict):
-        return {key: full(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return [full(value) for value in state]
-    return state
 
 
 def local_norm(model: nn.Module) -> float:

@@ -1,7 +1,13 @@
-"""A Hugging Face `Trainer` with `SteerCallback` under torchrun (DDP on gloo): the callback used unchanged.
+"""A Hugging Face `Trainer` with `SteerCallback` under torchrun, on gloo: DDP, or with `--fsdp` Accelerate's FSDP2
+plugin (`fully_shard` per GPT-2 block). The callback is used unchanged.
 
-Rank 0 hands a learning-rate change to the server at the second step boundary; every rank writes its final
-parameters, learning rate and the command's result to `DIR/rank<r>.pt`.
+Rank 0 hands the planned commands of tests/distributed/sharding.py to the server; every rank writes its final state,
+learning rates, the commands' results and (FSDP2) its captures and gradient norms to `DIR/rank<r>.pt`.
+
+Accelerate offers FSDP only on accelerators: on the CPU it drops the plugin and trains with DDP
+(`AcceleratorState.__init__` sets `DistributedType.FSDP` only when the process group's type is one of its
+`MULTI_<accelerator>` types). With `--fsdp` the worker gives the CPU group that type before the `Trainer` builds its
+`Accelerator`; from there on it is Accelerate's own FSDP2 path (`fsdp2_prepare_model`) on the CPU and gloo.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -26,29 +34,34 @@ from transformers import (
 )
 
 from protocols.client import Client
-from tests.distributed.worker import FAST_IO, deliver
+from tests.distributed.sharding import Script
+from tests.distributed.worker import FAST_IO
 from tests.trainer.frameworks import BLOCK, byte_domains
-from trainer.hf import SteerCallback
+from trainer.hf import SteerCallback, unwrap_optimizer
 from trainer.steer import SteerConfig
 
 
-class HandOver(TrainerCallback):
-    """On rank 0, submits the learning-rate change at the second boundary (applied at the third, on every rank)."""
+class Follow(TrainerCallback):
+    """Runs the script after the steering callback, at every boundary and before every optimizer step."""
 
-    def __init__(self, steering: SteerCallback, client: Client, rank: int) -> None:
+    def __init__(self, steering: SteerCallback, script: Script) -> None:
         self.steering = steering
-        self.client = client
-        self.rank = rank
+        self.script = script
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.script.before_optimizer_step(self.steering.steer, kwargs["model"])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.rank == 0 and state.global_step == 2 and self.steering.steer is not None:
-            deliver(self.client, self.steering.steer, {"type": "set_hparams", "lr": 5e-4})
+        self.script.boundary(self.steering.steer, kwargs["model"], unwrap_optimizer(kwargs["optimizer"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fsdp", action="store_true", help="Accelerate's FSDP2 plugin instead of DDP")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
@@ -58,31 +71,34 @@ def main() -> None:
     )
     model = GPT2LMHeadModel(config)
     steering = SteerCallback(
-        server=args.server, config=SteerConfig(run_name="hf-ddp", checkpoint_dir=args.out / "ck", io=FAST_IO)
+        server=args.server,
+        config=SteerConfig(
+            run_name="hf-fsdp" if args.fsdp else "hf-ddp", checkpoint_dir=args.out / "ck", ring_size=1,
+            snapshot_every=2, io=FAST_IO,
+        ),
+    )  # fmt: skip
+    sharding: dict[str, Any] = (
+        {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
+        if args.fsdp
+        else {}
     )
     training = TrainingArguments(
-        output_dir=str(args.out / "hf"), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-3,
-        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        disable_tqdm=True, ddp_backend="gloo", seed=0,
+        output_dir=str(args.out / "hf"), max_steps=6 if args.fsdp else 5, per_device_train_batch_size=4,
+        learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True, ddp_backend="gloo", seed=0, max_grad_norm=100.0, **sharding,
     )  # fmt: skip
+    if args.fsdp:
+        PartialState().distributed_type = DistributedType.MULTI_GPU
     with Client(args.server) as client:
+        script = Script(client, rank, sharded=args.fsdp)
         trainer = Trainer(
             model=model,
             args=training,
             train_dataset=byte_domains()["prose"],
-            callbacks=[steering, HandOver(steering, client, rank)],
+            callbacks=[steering, Follow(steering, script)],
         )
         trainer.train()
-    assert steering.steer is not None
-    torch.save(
-        {
-            "model": {key: value.clone() for key, value in model.state_dict().items()},
-            "lr": [group["lr"] for group in steering.steer.live.optimizer.param_groups],
-            "results": [(r.command.type, res.status, res.step) for r, res in steering.steer.results],
-            "run_id": steering.steer.run_id,
-        },
-        args.out / f"rank{rank}.pt",
-    )
+    script.save(steering.steer, model, args.out)
 
 
 if __name__ == "__main__":

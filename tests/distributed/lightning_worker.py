@@ -1,7 +1,9 @@
-"""A Lightning `Trainer` (strategy `ddp`) with `SteerCallback` under torchrun: the callback used unchanged.
+"""A Lightning `Trainer` with `SteerCallback` under torchrun, on gloo: strategy `ddp`, or with `--fsdp`
+`ModelParallelStrategy` with the module's `configure_model` calling `fully_shard` (FSDP2). The callback is used
+unchanged.
 
-Rank 0 hands a learning-rate change to the server at the second step boundary; every rank writes its final
-parameters, learning rate and the command's result to `DIR/rank<r>.pt`.
+Rank 0 hands the planned commands of tests/distributed/sharding.py to the server; every rank writes its final state,
+learning rates, the commands' results and (FSDP2) its captures and gradient norms to `DIR/rank<r>.pt`.
 """
 
 from __future__ import annotations
@@ -13,24 +15,35 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from protocols.client import Client
-from tests.distributed.worker import FAST_IO, deliver
+from tests.distributed.sharding import Script
+from tests.distributed.worker import FAST_IO
 from tests.trainer.frameworks import byte_domains
 from trainer.lightning import SteerCallback
 from trainer.steer import SteerConfig
 
 
 class ByteLM(L.LightningModule):
-    """A small next-byte model: embedding, tanh, projection back to the 256 bytes."""
+    """A small next-byte model: embedding, tanh, projection back to the 256 bytes; sharded layer by layer when
+    `sharded`."""
 
-    def __init__(self) -> None:
+    def __init__(self, sharded: bool) -> None:
         super().__init__()
+        self.sharded = sharded
         self.embed = nn.Embedding(256, 32)
         self.head = nn.Linear(32, 256)
+
+    def configure_model(self) -> None:
+        if self.sharded:
+            mesh = self.device_mesh["data_parallel"]
+            for layer in (self.embed, self.head, self):
+                fully_shard(layer, mesh=mesh)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         ids = batch["input_ids"]
@@ -41,50 +54,49 @@ class ByteLM(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-class HandOver(L.Callback):
-    """On rank 0, submits the learning-rate change at the second boundary (applied at the third, on every rank)."""
+class Follow(L.Callback):
+    """Runs the script after the steering callback, at every boundary and before every optimizer step."""
 
-    def __init__(self, steering: SteerCallback, client: Client, rank: int) -> None:
+    def __init__(self, steering: SteerCallback, script: Script) -> None:
         self.steering = steering
-        self.client = client
-        self.rank = rank
+        self.script = script
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.script.before_optimizer_step(self.steering.steer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        steer = self.steering.steer
-        if self.rank == 0 and trainer.global_step == 2 and steer is not None:
-            deliver(self.client, steer, {"type": "set_hparams", "lr": 5e-4})
+        self.script.boundary(self.steering.steer, pl_module, trainer.optimizers[0])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--server", required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fsdp", action="store_true", help="ModelParallelStrategy with fully_shard instead of DDP")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
-    module = ByteLM()
+    module = ByteLM(sharded=args.fsdp)
     steering = SteerCallback(
-        server=args.server, config=SteerConfig(run_name="lightning-ddp", checkpoint_dir=args.out / "ck", io=FAST_IO)
+        server=args.server,
+        config=SteerConfig(
+            run_name="lightning-fsdp" if args.fsdp else "lightning-ddp", checkpoint_dir=args.out / "ck",
+            ring_size=1, snapshot_every=2, io=FAST_IO,
+        ),
+    )  # fmt: skip
+    strategy: Strategy | str = (
+        ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.fsdp else "ddp"
     )
     with Client(args.server) as client:
+        script = Script(client, rank, sharded=args.fsdp)
         trainer = L.Trainer(
-            max_steps=5, accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(args.out),
-            callbacks=[steering, HandOver(steering, client, rank)],
+            max_steps=6 if args.fsdp else 5, accelerator="cpu", devices=2, strategy=strategy, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(args.out), callbacks=[steering, Follow(steering, script)],
         )  # fmt: skip
         trainer.fit(module, DataLoader(byte_domains()["prose"], batch_size=4))
-    steer = steering.steer
-    assert steer is not None
-    torch.save(
-        {
-            "model": {key: value.clone() for key, value in module.state_dict().items()},
-            "lr": [group["lr"] for group in steer.live.optimizer.param_groups],
-            "results": [(r.command.type, res.status, res.step) for r, res in steer.results],
-            "run_id": steer.run_id,
-        },
-        args.out / f"rank{rank}.pt",
-    )
+    script.save(steering.steer, module, args.out)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def test_a_rejection_every_rank_agrees_on_stays_a_rejection() -> None:
 
 
 def test_values_combine_by_their_meaning() -> None:
-    """Mean loss, summed throughput, slowest step; shard norms combine, replicated norms are taken as they are."""
+    """Mean loss, summed throughput, slowest step; shard norms and ratios of shard norms combine, replicated ones
+    are taken as they are."""
     column = torch.tensor([3.0, 4.0], dtype=torch.float64)
     assert combine_values(column, "mean", sharded=False) == 3.5
     assert combine_values(column, "sum", sharded=False) == 7.0
@@ -48,6 +49,10 @@ def test_values_combine_by_their_meaning() -> None:
     assert combine_values(column, "norm", sharded=True) == 5.0
     assert combine_values(column, "norm", sharded=False) == 3.0
     assert combine_values(column, None, sharded=True) == 3.0
+    # Update ratios of shards whose parameter norms are 1 and 2: updates of norm 3 and 8 over parameters of norm √5.
+    shard_norms = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert combine_values(column, "ratio", sharded=True, denominators=shard_norms) == pytest.approx((73 / 5) ** 0.5)
+    assert combine_values(column, "ratio", sharded=False, denominators=shard_norms) == 3.0
 
 
 def test_the_ranks_slices_make_up_the_global_batch_through_mix_changes_and_skips() -> None:
