@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from pathlib import Path
@@ -9,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult, SetHparams
@@ -17,7 +21,17 @@ from tests.polling import wait_until
 from tests.serving import ServerThread
 from trainer.cli import main as train_main
 from trainer.data import MixtureSampler, builtin_domains
-from trainer.distributed import RankFailure, Ranks, RankSampler, combine, combine_values, end_on_sigterm, without_option
+from trainer.distributed import (
+    RankFailure,
+    Ranks,
+    RankSampler,
+    combine,
+    combine_values,
+    end_on_sigterm,
+    is_sharded,
+    without_option,
+)
+from trainer.health import Health
 from trainer.steer import Steer, SteerConfig
 
 
@@ -132,6 +146,38 @@ def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Pa
         assert commands == [record] and reduced == samples
         assert ranks._capacity == 32
         assert ranks.exchange([], samples[:3]) == ([], samples[:3])
+    finally:
+        dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_health_on_fully_shard_parameters_measures_and_clips_as_on_plain_ones(tmp_path: Path) -> None:
+    """`Health` on an FSDP2 model reads each parameter's DTensor shard (one rank here: the shard is all of it) and
+    clips by the norm of all shards: its values and clipped gradients equal those of a plain copy of the model."""
+    previous = signal.getsignal(signal.SIGTERM)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+        sharded = copy.deepcopy(plain)
+        for layer in (sharded[0], sharded[2], sharded):
+            fully_shard(layer)
+        assert is_sharded(sharded) and not is_sharded(plain)
+        inputs = torch.randn(5, 8)
+        values = []
+        for model in (plain, sharded):
+            health = Health(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            model(inputs).square().mean().backward()
+            health.begin_step(1)
+            health.before_optimizer_step(max_norm=0.05)
+            grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
+            assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) == pytest.approx(0.05, rel=1e-4)
+            optimizer.step()
+            health.after_optimizer_step()
+            values.append(health.end_step())
+        assert values[0].keys() == values[1].keys() and {"grad_norm", "param_norm", "update_ratio"} <= values[0].keys()
+        assert values[1] == pytest.approx(values[0], rel=1e-6)
     finally:
         dist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)
