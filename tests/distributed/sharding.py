@@ -18,11 +18,13 @@ FSDP_PLAN: dict[int, list[dict[str, Any]]] = {
     2: [{"type": "set_hparams", "lr": 5e-4}, {"type": "save_checkpoint", "tag": "sharded"}],
     3: [{"type": "save_checkpoint"}],
     4: [{"type": "rollback", "step": 3}],
+    6: [{"type": "rollback", "step": 4}],
 }
 """By boundary (counted from 1), each applied at the next: a learning-rate change and a sharded save at step 3, a
-later save at step 4 (so only the file still holds step 3), and a rollback to step 3 at the fifth boundary."""
-CAPTURED = (3, 5)
-"""The boundaries after which the FSDP2 workers keep the full state: the save of step 3 and the rollback to it."""
+later save at step 4 (so only the file still holds step 3), a rollback to step 3 at the fifth boundary (from the
+DCP directory), and at the seventh a rollback to the new branch's step-4 snapshot (from each rank's ring)."""
+CAPTURED = (3, 5, 6, 7)
+"""The boundaries after which the FSDP2 workers keep the full state: each checkpoint taken and the rollback to it."""
 DDP_PLAN: dict[int, list[dict[str, Any]]] = {2: [{"type": "set_hparams", "lr": 5e-4}]}
 
 

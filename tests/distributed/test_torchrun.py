@@ -208,14 +208,15 @@ def test_the_framework_callbacks_steer_an_fsdp2_trainer_unchanged(
     assert rank0["lr"] == rank1["lr"] and set(rank0["lr"]) == {5e-4}
     expected = [
         ("set_hparams", "applied", 3), ("save_checkpoint", "applied", 3), ("save_checkpoint", "applied", 4),
-        ("rollback", "applied", 5),
+        ("rollback", "applied", 5), ("rollback", "applied", 5),
     ]  # fmt: skip
     assert rank0["results"] == rank1["results"] == expected, (rank0["results"], rank1["results"])
     assert_same_state(rank0, rank1, "differs between the ranks")
     for state in (rank0, rank1):
-        assert_same_state(state["captured"][3], state["captured"][5], "not restored exactly")
-    saved_info, rollback = rank0["effective"][1], rank0["effective"][3]
-    assert rollback["source"] == "disk" and rollback["step"] == 3, rollback
+        assert_same_state(state["captured"][3], state["captured"][5], "not restored exactly from the file")
+        assert_same_state(state["captured"][6], state["captured"][7], "not restored exactly from the ring")
+    saved_info, from_file, from_ring = rank0["effective"][1], rank0["effective"][3], rank0["effective"][4]
+    assert (from_file["source"], from_file["step"], from_ring["source"], from_ring["step"]) == ("disk", 3, "memory", 4)
     path = Path(saved_info["path"])
     assert path.is_dir() and sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
