@@ -1,8 +1,9 @@
 """A hand-written loop with the `Steer` hook on an FSDP2 (`fully_shard`) model, as torchrun starts it.
 
-Rank 0 submits the planned commands through the server at fixed iterations. Every rank writes the full parameters
-and optimizer state after each planned boundary, and the true global gradient norm of each step, to
-`DIR/rank<r>.pt`.
+Rank 0 submits the planned commands through the server at fixed iterations. The hook's health metrics measure the
+gradients (and clip them once a `grad_clip` is set). Every rank writes the full parameters and optimizer state after
+each planned boundary, and the true global gradient norm of each step before and after the optimizer's step
+pre-hook clipped it, to `DIR/rank<r>.pt`.
 """
 
 from __future__ import annotations
@@ -16,18 +17,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
 from tests.distributed.sharding import full
 from tests.distributed.worker import FAST_IO, deliver
+from trainer.health import Health
 from trainer.steer import Steer, SteerConfig
 
 
-def local_norm(model: nn.Module) -> float:
-    """This rank's shard of the gradient norm (the hook combines the shards into the global norm)."""
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads if g is not None])))
+def global_norm(model: nn.Module) -> float:
+    """The norm of the gradients of all shards together, as torch computes it for DTensors."""
+    return float(full(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])))
 
 
 def main() -> None:
@@ -53,8 +53,9 @@ def main() -> None:
     )  # fmt: skip
     plan = {int(iteration): commands for iteration, commands in json.loads(args.plan.read_text()).items()}
     saved: dict[int, Any] = {}
-    norms: dict[tuple[str, int], float] = {}
-    with Client(args.server) as client, Steer(model, optimizer, config=config) as steer:
+    norms: dict[tuple[str, int], tuple[float, float]] = {}
+    health = Health(model)
+    with Client(args.server) as client, Steer(model, optimizer, health=health, config=config) as steer:
         for iteration in range(args.steps):
             if rank == 0:
                 for command in plan.get(iteration, []):
@@ -67,13 +68,11 @@ def main() -> None:
             targets = torch.randn(8 * world, 4, generator=generator).chunk(world)[rank]
             loss = nn.functional.mse_loss(model(inputs), targets)
             loss.backward()
-            shard_norm = local_norm(model)
-            norms[(steer.branch, step)] = float(
-                full(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
-            )
-            optimizer.step()
+            before = global_norm(model)
+            optimizer.step()  # the hook's health metrics measure each shard and clip by the global norm first
+            norms[(steer.branch, step)] = (before, global_norm(model))
             optimizer.zero_grad()
-            steer.record(step, loss=float(loss), grad_norm=shard_norm)
+            steer.record(step, loss=loss.detach())
         results = [(record.command.type, result.status, result.effective) for record, result in steer.results]
         run_id = steer.run_id
     torch.save({"saved": saved, "norms": norms, "results": results, "run_id": run_id}, args.out / f"rank{rank}.pt")

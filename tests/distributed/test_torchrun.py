@@ -150,11 +150,16 @@ def test_a_pause_outlasts_the_process_group_timeout_and_stop_ends_every_rank(
     assert (job.out / "checkpoints" / final[0].path.rsplit("/", 1)[-1]).is_file()
 
 
+CLIP = 0.05
+"""A clipping threshold below the FSDP2 worker's gradient norms."""
+
+
 def test_fsdp2_saves_each_shard_with_dcp_and_rolls_back_from_it(torchrun: Callable[..., Job], client: Client) -> None:
     """Under `fully_shard` each rank writes its shard into one DCP directory, a rollback reads it back exactly, and
-    the gradient norm the server shows is the global one, combined from the ranks' shard norms."""
+    the gradient norm the server shows is the global one, combined from the ranks' shard norms; the hook's
+    clipping scales every shard by the global norm's factor."""
     plan = {
-        1: [{"type": "set_hparams", "lr": 1e-3}],
+        1: [{"type": "set_hparams", "lr": 1e-3, "grad_clip": CLIP}],
         2: [{"type": "save_checkpoint", "tag": "sharded"}],
         3: [{"type": "save_checkpoint"}],
         5: [{"type": "rollback", "step": 2}],
@@ -174,7 +179,11 @@ def test_fsdp2_saves_each_shard_with_dcp_and_rolls_back_from_it(torchrun: Callab
     shown = dict(zip(history.series["grad_norm"].steps, history.series["grad_norm"].values, strict=True))
     assert shown.keys() == {0, 1, 2, 3, 4}
     for step, value in shown.items():
-        assert value == pytest.approx(rank0["norms"][("main", step)], rel=1e-5)
+        before, after = rank0["norms"][("main", step)]
+        assert value == pytest.approx(before, rel=1e-5)
+        # From step 1 on, every shard is scaled by the same factor: the global norm ends at the threshold.
+        assert after == pytest.approx(before if step == 0 else min(before, CLIP), rel=1e-5), (step, before, after)
+    assert all(before > CLIP for (_, step), (before, _) in rank0["norms"].items() if step >= 1)
 
 
 @pytest.mark.parametrize("worker", ["hf_worker.py", "lightning_worker.py"], ids=["hugging-face", "lightning"])
