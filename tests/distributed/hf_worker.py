@@ -87,6 +87,7 @@ def main() -> None:
         learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, disable_tqdm=True, ddp_backend="gloo", seed=0, max_grad_norm=100.0, **sharding,
     )  # fmt: skip
+    # `max_grad_norm` far above the norms: HF clips nothing, so the callback measures the norms before clipping.
     if args.fsdp:
         PartialState().distributed_type = DistributedType.MULTI_GPU
     with Client(args.server) as client:

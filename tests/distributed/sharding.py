@@ -1,5 +1,5 @@
-"""What the framework workers share: planned commands at step boundaries, and under FSDP2 the full state and the
-true global gradient norm (collectives every rank makes in the same order)."""
+"""What the framework workers share: planned commands at step boundaries, and under FSDP2 the full state and each
+step's global gradient norm, parameter norm and update ratio (collectives every rank makes in the same order)."""
 
 from __future__ import annotations
 
