@@ -30,6 +30,8 @@ from protocols.commands import CommandRecord, CommandResult
 from protocols.errors import RunsteerError, ServerUnavailable
 from protocols.records import (
     AlertReport,
+    CheckpointInfo,
+    CheckpointSaved,
     Heartbeat,
     MetricsAck,
     MetricsBatch,
@@ -89,6 +91,14 @@ class SampleItem:
 
 
 @dataclass
+class SavedItem:
+    """A checkpoint saved and those its retention evicted; the sender builds their `CheckpointSaved` reports."""
+
+    info: CheckpointInfo
+    evicted: list[CheckpointInfo]
+
+
+@dataclass
 class ResultItem:
     command_id: str
     result: CommandResult
@@ -109,7 +119,7 @@ class StopItem:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-OutItem = SampleItem | ResultItem | RunReport | RunState | FlushItem | StopItem
+OutItem = SampleItem | SavedItem | ResultItem | RunReport | RunState | FlushItem | StopItem
 
 
 def to_sample(item: SampleItem) -> MetricsSample:
@@ -405,6 +415,9 @@ class IOWorker:
             if self._oldest_unsent is None:
                 # The sample's own age counts: it may have waited in `samples` for up to half a flush interval.
                 self._oldest_unsent = time.monotonic() - max(0.0, time.time() - item.time)
+        elif isinstance(item, SavedItem):
+            self._reports.append(CheckpointSaved(checkpoint=item.info))
+            self._reports.extend(CheckpointSaved(checkpoint=old, deleted=True) for old in item.evicted)
         elif isinstance(item, ResultItem):
             self._results.append(item)
         elif isinstance(item, RunState):

@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from protocols.records import CheckpointInfo, CheckpointSaved, RunReport, RunState, StatusReport
+from protocols.records import CheckpointInfo, RunReport, RunState, StatusReport
 from trainer.checkpoints import CheckpointStore
-from trainer.io import OutItem, SampleItem
+from trainer.io import OutItem, SampleItem, SavedItem
 from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
 from trainer.schedule import Schedule
 
@@ -193,6 +193,8 @@ class LiveRun:
         self.evaluator = evaluate
         self.checkpoints = checkpoints
         self.emit = emit
+        self.emit_sample: Callable[[SampleItem], None] = emit
+        """Where `record` hands a step's values; a hook may point it at its sender's sample queue directly."""
         self.grad_clip = grad_clip
         """Gradient clipping threshold (0: off); a loop or callback reads it before each optimizer step."""
         self.step = 0
@@ -203,6 +205,7 @@ class LiveRun:
         self.last_applied_seq = 0
         self._healthy_since_checkpoint = True
         self._last_values: dict[str, float] = {}
+        self._last_finite = True
         self._lambdas: list[Any] = list(getattr(scheduler, "lr_lambdas", []))
         self._model_state = ModelState()
         self._optimizer_state = OptimizerState()
@@ -276,7 +279,8 @@ class LiveRun:
             self._lr_table = table, first
         for group, lr in zip(self.optimizer.param_groups, table[1][index], strict=True):
             group["lr"] = lr
-        self._tell_scheduler()
+        if self.scheduler is not None:
+            self._tell_scheduler()
 
     def _tell_scheduler(self) -> None:
         """Make the scheduler's `get_last_lr()` (what HF and Lightning log) the learning rates now in force."""
@@ -301,17 +305,15 @@ class LiveRun:
 
     # Metrics and reports
 
-    def note_values(self, values: dict[str, float]) -> None:
-        """Remember a step's values: the next checkpoint carries them and is unhealthy if any was non-finite."""
-        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
-        if not math.isfinite(sum(values.values())) and not all(math.isfinite(value) for value in values.values()):
-            self._healthy_since_checkpoint = False
-        self._last_values = values
-
     def record(self, step: int, values: dict[str, float]) -> None:
-        """Hand one step's values to the server (through `emit`) and note them."""
-        self.note_values(values)
-        self.emit(SampleItem(self.branch, step, time.time(), values))
+        """Hand one step's values to the server (through `emit_sample`) and remember them: the next checkpoint carries
+        them and is unhealthy if any was non-finite. The caller hands the dict over: nothing changes it afterwards."""
+        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
+        finite = math.isfinite(sum(values.values())) or all(math.isfinite(value) for value in values.values())
+        if not finite:
+            self._healthy_since_checkpoint = False
+        self._last_values, self._last_finite = values, finite
+        self.emit_sample(SampleItem(self.branch, step, time.time(), values))
 
     def report(self, item: RunReport) -> None:
         """Hand a report to the server (through `emit`)."""
@@ -379,12 +381,14 @@ class LiveRun:
             tag=tag,
             to_disk=to_disk,
             healthy=self._healthy_since_checkpoint,
-            metrics={k: v for k, v in self._last_values.items() if math.isfinite(v)},
+            metrics=(
+                dict(self._last_values)
+                if self._last_finite
+                else {k: v for k, v in self._last_values.items() if math.isfinite(v)}
+            ),
         )
         self._healthy_since_checkpoint = True
-        self.emit(CheckpointSaved(checkpoint=info))
-        for old in evicted:
-            self.emit(CheckpointSaved(checkpoint=old, deleted=True))
+        self.emit(SavedItem(info, evicted))
         return info
 
     def load_checkpoint(self, info: CheckpointInfo) -> str:
