@@ -1,10 +1,12 @@
 """Per-step cost of the Hugging Face and Lightning callbacks, and steps from a command's arrival to its effect.
 
-For each framework, three kinds of run train the same tiny model on the same data, interleaved in rounds so that
+For each framework, four kinds of run train the same tiny model on the same data, interleaved in rounds so that
 machine load hits them alike: without the callback, with the callback's hook machinery only (`health=False`: the
-loss and learning rate recorded, commands taken at every boundary, snapshots every 25 steps) and with the full
-metric set (trainer/health.py). Prints the median step time of each, the callback's own time per step (its hooks
-timed directly, which a loaded machine blurs far less than a difference of step times) and, from a steered run
+loss and learning rate recorded, commands taken at every boundary, snapshots every 25 steps), with the full
+metric set (trainer/health.py, as configured by default: the output-logit statistics every 10 steps) and with the
+full set taking the logit statistics at every step (`logits1`). Prints the median step time of each, the callback's
+own time per step (its hooks timed directly, which a loaded machine blurs far less than a difference of step times;
+its median, and its mean, which counts the due steps of the statistics taken every N steps) and, from a steered run
 that is sent `set_hparams` commands at random moments, how many step boundaries each took from the moment the
 server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
 
@@ -148,8 +150,8 @@ def train(
     workdir: Path,
     started: Callable[[Any], None] | None = None,
 ) -> Any:
-    """One run of `steps` steps; `kind` is `without`, `machinery` or `full`. Returns the steering callback, which
-    `started` is also handed before training starts."""
+    """One run of `steps` steps; `kind` is `without`, `machinery`, `full` or `logits1`. Returns the steering
+    callback, which `started` is also handed before training starts."""
     torch.manual_seed(0)
     blocks = domains()
     examples: DomainMixture[Any] = (
@@ -159,10 +161,11 @@ def train(
     )
     callbacks: list[Any] = [HFClock(clock) if framework == "hf" else LightningClock(clock)]
     callback = None
-    if kind in ("machinery", "full"):
+    if kind in ("machinery", "full", "logits1"):
         config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
         factory = HFSteer if framework == "hf" else LightningSteer
-        callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
+        callback = factory(server=server, sampler=examples, config=config, health=kind != "machinery")
+        after_start(callback, clock, framework, logits_every_step=kind == "logits1")
         clock.wrap(callback, HOOKS[framework])
         # After the clock: a step's end is stamped before the callback's boundary takes the commands queued by then,
         # so a command that reaches the trainer after that boundary is not counted as arriving before it.
@@ -237,6 +240,24 @@ def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks
     finally:
         for (cls, name), method in originals.items():
             setattr(cls, name, method)
+
+
+def after_start(callback: Any, clock: Clock, framework: str, logits_every_step: bool) -> None:
+    """Once the callback built its health metrics: under HF, time their forward hook's logit statistics too (they
+    run inside the model's forward, not in a callback hook); with `logits_every_step`, take those every step."""
+    start = callback.run.start
+
+    def started(*args: Any) -> Any:
+        steer = start(*args)
+        health = callback.run.health
+        if health is not None:
+            if logits_every_step:
+                health.logit_every = 1
+            if framework == "hf":
+                clock.wrap(health, ("observe_logits",))
+        return steer
+
+    callback.run.start = started
 
 
 class StampedInbox:
@@ -317,7 +338,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", choices=("hf", "lightning", "both"), default="both")
     parser.add_argument("--steps", type=int, default=60, help="steps per run (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four kinds (default %(default)s)")
     parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
     parser.add_argument(
@@ -331,8 +352,8 @@ def main() -> int:
     frameworks = ("hf", "lightning") if args.framework == "both" else (args.framework,)
     with Server() as server, TemporaryDirectory(prefix="runsteer-frameworks-") as tmp:
         for framework in frameworks:
-            steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": []}
-            hooks: dict[str, list[float]] = {"machinery": [], "full": []}
+            steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": [], "logits1": []}
+            hooks: dict[str, list[float]] = {"machinery": [], "full": [], "logits1": []}
             if args.peer and framework == "hf":
                 steps["peer"], hooks["peer"] = [], []
             for round_index in range(args.rounds):
@@ -351,10 +372,11 @@ def main() -> int:
             print(f"  median step without the callback        {base * 1e3:8.2f} ms")
             for kind in hooks:
                 median = statistics.median(steps[kind])
-                own = statistics.median(hooks[kind])
+                own, mean = statistics.median(hooks[kind]), statistics.fmean(hooks[kind])
                 print(
                     f"  {kind:9s} median step {median * 1e3:8.2f} ms ({(median / base - 1) * 100:+.1f} %); "
                     f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
+                    f"mean {mean * 1e6:7.0f} us ({mean / base * 100:.2f} %), "
                     f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
                 )
             for moment, label in (
