@@ -30,6 +30,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -275,14 +276,30 @@ class StampedInbox:
         return getattr(self.inbox, name)
 
 
-def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
+@dataclass
+class Latency:
+    """Where the commands of the latency run landed, and what delayed the late ones."""
+
+    boundaries: dict[str, list[int]]
+    """For each moment (`created_at`, `delivered_at`, `queued`): boundaries from it to the one that applied it."""
+    delays: list[float]
+    """Seconds from the server's acceptance to the trainer's queuing, per command."""
+    late: list[tuple[float, float]]
+    """For each command applied later than the boundary after its acceptance: (seconds from its acceptance to the
+    end of that step, seconds it took to reach the trainer)."""
+
+
+def command_latency(framework: str, steps: int, server: str, workdir: Path) -> Latency:
     """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
-    (`created_at`), from its handing the command out to the trainer's poller (`delivered_at`) and from the poller's
-    queuing it in the trainer (`queued`, its arrival there) to the boundary that applied it."""
+    (`created_at`, stamped before the command is stored), from the submitter's having the answer (`answered`: it is
+    stored), from the server's handing it out to the trainer's poller (`delivered_at`) and from the poller's queuing
+    it in the trainer (`queued`, its arrival there) to the boundary that applied it."""
     clock = Clock()
     started = threading.Event()
     holder: list[Any] = []
     inboxes: list[StampedInbox] = []
+    answered: dict[int, float] = {}
+    """When the submitter had the server's answer, by command seq."""
 
     def send() -> None:
         started.wait(60)
@@ -298,7 +315,8 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
             while len(clock.ends) < steps - 10:
                 time.sleep(rng.uniform(0.01, 0.15))
                 try:
-                    client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                    record = client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                    answered[record.seq] = time.time()
                 except RequestRejected:
                     return  # the run finished between the check and the submit
 
@@ -315,11 +333,12 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
     queued = inboxes[0].queued if inboxes else {}
     moments: dict[str, Callable[[Any], float | None]] = {
         "created_at": lambda r: r.created_at,
+        "answered": lambda r: answered.get(r.seq),
         "delivered_at": lambda r: r.delivered_at,
         "queued": lambda r: queued.get(r.seq),
     }
     # A command that arrived while step n ran (n steps done) is due at boundary n + 1, the end of that step.
-    return {
+    boundaries = {
         moment: [
             r.applied_step - bisect.bisect_right(clock.wall_ends, at(r))
             for r in records
@@ -327,6 +346,13 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
         ]
         for moment, at in moments.items()
     }
+    arrived = [(r, queued[r.seq]) for r in records if r.seq in queued and r.applied_step is not None]
+    late = []
+    for record, at in arrived:
+        done = bisect.bisect_right(clock.wall_ends, record.created_at)
+        if record.applied_step - done > 1 and done < len(clock.wall_ends):
+            late.append((clock.wall_ends[done] - record.created_at, at - record.created_at))
+    return Latency(boundaries, [at - record.created_at for record, at in arrived], late)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -381,16 +407,32 @@ def main() -> int:
                 )
             for moment, label in (
                 ("created_at", "accepted by the server"),
+                ("answered", "answered to the submitter (stored)"),
                 ("delivered_at", "handed out by the server"),
                 ("queued", "queued in the trainer by its poller"),
             ):
-                boundaries = latency[moment]
+                boundaries = latency.boundaries[moment]
                 if boundaries:
                     share = sum(1 for d in boundaries if d <= 1) / len(boundaries)
                     print(
                         f"  {len(boundaries)} set_hparams {label} during a step: applied at the boundary right "
                         f"after it {share * 100:.1f} %, at most {max(boundaries)} boundaries later"
                     )
+            if latency.delays:
+                delays, step_s = latency.delays, statistics.median(steps["full"])
+                print(
+                    "  from the server's acceptance to the trainer's queue: "
+                    f"median {statistics.median(delays) * 1e3:.2f} ms, p90 {percentile(delays, 0.9) * 1e3:.2f} ms, "
+                    f"max {max(delays) * 1e3:.2f} ms; a command "
+                    "accepted less than that before a step's end reaches the trainer after its boundary: expected at "
+                    f"the next boundary {max(0.0, 1 - statistics.fmean(delays) / step_s) * 100:.1f} % "
+                    "(1 - mean delay / median step)"
+                )
+            for lead, delay in latency.late:
+                print(
+                    f"  late from acceptance: accepted {lead * 1e3:.2f} ms before its step's end, "
+                    f"{delay * 1e3:.2f} ms on its way to the trainer"
+                )
     return 0
 
 

@@ -68,9 +68,14 @@ def remove_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class Parameters(dict[str, Any]):
+    """A model's state that holds parameters only (`nn.Parameter`s, which only the optimizer writes): a snapshot
+    defers copying it as a whole, without walking it on the training thread."""
+
+
 Deferred = list[tuple[dict[Any, Any], Any, Any]]
-"""(container, key, source): the background copy sets `container[key]` to a copy of the source (a parameter, or
-the optimizer's whole per-parameter state)."""
+"""(container, key, source): the background copy sets `container[key]` to a copy of the source (a parameter, a model's
+`Parameters`, or the optimizer's whole per-parameter state)."""
 
 
 _IMMUTABLE_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
@@ -86,7 +91,7 @@ def split_copy(state: Any, deferred: Deferred) -> Any:
         copied: dict[Any, Any] = {}
         for key, value in state.items():
             kind = type(value)
-            if kind is nn.Parameter or (key == "state" and "param_groups" in state):
+            if kind is nn.Parameter or kind is Parameters or (key == "state" and "param_groups" in state):
                 deferred.append((copied, key, value))
                 copied[key] = None
             elif kind in _IMMUTABLE_TYPES:

@@ -115,9 +115,10 @@ class FrameworkSteer:
         if steer is None:
             return None
         extra: dict[str, Tensor | float] = {"lr": self._lr}
-        if self._losses:
-            extra["loss"] = torch.stack(self._losses).mean()
-            self._losses.clear()
+        losses = self._losses
+        if losses:
+            extra["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            losses.clear()
         # The one host-device sync of the step: the health metrics and the loss come back in one transfer.
         steer.record(done - 1, **(health.end_step(**extra) if health is not None else extra))
         return self.boundary(done)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from protocols.records import CheckpointInfo, RunReport, RunState, StatusReport
-from trainer.checkpoints import CheckpointStore
+from trainer.checkpoints import CheckpointStore, Parameters
 from trainer.io import OutItem, SampleItem, SavedItem
 from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
 from trainer.schedule import Schedule
@@ -75,6 +75,8 @@ class ModelState:
         self._plan: list[tuple[str, dict[str, Any], str]] | None = None
         self._own = True
         """False once the plan found a module torch's default does not save as the plan would."""
+        self._parameters_only = False
+        """True when the plan holds no buffer."""
 
     def capture(self, model: nn.Module) -> dict[str, Any]:
         """The model's parameters and persistent buffers by state-dict key (references, not copies)."""
@@ -84,7 +86,8 @@ class ModelState:
             self._plan = self._make_plan(model)
         if self._plan is None:
             return model.state_dict(keep_vars=True)
-        state: dict[str, Any] = {}
+        # Without buffers the state is parameters alone, which a snapshot copies off the training thread as a whole.
+        state: dict[str, Any] = Parameters() if self._parameters_only else {}
         for key, table, name in self._plan:
             value = table.get(name)
             if value is not None:
@@ -94,6 +97,7 @@ class ModelState:
     def _make_plan(self, model: nn.Module) -> list[tuple[str, dict[str, Any], str]] | None:
         plan: list[tuple[str, dict[str, Any], str]] = []
         base = nn.Module
+        parameters_only = True
         for path, module in model.named_modules(remove_duplicate=False):
             kind = type(module)
             if (
@@ -107,11 +111,14 @@ class ModelState:
                 return None
             prefix = f"{path}." if path else ""
             plan += [(prefix + name, module._parameters, name) for name in module._parameters]
-            plan += [
+            buffers = [
                 (prefix + name, module._buffers, name)
                 for name in module._buffers
                 if name not in module._non_persistent_buffers_set
             ]
+            plan += buffers
+            parameters_only = parameters_only and not buffers
+        self._parameters_only = parameters_only
         return plan
 
 
@@ -268,7 +275,7 @@ class LiveRun:
 
     def apply_schedule(self) -> None:
         """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
-        schedule = self.schedule
+        schedule = self._schedule
         if schedule is None:
             return
         table, first = self._lr_table

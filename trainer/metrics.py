@@ -95,16 +95,12 @@ class GradientStats:
         self.params: list[Tensor] = [param for _, params in blocks for param in params if param.requires_grad]
         device = self.params[0].device
         block_of = [index for index, (_, params) in enumerate(blocks) for param in params if param.requires_grad]
-        # Row b sums the squared gradient norms of block b, the last row all of them: one product gives every norm.
-        self._sums = torch.zeros(len(self.names) + 1, len(self.params), device=device)
-        self._sums[block_of, range(len(self.params))] = 1.0
-        self._sums[-1] = 1.0
+        self._block_index = torch.tensor(block_of, device=device)
         self._block_keys = [f"grad_norm/{name}" for name in self.names]
+        self._per_block = torch.zeros(len(self.names), device=device)
         self.track_updates = track_updates
         """Without it, no copy of the parameters is kept and `update_ratio` is not reported."""
         dtypes = {param.dtype for param in self.params}
-        self._norms_float32 = dtypes == {torch.float32}
-        """The gradients' norms come as float32 already (no conversion to call each step)."""
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         sizes = [param.numel() for param in self.params] if track_updates else []
         self._flat_before = torch.empty(sum(sizes), dtype=dtype, device=device)
@@ -119,9 +115,9 @@ class GradientStats:
     def before_step(self, max_norm: float) -> Tensor:
         """After backward, before the optimizer: measure gradient norms and clip; returns the pre-clip norm."""
         grads = [param.grad if param.grad is not None else torch.zeros_like(param) for param in self.params]
-        norms = torch.stack(torch._foreach_norm(grads))
-        squares = (norms if self._norms_float32 else norms.float()).square_()
-        *per_block, total = torch.mv(self._sums, squares).sqrt_().unbind()
+        squares = torch.stack(torch._foreach_norm(grads)).float().square_()
+        per_block = self._per_block.zero_().index_add_(0, self._block_index, squares).sqrt()
+        total = squares.sum().sqrt()
         if max_norm > 0.0:
             # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again.
             scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -129,7 +125,7 @@ class GradientStats:
         if self.track_updates:
             torch._foreach_copy_(self._before, self.params)
             self._copied = True
-        self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block, strict=True))}
+        self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block.unbind(), strict=True))}
         return total
 
     @property

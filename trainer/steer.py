@@ -191,8 +191,7 @@ class Steer:
         self._offset += live.step - step
         if live.stopped:
             raise StopTraining(f"stopped by command at step {live.step}")
-        if live.schedule is not None:
-            live.apply_schedule()
+        live.apply_schedule()
         step, config = live.step, self.config
         if (
             step == 0
@@ -206,11 +205,13 @@ class Steer:
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
         """Buffer one step's metrics (a tensor is read with one sync each, or all in one with `health`)."""
-        given = {**values, "loss": loss} if loss is not None else values
+        given = values  # a fresh dict (the keyword arguments), which this call may change
+        if loss is not None:
+            given["loss"] = loss
         if self.health is not None:
             floats = self.health.end_step(**given)
         else:
-            # `given` is a fresh dict (the keyword arguments): values that are floats already are left as they are.
+            # Values that are floats already are left as they are.
             if set(map(type, given.values())) != _FLOAT_TYPE:
                 for name, value in given.items():
                     if type(value) is not float:
