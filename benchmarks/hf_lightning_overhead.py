@@ -165,8 +165,15 @@ def train(
     if kind in ("machinery", "full", "logits1"):
         config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
         factory = HFSteer if framework == "hf" else LightningSteer
-        callback = factory(server=server, sampler=examples, config=config, health=kind != "machinery")
-        after_start(callback, clock, framework, logits_every_step=kind == "logits1")
+        callback = factory(
+            server=server,
+            sampler=examples,
+            config=config,
+            health=kind != "machinery",
+            logit_every=1 if kind == "logits1" else 10,
+        )
+        if framework == "hf":
+            time_logits(callback, clock)
         clock.wrap(callback, HOOKS[framework])
         # After the clock: a step's end is stamped before the callback's boundary takes the commands queued by then,
         # so a command that reaches the trainer after that boundary is not counted as arriving before it.
@@ -243,19 +250,15 @@ def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks
             setattr(cls, name, method)
 
 
-def after_start(callback: Any, clock: Clock, framework: str, logits_every_step: bool) -> None:
-    """Once the callback built its health metrics: under HF, time their forward hook's logit statistics too (they
-    run inside the model's forward, not in a callback hook); with `logits_every_step`, take those every step."""
+def time_logits(callback: Any, clock: Clock) -> None:
+    """Time the HF callback's logit statistics too: they run in a forward hook of the model, not in a callback hook
+    (wrapped once the callback built its health metrics at train start)."""
     start = callback.run.start
 
     def started(*args: Any) -> Any:
         steer = start(*args)
-        health = callback.run.health
-        if health is not None:
-            if logits_every_step:
-                health.logit_every = 1
-            if framework == "hf":
-                clock.wrap(health, ("observe_logits",))
+        if callback.run.health is not None:
+            clock.wrap(callback.run.health, ("observe_logits",))
         return steer
 
     callback.run.start = started
@@ -284,6 +287,8 @@ class Latency:
     """For each moment (`created_at`, `delivered_at`, `queued`): boundaries from it to the one that applied it."""
     delays: list[float]
     """Seconds from the server's acceptance to the trainer's queuing, per command."""
+    handed: list[float]
+    """Seconds from the server's handing the command out to the trainer's queuing, per command."""
     late: list[tuple[float, float]]
     """For each command applied later than the boundary after its acceptance: (seconds from its acceptance to the
     end of that step, seconds it took to reach the trainer)."""
@@ -352,7 +357,17 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> L
         done = bisect.bisect_right(clock.wall_ends, record.created_at)
         if record.applied_step - done > 1 and done < len(clock.wall_ends):
             late.append((clock.wall_ends[done] - record.created_at, at - record.created_at))
-    return Latency(boundaries, [at - record.created_at for record, at in arrived], late)
+    delays = [at - record.created_at for record, at in arrived]
+    handed = [at - record.delivered_at for record, at in arrived if record.delivered_at is not None]
+    return Latency(boundaries, delays, handed, late)
+
+
+def spread(seconds: list[float]) -> str:
+    """Median, p90 and largest of durations, in ms."""
+    return (
+        f"median {statistics.median(seconds) * 1e3:.2f} ms, p90 {percentile(seconds, 0.9) * 1e3:.2f} ms, "
+        f"max {max(seconds) * 1e3:.2f} ms"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -419,14 +434,9 @@ def main() -> int:
                         f"after it {share * 100:.1f} %, at most {max(boundaries)} boundaries later"
                     )
             if latency.delays:
-                delays, step_s = latency.delays, statistics.median(steps["full"])
                 print(
                     "  from the server's acceptance to the trainer's queue: "
-                    f"median {statistics.median(delays) * 1e3:.2f} ms, p90 {percentile(delays, 0.9) * 1e3:.2f} ms, "
-                    f"max {max(delays) * 1e3:.2f} ms; a command "
-                    "accepted less than that before a step's end reaches the trainer after its boundary: expected at "
-                    f"the next boundary {max(0.0, 1 - statistics.fmean(delays) / step_s) * 100:.1f} % "
-                    "(1 - mean delay / median step)"
+                    f"{spread(latency.delays)}; from the server's handing it out: {spread(latency.handed)}"
                 )
             for lead, delay in latency.late:
                 print(
