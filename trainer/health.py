@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import GradientStats, logit_scalars, read_scalars
+from trainer.metrics import GradientStats, all_finite, logit_scalars, read_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -255,7 +255,7 @@ class Health:
         values = {**read_scalars(scalars), **floats} if scalars else floats
         values["nonfinite_grad"] = float(not math.isfinite(values.get("grad_norm", 0.0)))
         values["nonfinite_param"] = float(not math.isfinite(values.get("param_norm", 0.0)))
-        values["nonfinite"] = float(not all(math.isfinite(value) for value in values.values()))
+        values["nonfinite"] = float(not all_finite(values))
         return values
 
     # Hooks for loops that are not ours

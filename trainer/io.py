@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 from uuid import uuid4
 
 from protocols.client.core import Backoff
@@ -80,9 +80,9 @@ class IOConfig:
     """...up to this."""
 
 
-@dataclass
-class SampleItem:
-    """One step's values as the training thread hands them over; the sender builds the wire model."""
+class SampleItem(NamedTuple):
+    """One step's values as the training thread hands them over; the sender builds the wire model (a named tuple:
+    the leanest object to build, once a step, on the training thread)."""
 
     branch: str
     step: int

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from protocols.records import CheckpointInfo, RunReport, RunState, StatusReport
 from trainer.checkpoints import CheckpointStore, Parameters
 from trainer.io import OutItem, SampleItem, SavedItem
+from trainer.metrics import all_finite
 from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
 from trainer.schedule import Schedule
 
@@ -315,8 +316,7 @@ class LiveRun:
     def record(self, step: int, values: dict[str, float]) -> None:
         """Hand one step's values to the server (through `emit_sample`) and remember them: the next checkpoint carries
         them and is unhealthy if any was non-finite. The caller hands the dict over: nothing changes it afterwards."""
-        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
-        finite = math.isfinite(sum(values.values())) or all(math.isfinite(value) for value in values.values())
+        finite = all_finite(values)
         if not finite:
             self._healthy_since_checkpoint = False
         self._last_values, self._last_finite = values, finite

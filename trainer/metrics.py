@@ -183,3 +183,9 @@ def split_nonfinite(values: dict[str, float]) -> tuple[dict[str, float], list[st
         else:
             bad.append(name)
     return finite, bad
+
+
+def all_finite(values: dict[str, float]) -> bool:
+    """True when no value is NaN or infinite: one test on the sum, which is finite whenever every value is (each value
+    is tested only when it is not, or when the sum overflowed)."""
+    return math.isfinite(sum(values.values())) or all(math.isfinite(value) for value in values.values())
