@@ -1,10 +1,12 @@
 """Per-step cost of the Hugging Face and Lightning callbacks, and steps from a command's arrival to its effect.
 
-For each framework, three kinds of run train the same tiny model on the same data, interleaved in rounds so that
+For each framework, four kinds of run train the same tiny model on the same data, interleaved in rounds so that
 machine load hits them alike: without the callback, with the callback's hook machinery only (`health=False`: the
-loss and learning rate recorded, commands taken at every boundary, snapshots every 25 steps) and with the full
-metric set (trainer/health.py). Prints the median step time of each, the callback's own time per step (its hooks
-timed directly, which a loaded machine blurs far less than a difference of step times) and, from a steered run
+loss and learning rate recorded, commands taken at every boundary, snapshots every 25 steps), with the full
+metric set (trainer/health.py, as configured by default: the output-logit statistics every 10 steps) and with the
+full set taking the logit statistics at every step (`logits1`). Prints the median step time of each, the callback's
+own time per step (its hooks timed directly, which a loaded machine blurs far less than a difference of step times;
+its median, and its mean, which counts the due steps of the statistics taken every N steps) and, from a steered run
 that is sent `set_hparams` commands at random moments, how many step boundaries each took from the moment the
 server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
 
@@ -28,6 +30,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -148,8 +151,8 @@ def train(
     workdir: Path,
     started: Callable[[Any], None] | None = None,
 ) -> Any:
-    """One run of `steps` steps; `kind` is `without`, `machinery` or `full`. Returns the steering callback, which
-    `started` is also handed before training starts."""
+    """One run of `steps` steps; `kind` is `without`, `machinery`, `full` or `logits1`. Returns the steering
+    callback, which `started` is also handed before training starts."""
     torch.manual_seed(0)
     blocks = domains()
     examples: DomainMixture[Any] = (
@@ -159,10 +162,18 @@ def train(
     )
     callbacks: list[Any] = [HFClock(clock) if framework == "hf" else LightningClock(clock)]
     callback = None
-    if kind in ("machinery", "full"):
+    if kind in ("machinery", "full", "logits1"):
         config = SteerConfig(run_name=f"bench-{framework}-{kind}", snapshot_every=25, checkpoint_dir=workdir / "ck")
         factory = HFSteer if framework == "hf" else LightningSteer
-        callback = factory(server=server, sampler=examples, config=config, health=kind == "full")
+        callback = factory(
+            server=server,
+            sampler=examples,
+            config=config,
+            health=kind != "machinery",
+            logit_every=1 if kind == "logits1" else 10,
+        )
+        if framework == "hf":
+            time_logits(callback, clock)
         clock.wrap(callback, HOOKS[framework])
         # After the clock: a step's end is stamped before the callback's boundary takes the commands queued by then,
         # so a command that reaches the trainer after that boundary is not counted as arriving before it.
@@ -239,6 +250,20 @@ def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks
             setattr(cls, name, method)
 
 
+def time_logits(callback: Any, clock: Clock) -> None:
+    """Time the HF callback's logit statistics too: they run in a forward hook of the model, not in a callback hook
+    (wrapped once the callback built its health metrics at train start)."""
+    start = callback.run.start
+
+    def started(*args: Any) -> Any:
+        steer = start(*args)
+        if callback.run.health is not None:
+            clock.wrap(callback.run.health, ("observe_logits",))
+        return steer
+
+    callback.run.start = started
+
+
 class StampedInbox:
     """The trainer's command inbox, noting when the poller thread queued each command: its arrival in the trainer."""
 
@@ -254,14 +279,32 @@ class StampedInbox:
         return getattr(self.inbox, name)
 
 
-def command_latency(framework: str, steps: int, server: str, workdir: Path) -> dict[str, list[int]]:
+@dataclass
+class Latency:
+    """Where the commands of the latency run landed, and what delayed the late ones."""
+
+    boundaries: dict[str, list[int]]
+    """For each moment (`created_at`, `delivered_at`, `queued`): boundaries from it to the one that applied it."""
+    delays: list[float]
+    """Seconds from the server's acceptance to the trainer's queuing, per command."""
+    handed: list[float]
+    """Seconds from the server's handing the command out to the trainer's queuing, per command."""
+    late: list[tuple[float, float]]
+    """For each command applied later than the boundary after its acceptance: (seconds from its acceptance to the
+    end of that step, seconds it took to reach the trainer)."""
+
+
+def command_latency(framework: str, steps: int, server: str, workdir: Path) -> Latency:
     """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
-    (`created_at`), from its handing the command out to the trainer's poller (`delivered_at`) and from the poller's
-    queuing it in the trainer (`queued`, its arrival there) to the boundary that applied it."""
+    (`created_at`, stamped before the command is stored), from the submitter's having the answer (`answered`: it is
+    stored), from the server's handing it out to the trainer's poller (`delivered_at`) and from the poller's queuing
+    it in the trainer (`queued`, its arrival there) to the boundary that applied it."""
     clock = Clock()
     started = threading.Event()
     holder: list[Any] = []
     inboxes: list[StampedInbox] = []
+    answered: dict[int, float] = {}
+    """When the submitter had the server's answer, by command seq."""
 
     def send() -> None:
         started.wait(60)
@@ -277,7 +320,8 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
             while len(clock.ends) < steps - 10:
                 time.sleep(rng.uniform(0.01, 0.15))
                 try:
-                    client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                    record = client.submit(steer.run_id, {"type": "set_hparams", "lr": rng.choice([1e-3, 2e-3])})
+                    answered[record.seq] = time.time()
                 except RequestRejected:
                     return  # the run finished between the check and the submit
 
@@ -294,11 +338,12 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
     queued = inboxes[0].queued if inboxes else {}
     moments: dict[str, Callable[[Any], float | None]] = {
         "created_at": lambda r: r.created_at,
+        "answered": lambda r: answered.get(r.seq),
         "delivered_at": lambda r: r.delivered_at,
         "queued": lambda r: queued.get(r.seq),
     }
     # A command that arrived while step n ran (n steps done) is due at boundary n + 1, the end of that step.
-    return {
+    boundaries = {
         moment: [
             r.applied_step - bisect.bisect_right(clock.wall_ends, at(r))
             for r in records
@@ -306,6 +351,23 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> d
         ]
         for moment, at in moments.items()
     }
+    arrived = [(r, queued[r.seq]) for r in records if r.seq in queued and r.applied_step is not None]
+    late = []
+    for record, at in arrived:
+        done = bisect.bisect_right(clock.wall_ends, record.created_at)
+        if record.applied_step - done > 1 and done < len(clock.wall_ends):
+            late.append((clock.wall_ends[done] - record.created_at, at - record.created_at))
+    delays = [at - record.created_at for record, at in arrived]
+    handed = [at - record.delivered_at for record, at in arrived if record.delivered_at is not None]
+    return Latency(boundaries, delays, handed, late)
+
+
+def spread(seconds: list[float]) -> str:
+    """Median, p90 and largest of durations, in ms."""
+    return (
+        f"median {statistics.median(seconds) * 1e3:.2f} ms, p90 {percentile(seconds, 0.9) * 1e3:.2f} ms, "
+        f"max {max(seconds) * 1e3:.2f} ms"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -317,7 +379,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framework", choices=("hf", "lightning", "both"), default="both")
     parser.add_argument("--steps", type=int, default=60, help="steps per run (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three kinds (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the four kinds (default %(default)s)")
     parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
     parser.add_argument(
@@ -331,8 +393,8 @@ def main() -> int:
     frameworks = ("hf", "lightning") if args.framework == "both" else (args.framework,)
     with Server() as server, TemporaryDirectory(prefix="runsteer-frameworks-") as tmp:
         for framework in frameworks:
-            steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": []}
-            hooks: dict[str, list[float]] = {"machinery": [], "full": []}
+            steps: dict[str, list[float]] = {"without": [], "machinery": [], "full": [], "logits1": []}
+            hooks: dict[str, list[float]] = {"machinery": [], "full": [], "logits1": []}
             if args.peer and framework == "hf":
                 steps["peer"], hooks["peer"] = [], []
             for round_index in range(args.rounds):
@@ -351,24 +413,36 @@ def main() -> int:
             print(f"  median step without the callback        {base * 1e3:8.2f} ms")
             for kind in hooks:
                 median = statistics.median(steps[kind])
-                own = statistics.median(hooks[kind])
+                own, mean = statistics.median(hooks[kind]), statistics.fmean(hooks[kind])
                 print(
                     f"  {kind:9s} median step {median * 1e3:8.2f} ms ({(median / base - 1) * 100:+.1f} %); "
                     f"callback's own time median {own * 1e6:7.0f} us ({own / base * 100:.2f} % of a step), "
+                    f"mean {mean * 1e6:7.0f} us ({mean / base * 100:.2f} %), "
                     f"p99 {percentile(hooks[kind], 0.99) * 1e6:7.0f} us"
                 )
             for moment, label in (
                 ("created_at", "accepted by the server"),
+                ("answered", "answered to the submitter (stored)"),
                 ("delivered_at", "handed out by the server"),
                 ("queued", "queued in the trainer by its poller"),
             ):
-                boundaries = latency[moment]
+                boundaries = latency.boundaries[moment]
                 if boundaries:
                     share = sum(1 for d in boundaries if d <= 1) / len(boundaries)
                     print(
                         f"  {len(boundaries)} set_hparams {label} during a step: applied at the boundary right "
                         f"after it {share * 100:.1f} %, at most {max(boundaries)} boundaries later"
                     )
+            if latency.delays:
+                print(
+                    "  from the server's acceptance to the trainer's queue: "
+                    f"{spread(latency.delays)}; from the server's handing it out: {spread(latency.handed)}"
+                )
+            for lead, delay in latency.late:
+                print(
+                    f"  late from acceptance: accepted {lead * 1e3:.2f} ms before its step's end, "
+                    f"{delay * 1e3:.2f} ms on its way to the trainer"
+                )
     return 0
 
 

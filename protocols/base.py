@@ -48,7 +48,9 @@ every integer on the wire has a range, so a huge one is a 422 naming the field, 
 Count = Annotated[int, Field(ge=0, le=MAX_WIRE_INT), WholeNumber]
 """A count, an id or a cursor: 0 up to MAX_WIRE_INT."""
 
-Step = Annotated[int, Field(ge=0, le=10**12), WholeNumber]
+MAX_STEP = 10**12
+"""The largest step the protocol takes."""
+Step = Annotated[int, Field(ge=0, le=MAX_STEP), WholeNumber]
 UnixTime = Annotated[float, Field(ge=0.0, le=1e11)]
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from protocols.base import MAX_STEP
 from protocols.records import CheckpointInfo
 
 INDEX_FILE = "index.json"
@@ -67,9 +68,14 @@ def remove_file(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+class Parameters(dict[str, Any]):
+    """A model's state that holds parameters only (`nn.Parameter`s, which only the optimizer writes): a snapshot
+    defers copying it as a whole, without walking it on the training thread."""
+
+
 Deferred = list[tuple[dict[Any, Any], Any, Any]]
-"""(container, key, source): the background copy sets `container[key]` to a copy of the source (a parameter, or
-the optimizer's whole per-parameter state)."""
+"""(container, key, source): the background copy sets `container[key]` to a copy of the source (a parameter, a model's
+`Parameters`, or the optimizer's whole per-parameter state)."""
 
 
 _IMMUTABLE_TYPES = frozenset({int, float, str, bool, bytes, type(None)})
@@ -85,7 +91,7 @@ def split_copy(state: Any, deferred: Deferred) -> Any:
         copied: dict[Any, Any] = {}
         for key, value in state.items():
             kind = type(value)
-            if kind is nn.Parameter or (key == "state" and "param_groups" in state):
+            if kind is nn.Parameter or kind is Parameters or (key == "state" and "param_groups" in state):
                 deferred.append((copied, key, value))
                 copied[key] = None
             elif kind in _IMMUTABLE_TYPES:
@@ -103,6 +109,22 @@ def split_copy(state: Any, deferred: Deferred) -> Any:
         items = [value if type(value) in _IMMUTABLE_TYPES else split_copy(value, deferred) for value in state]
         return items if isinstance(state, list) else tuple(items)
     return copy.deepcopy(state)
+
+
+_INFO_FIELDS = [(name, field.default) for name, field in CheckpointInfo.model_fields.items()]
+
+
+def _validated_before(fields: dict[str, Any]) -> CheckpointInfo:
+    """The `CheckpointInfo` of fields that validation accepted before, as pydantic's `model_construct` makes it but
+    without its walk over every field, which costs as much as validating on a thread whose caches a step just
+    filled (tens of microseconds)."""
+    info = CheckpointInfo.__new__(CheckpointInfo)
+    values = {name: fields.get(name, default) for name, default in _INFO_FIELDS}  # in the model's field order
+    object.__setattr__(info, "__dict__", values)
+    object.__setattr__(info, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(info, "__pydantic_extra__", None)
+    object.__setattr__(info, "__pydantic_private__", None)
+    return info
 
 
 class SnapshotWorker:
@@ -237,6 +259,8 @@ class CheckpointStore:
         """Copies the next optimizer step must wait for."""
         self._hook: RemovableHandle | None = None
         self._lock = threading.Lock()
+        self._validated: tuple[str, frozenset[str]] | None = None
+        """The branch and metric names of the last info validated (see `_new_info`)."""
         self._ids = random.Random()
         """Checkpoint id suffixes: seeded once from the OS (a `uuid4` per id reads `os.urandom`, which costs hundreds
         of microseconds on some hosts), and apart from the `random` module's state, which the run may depend on."""
@@ -281,16 +305,34 @@ class CheckpointStore:
     def _new_info(
         self, branch: str, step: int, tag: str | None, healthy: bool, metrics: dict[str, float]
     ) -> CheckpointInfo:
-        """The new checkpoint's info; a bad name or step is refused (`ValidationError`) before anything is copied."""
-        return CheckpointInfo(
-            checkpoint_id=f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}",
-            branch=branch,
-            step=step,
-            time=time.time(),
-            tag=tag,
-            healthy=healthy,
-            metrics=metrics,
-        )
+        """The new checkpoint's info; a bad name or step is refused (`ValidationError`) before anything is copied.
+
+        Validating it is a large part of a periodic snapshot's cost on the training thread, so an info with no tag,
+        the branch and metric names of the last one validated and a step in range (every periodic snapshot after the
+        first) is built without validating again: what validation checks holds for it already. Metric values are
+        finite floats by the caller's contract."""
+        fields: dict[str, Any] = {
+            "checkpoint_id": f"{branch[:40]}.s{step}.{self._ids.getrandbits(32):08x}",
+            "branch": branch,
+            "step": step,
+            "time": time.time(),
+            "tag": tag,
+            "healthy": healthy,
+            "metrics": metrics,
+        }
+        valid = self._validated
+        if (
+            tag is None
+            and valid is not None
+            and branch == valid[0]
+            and type(step) is int
+            and 0 <= step <= MAX_STEP
+            and metrics.keys() == valid[1]
+        ):
+            return _validated_before(fields)
+        info = CheckpointInfo.model_validate(fields)
+        self._validated = (branch, frozenset(metrics))
+        return info
 
     def find(
         self,

@@ -45,9 +45,11 @@ class FrameworkSteer:
         config: SteerConfig | None,
         transport_factory: Callable[[], Transport] | None,
         health: bool,
+        logit_every: int = 10,
     ) -> None:
         self.server = server
         self.measure_health = health
+        self.logit_every = logit_every
         self.sampler = sampler
         self.config = config
         self.transport_factory = transport_factory
@@ -84,7 +86,7 @@ class FrameworkSteer:
             config=config,
             transport_factory=self.transport_factory,
         )
-        self.health = Health(model) if self.measure_health else None
+        self.health = Health(model, logit_every=self.logit_every) if self.measure_health else None
         return self.steer
 
     def begin_step(self, step: int) -> None:
@@ -115,9 +117,10 @@ class FrameworkSteer:
         if steer is None:
             return None
         extra: dict[str, Tensor | float] = {"lr": self._lr}
-        if self._losses:
-            extra["loss"] = torch.stack(self._losses).mean()
-            self._losses.clear()
+        losses = self._losses
+        if losses:
+            extra["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            losses.clear()
         # The one host-device sync of the step: the health metrics and the loss come back in one transfer.
         steer.record(done - 1, **(health.end_step(**extra) if health is not None else extra))
         return self.boundary(done)
@@ -155,11 +158,13 @@ class SteeredCallback:
         config: SteerConfig | None = None,
         transport_factory: Callable[[], Transport] | None = None,
         health: bool = True,
+        logit_every: int = 10,
     ) -> None:
         """`sampler` is the `DomainMixture` the framework reads (for `set_data_mix`); `config` defaults to checkpoints
         under the framework's output directory in `runsteer/` and a snapshot every 25 steps; `health=False` records
-        the loss and the learning rate only."""
-        self.run = FrameworkSteer(server, sampler, config, transport_factory, health)
+        the loss and the learning rate only; `logit_every` is how often the output-logit statistics are taken (1:
+        every step, at the cost of an exponential per logit)."""
+        self.run = FrameworkSteer(server, sampler, config, transport_factory, health, logit_every)
 
     @property
     def steer(self) -> Steer | None:

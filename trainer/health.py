@@ -5,7 +5,8 @@
 modules, and measures, with no change to the model's code:
 
 - `grad_norm` and `grad_norm/<block>` (`embed`, `block.<i>`, `final_norm`, `head`), `param_norm`, `update_ratio`;
-- `logit_max` (largest |logit|) and `logit_z` (mean log Z) of the output logits the loop hands over;
+- `logit_max` (largest |logit|) and `logit_z` (mean log Z over every position) of the output logits the loop
+  hands over, every `logit_every` steps (the exact values of that step; a log Z costs an exponential per logit);
 - `attn_logit_max/<layer>`, the largest pre-softmax attention logit of each layer, every `attention_every` steps;
 - `nonfinite`, `nonfinite_grad`, `nonfinite_param`: 1.0 when a value (any, the gradient norm, the parameter
   norm) is NaN or infinite, else 0.0.
@@ -14,9 +15,9 @@ Every value stays on the device until `end_step`, which reads them all back in o
 sync per step. Call the methods from the hooks the loop offers, in this order each optimizer step:
 
 ```python
-health = Health(model, attention_every=10)
+health = Health(model, attention_every=10, logit_every=10)
 health.watch_output(model)           # or health.observe_logits(logits) for each micro-batch's output logits
-health.begin_step(step)              # attaches the attention hooks, on due steps only
+health.begin_step(step)              # attaches the attention hooks and takes the logits, on due steps only
 ...forward and backward (once per micro-batch)...
 health.before_optimizer_step()       # gradients as the optimizer will see them; copies parameters for the ratio
 optimizer.step()
@@ -52,7 +53,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import GradientStats, logit_scalars, read_scalars
+from trainer.metrics import GradientStats, all_finite, logit_scalars, read_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -176,12 +177,16 @@ class Health:
         model: nn.Module,
         *,
         attention_every: int = 10,
+        logit_every: int = 10,
         track_updates: bool = True,
         blocks: Blocks | None = None,
     ) -> None:
         self.model = model
         self.attention_every = attention_every
         """Measure `attn_logit_max/<layer>` on steps divisible by this (0: never)."""
+        self.logit_every = logit_every
+        """Measure `logit_max` and `logit_z` on steps divisible by this (1: every step, 0: never)."""
+        self._logits_due = logit_every > 0
         self.blocks = blocks if blocks is not None else find_blocks(model)
         self.gradients = GradientStats(self.blocks, track_updates=track_updates)
         self.attention = find_attention(model) if attention_every > 0 else {}
@@ -196,8 +201,9 @@ class Health:
     # The step, in order
 
     def begin_step(self, step: int) -> None:
-        """Start a step; on due steps, attach the attention hooks (they stay until `end_step`)."""
+        """Start a step; on due steps, attach the attention hooks (they stay until `end_step`) and take the logits."""
         self._detach_attention()
+        self._logits_due = self.logit_every > 0 and step % self.logit_every == 0
         if self.attention and step % self.attention_every == 0:
             for layer, module in self.attention.items():
                 self._attention_hooks.append(module.register_forward_pre_hook(self._enter(layer)))
@@ -205,7 +211,10 @@ class Health:
 
     @torch.no_grad()
     def observe_logits(self, logits: Tensor) -> None:
-        """Take one forward's output logits (B, T, vocab) or (N, vocab): folds in their max and mean log Z."""
+        """Take one forward's output logits (B, T, vocab) or (N, vocab): folds in their max and mean log Z (on due
+        steps; on others it returns at once)."""
+        if not self._logits_due:
+            return
         scalars = logit_scalars(logits)
         if self._logit_max is None or self._logit_z_sum is None:
             self._logit_max, self._logit_z_sum = scalars["logit_max"], scalars["logit_z"]
@@ -246,7 +255,7 @@ class Health:
         values = {**read_scalars(scalars), **floats} if scalars else floats
         values["nonfinite_grad"] = float(not math.isfinite(values.get("grad_norm", 0.0)))
         values["nonfinite_param"] = float(not math.isfinite(values.get("param_norm", 0.0)))
-        values["nonfinite"] = float(not all(math.isfinite(value) for value in values.values()))
+        values["nonfinite"] = float(not all_finite(values))
         return values
 
     # Hooks for loops that are not ours
@@ -256,7 +265,7 @@ class Health:
         `logits` (a Hugging Face `ModelOutput`, a dict, or a tuple whose first item is the logits)."""
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not module.training:
+            if not module.training or not self._logits_due:
                 return
             logits = _logits_of(output)
             if logits is not None:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, NamedTuple, Protocol
 from uuid import uuid4
 
 from protocols.client.core import Backoff
@@ -30,6 +30,8 @@ from protocols.commands import CommandRecord, CommandResult
 from protocols.errors import RunsteerError, ServerUnavailable
 from protocols.records import (
     AlertReport,
+    CheckpointInfo,
+    CheckpointSaved,
     Heartbeat,
     MetricsAck,
     MetricsBatch,
@@ -78,14 +80,22 @@ class IOConfig:
     """...up to this."""
 
 
-@dataclass
-class SampleItem:
-    """One step's values as the training thread hands them over; the sender builds the wire model."""
+class SampleItem(NamedTuple):
+    """One step's values as the training thread hands them over; the sender builds the wire model (a named tuple:
+    the leanest object to build, once a step, on the training thread)."""
 
     branch: str
     step: int
     time: float
     values: dict[str, float]
+
+
+@dataclass
+class SavedItem:
+    """A checkpoint saved and those its retention evicted; the sender builds their `CheckpointSaved` reports."""
+
+    info: CheckpointInfo
+    evicted: list[CheckpointInfo]
 
 
 @dataclass
@@ -109,7 +119,7 @@ class StopItem:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-OutItem = SampleItem | ResultItem | RunReport | RunState | FlushItem | StopItem
+OutItem = SampleItem | SavedItem | ResultItem | RunReport | RunState | FlushItem | StopItem
 
 
 def to_sample(item: SampleItem) -> MetricsSample:
@@ -405,6 +415,9 @@ class IOWorker:
             if self._oldest_unsent is None:
                 # The sample's own age counts: it may have waited in `samples` for up to half a flush interval.
                 self._oldest_unsent = time.monotonic() - max(0.0, time.time() - item.time)
+        elif isinstance(item, SavedItem):
+            self._reports.append(CheckpointSaved(checkpoint=item.info))
+            self._reports.extend(CheckpointSaved(checkpoint=old, deleted=True) for old in item.evicted)
         elif isinstance(item, ResultItem):
             self._results.append(item)
         elif isinstance(item, RunState):

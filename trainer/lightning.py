@@ -74,7 +74,7 @@ class SteerCallback(SteeredCallback, Callback):
             config,
             {"framework": f"lightning {lightning.__version__}", "max_steps": trainer.max_steps},
         )
-        self._follow(self.run.boundary(trainer.global_step), trainer)
+        self._follow(self.run.boundary(trainer.global_step), trainer, trainer.global_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         """Start the step's health metrics."""
@@ -96,15 +96,16 @@ class SteerCallback(SteeredCallback, Callback):
                 self.run.health.observe_logits(logits)
         else:
             self.run.note_loss(outputs)
-        if trainer.global_step == self._stepped:
+        step = trainer.global_step  # a chain of properties: read once
+        if step == self._stepped:
             return
         self.run.after_optimizer_step()
         every = int(getattr(trainer, "log_every_n_steps", 0))  # set by Lightning's logger connector, not declared
-        if every and trainer.global_step % every == 0:
-            self.run.record(trainer.global_step - 1, self._fresh_logs(trainer))
-        boundary = self.run.end_step(trainer.global_step)
+        if every and step % every == 0:
+            self.run.record(step - 1, self._fresh_logs(trainer))
+        boundary = self.run.end_step(step)
         if boundary is not None:
-            self._follow(boundary, trainer)
+            self._follow(boundary, trainer, step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Mark the run finished and stop the I/O threads."""
@@ -126,12 +127,12 @@ class SteerCallback(SteeredCallback, Callback):
                 fresh[f"pl/{name}"] = float(value)
         return fresh
 
-    def _follow(self, boundary: Boundary, trainer: Trainer) -> None:
+    def _follow(self, boundary: Boundary, trainer: Trainer, global_step: int) -> None:
         self._stepped = boundary.step
         if boundary.stop:
             trainer.should_stop = True
             return
-        if boundary.step != trainer.global_step:
+        if boundary.step != global_step:
             set_global_step(trainer, boundary.step)
         trainer.gradient_clip_val = boundary.grad_clip
 

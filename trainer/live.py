@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from protocols.records import CheckpointInfo, CheckpointSaved, RunReport, RunState, StatusReport
-from trainer.checkpoints import CheckpointStore
-from trainer.io import OutItem, SampleItem
+from protocols.records import CheckpointInfo, RunReport, RunState, StatusReport
+from trainer.checkpoints import CheckpointStore, Parameters
+from trainer.io import OutItem, SampleItem, SavedItem
+from trainer.metrics import all_finite
 from trainer.optim import group_name, optimizer_name, plan_swap, swap_optimizer
 from trainer.schedule import Schedule
 
@@ -75,6 +76,8 @@ class ModelState:
         self._plan: list[tuple[str, dict[str, Any], str]] | None = None
         self._own = True
         """False once the plan found a module torch's default does not save as the plan would."""
+        self._parameters_only = False
+        """True when the plan holds no buffer."""
 
     def capture(self, model: nn.Module) -> dict[str, Any]:
         """The model's parameters and persistent buffers by state-dict key (references, not copies)."""
@@ -84,7 +87,8 @@ class ModelState:
             self._plan = self._make_plan(model)
         if self._plan is None:
             return model.state_dict(keep_vars=True)
-        state: dict[str, Any] = {}
+        # Without buffers the state is parameters alone, which a snapshot copies off the training thread as a whole.
+        state: dict[str, Any] = Parameters() if self._parameters_only else {}
         for key, table, name in self._plan:
             value = table.get(name)
             if value is not None:
@@ -94,6 +98,7 @@ class ModelState:
     def _make_plan(self, model: nn.Module) -> list[tuple[str, dict[str, Any], str]] | None:
         plan: list[tuple[str, dict[str, Any], str]] = []
         base = nn.Module
+        parameters_only = True
         for path, module in model.named_modules(remove_duplicate=False):
             kind = type(module)
             if (
@@ -107,11 +112,14 @@ class ModelState:
                 return None
             prefix = f"{path}." if path else ""
             plan += [(prefix + name, module._parameters, name) for name in module._parameters]
-            plan += [
+            buffers = [
                 (prefix + name, module._buffers, name)
                 for name in module._buffers
                 if name not in module._non_persistent_buffers_set
             ]
+            plan += buffers
+            parameters_only = parameters_only and not buffers
+        self._parameters_only = parameters_only
         return plan
 
 
@@ -193,6 +201,8 @@ class LiveRun:
         self.evaluator = evaluate
         self.checkpoints = checkpoints
         self.emit = emit
+        self.emit_sample: Callable[[SampleItem], None] = emit
+        """Where `record` hands a step's values; a hook may point it at its sender's sample queue directly."""
         self.grad_clip = grad_clip
         """Gradient clipping threshold (0: off); a loop or callback reads it before each optimizer step."""
         self.step = 0
@@ -203,6 +213,7 @@ class LiveRun:
         self.last_applied_seq = 0
         self._healthy_since_checkpoint = True
         self._last_values: dict[str, float] = {}
+        self._last_finite = True
         self._lambdas: list[Any] = list(getattr(scheduler, "lr_lambdas", []))
         self._model_state = ModelState()
         self._optimizer_state = OptimizerState()
@@ -265,7 +276,7 @@ class LiveRun:
 
     def apply_schedule(self) -> None:
         """Write the schedule's learning rates for this step into the optimizer (a no-op without a schedule)."""
-        schedule = self.schedule
+        schedule = self._schedule
         if schedule is None:
             return
         table, first = self._lr_table
@@ -276,7 +287,8 @@ class LiveRun:
             self._lr_table = table, first
         for group, lr in zip(self.optimizer.param_groups, table[1][index], strict=True):
             group["lr"] = lr
-        self._tell_scheduler()
+        if self.scheduler is not None:
+            self._tell_scheduler()
 
     def _tell_scheduler(self) -> None:
         """Make the scheduler's `get_last_lr()` (what HF and Lightning log) the learning rates now in force."""
@@ -301,17 +313,14 @@ class LiveRun:
 
     # Metrics and reports
 
-    def note_values(self, values: dict[str, float]) -> None:
-        """Remember a step's values: the next checkpoint carries them and is unhealthy if any was non-finite."""
-        # One test on the sum: it is finite whenever every value is (or overflowed: then each value is tested).
-        if not math.isfinite(sum(values.values())) and not all(math.isfinite(value) for value in values.values()):
-            self._healthy_since_checkpoint = False
-        self._last_values = values
-
     def record(self, step: int, values: dict[str, float]) -> None:
-        """Hand one step's values to the server (through `emit`) and note them."""
-        self.note_values(values)
-        self.emit(SampleItem(self.branch, step, time.time(), values))
+        """Hand one step's values to the server (through `emit_sample`) and remember them: the next checkpoint carries
+        them and is unhealthy if any was non-finite. The caller hands the dict over: nothing changes it afterwards."""
+        finite = all_finite(values)
+        if not finite:
+            self._healthy_since_checkpoint = False
+        self._last_values, self._last_finite = values, finite
+        self.emit_sample(SampleItem(self.branch, step, time.time(), values))
 
     def report(self, item: RunReport) -> None:
         """Hand a report to the server (through `emit`)."""
@@ -379,12 +388,14 @@ class LiveRun:
             tag=tag,
             to_disk=to_disk,
             healthy=self._healthy_since_checkpoint,
-            metrics={k: v for k, v in self._last_values.items() if math.isfinite(v)},
+            metrics=(
+                dict(self._last_values)
+                if self._last_finite
+                else {k: v for k, v in self._last_values.items() if math.isfinite(v)}
+            ),
         )
         self._healthy_since_checkpoint = True
-        self.emit(CheckpointSaved(checkpoint=info))
-        for old in evicted:
-            self.emit(CheckpointSaved(checkpoint=old, deleted=True))
+        self.emit(SavedItem(info, evicted))
         return info
 
     def load_checkpoint(self, info: CheckpointInfo) -> str:

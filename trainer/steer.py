@@ -38,11 +38,13 @@ from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
 from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
 from trainer.health import Health
-from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, SampleItem, Transport
+from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
+
+_FLOAT_TYPE = frozenset({float})
 
 
 class StopTraining(Exception):
@@ -165,6 +167,8 @@ class Steer:
             run_info = self.ranks.share(self.io.run_info if self.ranks.leader else None)
             if not self.ranks.leader:
                 self.io = FollowerIO(run_info)
+        # Samples need no wake-up: the sender takes them on its own timer.
+        self.live.emit_sample = self.io.samples.append
 
     # The three calls of the loop
 
@@ -177,29 +181,41 @@ class Steer:
         apply fetched commands in order, hold while paused; returns the run's step, raises `StopTraining` on stop."""
         live = self.live
         live.step = step
-        self._apply_due(0.0)
-        wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
-        while live.paused and not live.stopped:
-            self._apply_due(wait_s)
+        # The common case, nothing fetched and one process, is tested here without a call: this runs every step.
+        if self._pending or self.ranks is not None or not self.io.inbox.empty():
+            self._apply_due(0.0)
+        if live.paused:
+            wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
+            while live.paused and not live.stopped:
+                self._apply_due(wait_s)
         self._offset += live.step - step
         if live.stopped:
             raise StopTraining(f"stopped by command at step {live.step}")
         live.apply_schedule()
-        self._periodic_checkpoints()
+        step, config = live.step, self.config
+        if (
+            step == 0
+            or (config.snapshot_every and step % config.snapshot_every == 0)
+            or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        ):
+            self._periodic_checkpoints()
         if self.health is not None:
-            self.health.begin_step(live.step)
-        return live.step
+            self.health.begin_step(step)
+        return step
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
         """Buffer one step's metrics (a tensor is read with one sync each, or all in one with `health`)."""
-        given = {**values, "loss": loss} if loss is not None else values
+        given = values  # a fresh dict (the keyword arguments), which this call may change
+        if loss is not None:
+            given["loss"] = loss
         if self.health is not None:
             floats = self.health.end_step(**given)
         else:
-            # `given` is a fresh dict (the keyword arguments): values that are floats already are left as they are.
-            for name, value in given.items():
-                if type(value) is not float:
-                    given[name] = float(value)
+            # Values that are floats already are left as they are.
+            if set(map(type, given.values())) != _FLOAT_TYPE:
+                for name, value in given.items():
+                    if type(value) is not float:
+                        given[name] = float(value)
             floats = cast("dict[str, float]", given)
         if "lr" not in floats:
             floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
@@ -384,12 +400,10 @@ class Steer:
         ]
 
     def _emit(self, item: OutItem) -> None:
-        if type(item) is SampleItem:
-            self.io.samples.append(item)  # no wake-up: the sender takes samples on its own timer
-        else:
-            self.io.outbox.put(item)
+        self.io.outbox.put(item)
 
     def _periodic_checkpoints(self) -> None:
+        """At a step due for a periodic snapshot or file (step 0, or a multiple of either interval), once."""
         live = self.live
         if (live.branch, live.step) == self._last_periodic:
             return

@@ -16,7 +16,7 @@ from tests.trainer.test_commands import _apply
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
 from trainer.health import Health
-from trainer.io import OutItem
+from trainer.io import OutItem, SavedItem
 from trainer.live import LiveRun
 from trainer.run import BuiltinRun
 from trainer.steer import Steer, SteerConfig
@@ -67,18 +67,19 @@ def test_appliers_change_a_live_run_with_no_hook_and_no_server() -> None:
     assert saved.status == "applied" and saved.effective is not None and saved.effective["step"] == 3
     assert refused.status == "rejected" and refused.message == "the run is not paused"
     assert live.last_applied_seq == 3
-    assert [type(item).__name__ for item in reports] == ["CheckpointSaved"]
+    assert [type(item).__name__ for item in reports] == ["SavedItem"]
+    assert isinstance(reports[0], SavedItem) and reports[0].info.tag == "here" and reports[0].evicted == []
 
 
 def test_the_plain_hook_with_health_records_health_and_clips_in_the_optimizer(server_url: str, client: Client) -> None:
-    """`Steer(health=Health(model))`: each record carries grad norms, update ratio and logit stats, and a
+    """`Steer(health=Health(model))`: each record carries grad norms and update ratio, due ones logit stats, and a
     grad_clip of 1e-3 bounds the next SGD update without the loop clipping anything itself."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 16))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     ids = torch.randint(16, (4, 8))
     config = SteerConfig(run_name="plain-health", io=FAST_IO)
-    with Steer(model, optimizer, health=Health(model), server=server_url, config=config) as steer:
+    with Steer(model, optimizer, health=Health(model, logit_every=2), server=server_url, config=config) as steer:
         for i in range(4):
             step = steer.poll(i)
             if i == 2:
@@ -95,6 +96,7 @@ def test_the_plain_hook_with_health_records_health_and_clips_in_the_optimizer(se
         assert steer.run_id is not None
         series = client.metrics_history(steer.run_id).series
     assert float(update.norm()) <= 1e-3 * 1.0001, "the last step ran with grad_clip 1e-3 in force"
-    for name in ("loss", "lr", "grad_norm", "grad_norm/0", "grad_norm/1", "param_norm", "update_ratio", "logit_max"):
+    for name in ("loss", "lr", "grad_norm", "grad_norm/0", "grad_norm/1", "param_norm", "update_ratio"):
         assert series[name].steps == [0, 1, 2, 3], name
+    assert series["logit_max"].steps == series["logit_z"].steps == [0, 2], "the logit statistics every 2 steps"
     assert series["grad_norm"].values[3] > 1e-3, "grad_norm is the norm before clipping"

@@ -7,12 +7,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from protocols.client import Client
-from protocols.records import RunRegistration
+from protocols.records import CheckpointInfo, RunRegistration
 from tests.trainer.conftest import FAST_IO
 from trainer.checkpoints import CheckpointStore
 from trainer.io import FlushItem, IOWorker, SampleItem
@@ -101,3 +103,23 @@ def test_samples_appended_without_a_wake_are_sent_in_order_and_a_flush_waits_for
         assert history.series["loss"].steps == list(range(50))
     finally:
         worker.stop(5.0)
+
+
+def test_snapshot_infos_built_without_validating_again_equal_validated_ones_and_bad_ones_are_refused() -> None:
+    """Periodic snapshots after the first skip re-validating their info: it is the info validation makes, and a
+    new branch, tag or metric name is validated afresh (and refused when bad, before anything is copied)."""
+    store = CheckpointStore(None)
+    state = {"weight": nn.Parameter(torch.ones(3)), "step": 1}
+    metrics = {"loss": 1.5, "grad_norm/block.0": 0.25}
+    try:
+        infos = [store.save(state, branch="main", step=step, to_disk=False, metrics=metrics)[0] for step in (25, 50)]
+        for info in infos:
+            validated = CheckpointInfo.model_validate(info.model_dump())
+            assert info == validated and info.model_dump_json() == validated.model_dump_json()
+        for bad in ({"branch": "no spaces"}, {"metrics": {"bad name": 1.0}}, {"step": -1}, {"tag": "a/b"}):
+            options: dict[str, Any] = {"branch": "main", "step": 75, "metrics": metrics, **bad}
+            with pytest.raises(ValidationError):
+                store.save(state, to_disk=False, **options)
+        assert [entry.info.step for entry in store.entries.values()] == [25, 50]
+    finally:
+        store.close()
