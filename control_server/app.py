@@ -93,7 +93,6 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config.db)
-    # A PostgreSQL store waits here while another server serves the same database.
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     broadcaster = Broadcaster(config.subscriber_queue)
     events = EventLog(store, broadcaster)
@@ -112,13 +111,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     broadcaster.on_drop = lambda subscriber: exposition.websocket_dropped.inc()
     app[STORE], app[BROADCASTER], app[EVENTS], app[RUNS] = store, broadcaster, events, runs
     app[COMMANDS], app[METRICS], app[EXPOSITION] = commands, metrics, exposition
-    liveness = asyncio.create_task(runs.watch_liveness(), name="runsteer-liveness")
+    tasks = [asyncio.create_task(runs.watch_liveness(), name="runsteer-liveness")]
+    if store.shared:
+        tasks.append(asyncio.create_task(events.relay(), name="runsteer-relay"))
     try:
         yield
     finally:
-        liveness.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await liveness
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await broadcaster.close_all(CLOSE_SERVER_SHUTDOWN, "server shutting down")
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 
