@@ -90,6 +90,16 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+@web.middleware
+async def known_run_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Look a run this server has not heard of yet up in the store (another server sharing it may have just
+    registered it), before auth and the handler ask the registry for it."""
+    run_id = request.match_info.get("run_id")
+    if run_id is not None:
+        await request.app[RUNS].catch_up(run_id)
+    return await handler(request)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config.db)
@@ -131,7 +141,13 @@ def create_app(config: ServerConfig, tokens: TokenTable | None = None) -> web.Ap
     check_exposure(config, tokens)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[cors_middleware, request_metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            cors_middleware,
+            request_metrics_middleware,
+            error_middleware,
+            known_run_middleware,
+            auth_middleware,
+        ],
         handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[CONFIG] = config

@@ -290,7 +290,8 @@ class CommandService:
         return [record for record, _ in pairs]
 
     async def _existing(self, run_id: str, command_id: str) -> CommandRecord | None:
-        record = self._open.get(run_id, {}).get(command_id)
+        """The command as it stands: from memory when no other server changes it, else from the table."""
+        record = None if self.store.shared else self._open.get(run_id, {}).get(command_id)
         if record is not None:
             return record
         return await self.store.read(lambda db: _stored(db, run_id, command_id))

@@ -132,6 +132,13 @@ class RunRegistry:
             )
         return run
 
+    async def catch_up(self, run_id: str) -> None:
+        """Learn a run from the store that this server has not heard of yet (only another server's can be one)."""
+        if self.store.shared and run_id not in self.runs:
+            run = await self.store.read(lambda db: _stored_run(db, run_id))
+            if run is not None and run_id not in self.runs:
+                self._remember(run)
+
     def listing(self) -> list[RunInfo]:
         """Every run, newest first."""
         return sorted(self.runs.values(), key=lambda run: run.created_at, reverse=True)

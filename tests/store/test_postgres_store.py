@@ -1,11 +1,11 @@
 """The PostgreSQL store keeps the SQLite store's promises: committed before the answer, one failing op undoes only
-itself, a newer schema is refused, and a second store on the same database waits until the first closes."""
+itself, a newer schema is refused, and two stores on one database decide for a run one after the other."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -59,22 +59,43 @@ def test_a_database_of_a_newer_schema_is_refused(postgres_cluster: LocalPostgres
     store.close()
 
 
-def test_a_second_store_stands_by_until_the_first_closes(postgres_cluster: LocalPostgres) -> None:
-    """Only one store serves a database at a time; the other opens the moment the first lets go."""
-    url = postgres_cluster.create_database("pg_standby")
-    first, second = PostgresStore(url), PostgresStore(url)
-    first.open()
-    opened = threading.Event()
-    waiter = threading.Thread(target=lambda: (second.open(), opened.set()))
-    waiter.start()
+def test_two_stores_deciding_for_one_run_take_turns_under_its_lock(postgres_cluster: LocalPostgres) -> None:
+    """Two stores on one database both serve; ops that read the next number of a run and insert it, sent to both
+    at once in groups that also lock other runs in other orders, get distinct gapless numbers and no deadlock."""
+    url = postgres_cluster.create_database("pg_two")
+    stores = [PostgresStore(url), PostgresStore(url)]
+    for store in stores:
+        store.open()
+
+    def take_next(run_id: str) -> Callable[[Db], int]:
+        def op(db: Db) -> int:
+            number = int(db.execute("SELECT COUNT(*) FROM runs WHERE run_id LIKE ?", (f"{run_id}/%",)).fetchone()[0])
+            time.sleep(0.001)  # widen the window between reading and writing
+            db.execute("INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?)", (f"{run_id}/{number}", 0, "{}"))
+            return number
+
+        return op
+
+    async def crowd(store: PostgresStore, order: list[str]) -> list[int]:
+        return await asyncio.gather(*(store.write(take_next(run), run=run) for _ in range(20) for run in order))
+
+    async def both() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(
+            *(
+                loop.run_in_executor(None, asyncio.run, crowd(store, order))
+                for store, order in zip(stores, (["x", "y"], ["y", "x"]), strict=True)
+            )
+        )
+
     try:
-        assert not opened.wait(1.5), "the second store must wait while the first serves"
-        first.close()
-        assert opened.wait(10), "the second store takes over once the first closes"
+        first, second = asyncio.run(both())
     finally:
-        first.close()
-        waiter.join(10)
-        second.close()
+        for store in stores:
+            store.close()
+    numbers = first[0::2] + second[1::2]  # the "x" ones
+    assert sorted(numbers) == list(range(40))
+    assert sorted(first[1::2] + second[0::2]) == list(range(40))
 
 
 def test_the_logged_store_url_hides_the_password() -> None:
