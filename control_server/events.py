@@ -72,7 +72,7 @@ class EventLog:
         """Called with every published event, this server's and the others', before its subscribers get it."""
         self.resyncs: list[Callable[[], Awaitable[None]]] = []
         """Called when announcements may have been missed, to reload what the watchers keep."""
-        self._own: dict[tuple[str, int], list[Event]] = {}
+        self._own: dict[tuple[str, int], list[tuple[Event, str | None]]] = {}
         """This server's announced events by (run, first id), until heard back (written by the writer thread)."""
         self._ahead: dict[tuple[str, ...], int] = {}
         """Per cached thing (`_cache_key`), the id of this server's newest event not heard back yet."""
@@ -118,7 +118,12 @@ class EventLog:
             payload = await self._heard.get()
             try:
                 if payload is None:
-                    log.warning("announcements may have been missed; reloading runs and open commands")
+                    log.warning(
+                        "announcements may have been missed; reloading runs and open commands (websocket clients "
+                        "may have missed events meanwhile)"
+                    )
+                    self._own.clear()
+                    self._ahead.clear()
                     for resync in self.resyncs:
                         await resync()
                 else:
@@ -157,41 +162,44 @@ class EventLog:
         return chunks
 
     def _announce(self, db: Db, run_id: str, events: list[Event]) -> list[tuple[str, int]]:
-        """Announce `events` in as few notifications as fit, and remember them as this server's own."""
+        """Announce `events` in as few notifications as fit, and remember them as this server's own.
+
+        A notification is a JSON header line (this server, the run, the first and last id, how many of them are
+        stored) followed by one line per streamed event, in full: other servers read the stored ones back."""
         limit = self.store.announce_limit - ANNOUNCE_HEADER_BYTES
         keys: list[tuple[str, int]] = []
-        part: list[Event] = []
-        streamed: list[str] = []
+        part: list[tuple[Event, str | None]] = []
         size = 0
         for event in [*events, None]:
-            text = event.model_dump_json() if isinstance(event, STREAMED_ONLY) else ""
-            if part and (event is None or size + len(text) > limit):
-                stored = sum(1 for item in part if not isinstance(item, STREAMED_ONLY))
-                header = {"server": self.server_id, "run": run_id, "first": part[0].event_id}
-                header |= {"last": part[-1].event_id, "stored": stored}
-                self.store.announce(db, json.dumps(header)[:-1] + ', "streamed": [' + ",".join(streamed) + "]}")
-                keys.append((run_id, part[0].event_id))
+            text = event.model_dump_json() if isinstance(event, STREAMED_ONLY) else None
+            if part and (event is None or size + len(text or "") > limit):
+                header = {"server": self.server_id, "run": run_id, "first": part[0][0].event_id}
+                header |= {"last": part[-1][0].event_id, "stored": sum(1 for _, line in part if line is None)}
+                lines = [json.dumps(header), *(line for _, line in part if line is not None)]
+                self.store.announce(db, "\n".join(lines))
+                keys.append((run_id, part[0][0].event_id))
                 self._own[keys[-1]] = part
-                part, streamed, size = [], [], 0
+                part, size = [], 0
             if event is not None:
-                part.append(event)
-                if text:
-                    streamed.append(text)
-                    size += len(text) + 1
+                part.append((event, text))
+                size += len(text or "") + 1
         return keys
 
     async def _relay(self, payload: str) -> None:
-        announcement: dict[str, Any] = json.loads(payload)
-        run_id, first, last = announcement["run"], int(announcement["first"]), int(announcement["last"])
-        if announcement["server"] == self.server_id:
-            for event in self._own.pop((run_id, first), []):
+        head, *streamed = payload.split("\n")
+        header: dict[str, Any] = json.loads(head)
+        run_id, first, last = header["run"], int(header["first"]), int(header["last"])
+        if header["server"] == self.server_id:
+            for event, text in self._own.pop((run_id, first), []):
                 key = _cache_key(event)
                 if key is not None and self._ahead.get(key) == event.event_id:
                     del self._ahead[key]
-                self._send(event, own=True)
+                self._send(event, own=True, text=text)
             return
-        events = [event_adapter.validate_python(item, strict=False) for item in announcement["streamed"]]
-        if announcement["stored"]:
+        events: list[tuple[Event, str | None]] = [
+            (event_adapter.validate_json(line, strict=False), line) for line in streamed
+        ]
+        if header["stored"]:
 
             def op(db: Db) -> list[str]:
                 rows = db.execute(
@@ -200,23 +208,23 @@ class EventLog:
                 ).fetchall()
                 return [body for (body,) in rows]
 
-            events += [event_adapter.validate_json(body, strict=False) for body in await self.store.read(op)]
-        for event in sorted(events, key=lambda event: event.event_id):
+            events += [(event_adapter.validate_json(body, strict=False), None) for body in await self.store.read(op)]
+        for event, text in sorted(events, key=lambda pair: pair[0].event_id):
             key = _cache_key(event)
             if key is None or event.event_id > self._ahead.get(key, 0):
                 self._watch(event)
-            self._send(event, own=False)
+            self._send(event, own=False, text=text)
 
     def _watch(self, event: Event) -> None:
         for watcher in self.watchers:
             watcher(event)
 
-    def _send(self, event: Event, *, own: bool) -> None:
-        """Send the event to subscribers (and, when this server emitted it, to listeners)."""
+    def _send(self, event: Event, *, own: bool, text: str | None = None) -> None:
+        """Send the event (`text`: its JSON, when at hand) to subscribers, and when ours to listeners."""
         if own:
             for listener in self.listeners:
                 listener(event)
-        self.broadcaster.publish(event)
+        self.broadcaster.publish(event, text)
 
 
 def _cache_key(event: Event) -> tuple[str, ...] | None:
