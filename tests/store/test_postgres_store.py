@@ -10,7 +10,7 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from control_server.postgres import SCHEMA_VERSION, PostgresStore
+from control_server.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
 from control_server.store import Db, describe_store
 from tests.postgres import LocalPostgres
 
@@ -57,6 +57,30 @@ def test_a_database_of_a_newer_schema_is_refused(postgres_cluster: LocalPostgres
     with pytest.raises(RuntimeError, match=f"schema {SCHEMA_VERSION + 1}; this one reads {SCHEMA_VERSION}"):
         store.open()
     store.close()
+
+
+def test_a_version_1_database_gains_command_times_and_the_event_sequence(postgres_cluster: LocalPostgres) -> None:
+    """Opening a database of schema 1 fills `created_at` from the records and starts event ids above stored ones."""
+    url = postgres_cluster.create_database("pg_v1")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(SCHEMA)
+        connection.execute("DROP SEQUENCE runsteer_event_ids")
+        connection.execute("DROP INDEX commands_by_time")
+        connection.execute("ALTER TABLE commands DROP COLUMN created_at")
+        connection.execute(
+            "CREATE TABLE runsteer_schema (version INTEGER NOT NULL); INSERT INTO runsteer_schema VALUES (1)"
+        )
+        connection.execute("INSERT INTO commands VALUES ('r', 'c-1', 1, 'applied', '{\"created_at\": 1234.5}')")
+        connection.execute("INSERT INTO events VALUES (%s, 'r', 'log', 0, '{}')", (2**60,))
+    store = PostgresStore(url)
+    store.open()
+    try:
+        rows = store.read_now(lambda db: db.execute("SELECT id, created_at FROM commands").fetchall())
+        next_id = store.read_now(lambda db: store.event_ids(db, 1))
+    finally:
+        store.close()
+    assert rows == [("c-1", 1234.5)]
+    assert next_id[0] > 2**60
 
 
 def test_two_stores_deciding_for_one_run_take_turns_under_its_lock(postgres_cluster: LocalPostgres) -> None:
