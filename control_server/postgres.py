@@ -24,6 +24,7 @@ import asyncio
 import functools
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -62,6 +63,8 @@ CHANNEL = "runsteer"
 """The channel every write announces its events on."""
 MAX_NOTIFY_BYTES = 7900
 """What one notification may carry (PostgreSQL refuses payloads of 8,000 bytes or more)."""
+ID_BLOCK_SPARE = 16
+"""Event ids drawn for a group beyond one per op (an op may emit several; more are drawn when needed)."""
 RELISTEN_S = 1.0
 """Wait before reconnecting a lost listening connection."""
 
@@ -103,6 +106,12 @@ class PostgresStore(GroupWriter):
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="runsteer-store-read")
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
+        self._ids: deque[int] = deque()
+        """Event ids drawn for the group being written (writer thread only)."""
+        self._id_block = 0
+        self._op_announcements: list[str] = []
+        self._kept: list[str] = []
+        """Announcements of the group's ops that stand, sent just before COMMIT."""
 
     def open(self) -> None:
         """Bring the schema to SCHEMA_VERSION and start the writer."""
@@ -122,22 +131,48 @@ class PostgresStore(GroupWriter):
             self._listener.join()
             self._listener = None
 
-    def lock_runs(self, db: _Connection, runs: list[str]) -> None:
-        """Take the runs' advisory locks in the order of their keys, so two groups never wait on each other."""
-        db.execute(
-            "SELECT pg_advisory_xact_lock(?, key) FROM (SELECT DISTINCT hashtext(run) AS key "
-            "FROM unnest(?::text[]) AS run ORDER BY key) AS keys",
-            (RUN_LOCKS, runs),
-        ).fetchall()
+    def start_group(self, db: _Connection, runs: list[str], size: int) -> None:
+        """Take the runs' advisory locks in the order of their keys, so two groups never wait on each other in a
+        cycle; then event ids are drawn in blocks, all under those locks."""
+        self._ids.clear()
+        self._id_block = size + ID_BLOCK_SPARE
+        self._kept.clear()
+        self._op_announcements.clear()
+        if runs:
+            db.execute(
+                "SELECT pg_advisory_xact_lock(?::int, key) FROM (SELECT DISTINCT hashtext(run) AS key "
+                "FROM unnest(?::text[]) AS run ORDER BY key) AS keys",
+                (RUN_LOCKS, runs),
+            ).fetchall()
 
     def event_ids(self, db: Db, count: int) -> list[int]:
-        """`count` ids from the database's sequence (under the run's lock: increasing in the run's commit order)."""
-        rows = db.execute("SELECT nextval('runsteer_event_ids') FROM generate_series(1, ?)", (count,)).fetchall()
-        return sorted(int(row[0]) for row in rows)
+        """`count` ids from the database's sequence, drawn a block per group: under the group's run locks, so a
+        run's ids increase in the order its writes commit."""
+        if len(self._ids) < count:
+            rows = db.execute(
+                "SELECT nextval('runsteer_event_ids') FROM generate_series(1, ?::int)",
+                (max(count, self._id_block),),
+            ).fetchall()
+            self._ids.extend(sorted(int(row[0]) for row in rows))
+        taken = [self._ids.popleft() for _ in range(count)]
+        return taken
 
     def announce(self, db: Db, payload: str) -> None:
-        """`NOTIFY` in the writer's transaction: sent when it commits, in commit order, never if it rolls back."""
-        db.execute("SELECT pg_notify(?, ?)", (CHANNEL, payload)).fetchall()
+        """Queue `payload` for the group's `NOTIFY`, sent in its transaction: on commit, never if the op is undone."""
+        self._op_announcements.append(payload)
+
+    def end_op(self, ok: bool) -> None:
+        if ok:
+            self._kept.extend(self._op_announcements)
+        self._op_announcements.clear()
+
+    def end_group(self, db: _Connection) -> None:
+        """Send the group's announcements in one statement (PostgreSQL delivers them at COMMIT, in this order)."""
+        if self._kept:
+            db.execute(
+                "SELECT pg_notify(?, payload) FROM unnest(?::text[]) AS payload", (CHANNEL, self._kept)
+            ).fetchall()
+            self._kept.clear()
 
     def listen(self, deliver: Callable[[str | None], None]) -> None:
         """LISTEN now (nothing committed from here on is missed) and hand each notification to `deliver`."""

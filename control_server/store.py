@@ -78,7 +78,7 @@ class Store(Protocol):
         ...
 
     def announce(self, db: Db, payload: str) -> None:
-        """Tell every listening server `payload` once the writer's transaction commits (never if it rolls back)."""
+        """Tell every listening server `payload` once the writer's transaction commits (never if the op is undone)."""
         ...
 
     def listen(self, deliver: Callable[[str | None], None]) -> None:
@@ -229,8 +229,14 @@ class GroupWriter:
         self._writes.put(_PendingWrite(op, future, loop, run))
         return await future
 
-    def lock_runs(self, db: Any, runs: list[str]) -> None:
-        """Take the locks of `runs` for the group's transaction, before any op runs (one writer needs none)."""
+    def start_group(self, db: Any, runs: list[str], size: int) -> None:
+        """Before a group's first op: take the locks of `runs` for its transaction (one writer needs none)."""
+
+    def end_op(self, ok: bool) -> None:
+        """After each op of a group: whether it stands (its savepoint released) or was undone."""
+
+    def end_group(self, db: Any) -> None:
+        """Before a group's COMMIT."""
 
     def announce(self, db: Db, payload: str) -> None:
         """Nothing to tell: no other server shares this store."""
@@ -275,18 +281,19 @@ class GroupWriter:
         try:
             db = self.writer_db()
             db.execute(self.begin)
-            runs = sorted({pending.run for pending in batch if pending.run is not None})
-            if runs:
-                self.lock_runs(db, runs)
+            self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
             for pending in batch:
                 db.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, pending.op(db)))
                     db.execute("RELEASE SAVEPOINT op")
+                    self.end_op(True)
                 except Exception as exc:  # the op's own error goes back to its caller only
                     db.execute("ROLLBACK TO SAVEPOINT op")
                     db.execute("RELEASE SAVEPOINT op")
+                    self.end_op(False)
                     outcomes.append((False, exc))
+            self.end_group(db)
             db.execute("COMMIT")
         except self.error as exc:  # the group itself failed: every write in it failed
             log.warning("store group commit failed: %s", exc)
