@@ -153,7 +153,7 @@ class EventLog:
         chunks: list[list[MetricsSample]] = []
         start, size = 0, 0
         for index, sample in enumerate(samples):
-            length = len(sample.model_dump_json()) + 1
+            length = _json_bound(sample)
             if size + length > limit and index > start:
                 chunks.append(samples[start:index])
                 start, size = index, 0
@@ -225,6 +225,22 @@ class EventLog:
             for listener in self.listeners:
                 listener(event)
         self.broadcaster.publish(event, text)
+
+
+SAMPLE_JSON_BYTES = 140
+"""At most what a sample's JSON takes beside its keys and values (braces, field names, step, time, a comma)."""
+VALUE_JSON_BYTES = 28
+"""At most what a value takes beside its key: quotes, colon, comma and the longest float (-1.7976931348623157e+308)."""
+
+
+def _json_bound(sample: MetricsSample) -> int:
+    """An upper bound on the length of `sample`'s JSON, without building it (names are ASCII, unescaped)."""
+    return (
+        SAMPLE_JSON_BYTES
+        + len(sample.branch)
+        + sum(len(key) + VALUE_JSON_BYTES for key in sample.values)
+        + sum(len(key) + 3 for key in sample.nonfinite)
+    )
 
 
 def _cache_key(event: Event) -> tuple[str, ...] | None:
