@@ -75,6 +75,9 @@ NOTIFY_PER_STATEMENT = 256
 """Notifications sent by one statement (a select list holds at most 1,664 columns)."""
 ID_BLOCK_SPARE = 16
 """Event ids drawn for a group beyond one per op (an op may emit several; more are drawn when needed)."""
+STALLED_WRITER_S = 30.0
+"""A writer idle this long inside its transaction (its process stopped, say) loses its session, and with it the run
+locks that other servers' writers wait for."""
 RELISTEN_S = 1.0
 """Wait before reconnecting a lost listening connection."""
 
@@ -207,7 +210,9 @@ class PostgresStore(GroupWriter):
 
     def writer_db(self) -> _Connection:
         if self._db is None or self._db.connection.closed:
-            self._db = _Connection(psycopg.connect(self.url, autocommit=True))
+            connection = psycopg.connect(self.url, autocommit=True)
+            connection.execute(f"SET idle_in_transaction_session_timeout = '{STALLED_WRITER_S * 1000:.0f}ms'")
+            self._db = _Connection(connection)
         return self._db
 
     def close_writer_db(self) -> None:

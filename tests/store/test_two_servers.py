@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from protocols import (
@@ -229,3 +230,26 @@ def test_a_run_heartbeating_to_one_server_is_alive_on_both_and_marked_lost_once(
     events = a.list_events(run_id)
     assert sum(isinstance(e, RunEvent) and e.run.status == "lost" for e in events) == 1
     assert sum(isinstance(e, LogEvent) and e.level == "warning" for e in events) == 1
+
+
+@pytest.mark.slow
+def test_a_server_that_lost_its_listening_connection_listens_again_and_catches_up(
+    clients: tuple[Client, Client], postgres_cluster: LocalPostgres
+) -> None:
+    """With both servers' LISTEN sessions ended by PostgreSQL, a command submitted on A meanwhile still reaches the
+    trainer long-polling B: B listens again and reloads the open commands it may have missed."""
+    a, b = clients
+    run_id = register(b, "relisten")
+    with psycopg.connect(postgres_cluster.url_of("two_servers"), autocommit=True) as admin:
+        ended = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = 'two_servers' AND query LIKE 'LISTEN%'"
+        ).fetchall()
+        assert len(ended) == 2
+        record = a.submit(run_id, SetHparams(lr=0.002), source="script:test")
+    delivered = b.next_commands(run_id, after_seq=0, wait_s=10)
+    assert [(c.id, c.status) for c in delivered] == [(record.id, "delivered")]
+    again = a.submit(run_id, SetHparams(lr=0.003), source="script:test")
+    started = time.perf_counter()
+    assert [c.id for c in b.next_commands(run_id, after_seq=record.seq, wait_s=10)] == [again.id]
+    assert time.perf_counter() - started < 1.0, "announcements are heard again"
