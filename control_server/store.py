@@ -222,7 +222,7 @@ class GroupWriter:
             self._writer = None
 
     async def write(self, op: Callable[[Db], Result], *, run: str | None = None) -> Result:
-        """Run `op` in the next group transaction (holding `run`'s lock, see `lock_runs`) and return its result
+        """Run `op` in the next group transaction (holding `run`'s lock, see `start_group`) and return its result
         once that transaction is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
