@@ -37,6 +37,8 @@ Result = TypeVar("Result")
 
 STREAMED_ONLY = (MetricsEvent, RunStateEvent)
 """Events sent to watchers but not stored (history has its own tables for what they carry)."""
+CATCH_UP_EVENTS = 10_000
+"""Most stored events of one run resent after announcements may have been missed."""
 ANNOUNCE_HEADER_BYTES = 200
 """Room left in an announcement for everything but the streamed events' JSON."""
 
@@ -74,6 +76,8 @@ class EventLog:
         """Called when announcements may have been missed, to reload what the watchers keep."""
         self._own: dict[tuple[str, int], list[tuple[Event, str | None]]] = {}
         """This server's announced events by (run, first id), until heard back (written by the writer thread)."""
+        self._sent: dict[str, int] = {}
+        """Per run, the id of the last event relayed to subscribers (a shared store's relay only)."""
         self._ahead: dict[tuple[str, ...], int] = {}
         """Per cached thing (`_cache_key`), the id of this server's newest event not heard back yet."""
         self._heard: asyncio.Queue[str | None] = asyncio.Queue()
@@ -118,18 +122,26 @@ class EventLog:
             payload = await self._heard.get()
             try:
                 if payload is None:
-                    log.warning(
-                        "announcements may have been missed; reloading runs and open commands (websocket clients "
-                        "may have missed events meanwhile)"
-                    )
-                    self._own.clear()
-                    self._ahead.clear()
-                    for resync in self.resyncs:
-                        await resync()
+                    await self._catch_up()
                 else:
                     await self._relay(payload)
             except Exception:  # one bad announcement must not end the relay
                 log.exception("could not relay an announcement")
+
+    async def _catch_up(self) -> None:
+        """After announcements may have been missed: reload the watchers' caches, and send subscribers the stored
+        events of every run relayed before that came after the last one sent (streamed ones of the gap are gone)."""
+        log.warning("announcements may have been missed; reloading runs and open commands, resending stored events")
+        self._own.clear()
+        self._ahead.clear()
+        for resync in self.resyncs:
+            await resync()
+        for run_id, last in list(self._sent.items()):
+            for event in await self.history(run_id, after=last, kinds=frozenset(), limit=CATCH_UP_EVENTS):
+                # Also to the watchers: one committed after the reload read is in no cache yet, and its
+                # announcement, when heard, is not sent twice (see `_relay`).
+                self._watch(event)
+                self._send(event, own=False)
 
     async def history(self, run_id: str, *, after: int, kinds: frozenset[str], limit: int) -> list[Event]:
         """Stored events of a run after `after`, oldest first."""
@@ -194,7 +206,8 @@ class EventLog:
                 key = _cache_key(event)
                 if key is not None and self._ahead.get(key) == event.event_id:
                     del self._ahead[key]
-                self._send(event, own=True, text=text)
+                if event.event_id > self._sent.get(run_id, 0):  # else `_catch_up` sent it already
+                    self._send(event, own=True, text=text)
             return
         events: list[tuple[Event, str | None]] = [
             (event_adapter.validate_json(line, strict=False), line) for line in streamed
@@ -213,7 +226,8 @@ class EventLog:
             key = _cache_key(event)
             if key is None or event.event_id > self._ahead.get(key, 0):
                 self._watch(event)
-            self._send(event, own=False, text=text)
+            if event.event_id > self._sent.get(run_id, 0):  # else `_catch_up` sent it already
+                self._send(event, own=False, text=text)
 
     def _watch(self, event: Event) -> None:
         for watcher in self.watchers:
@@ -225,6 +239,8 @@ class EventLog:
             for listener in self.listeners:
                 listener(event)
         self.broadcaster.publish(event, text)
+        if self.store.shared:
+            self._sent[event.run_id] = event.event_id
 
 
 SAMPLE_JSON_BYTES = 140

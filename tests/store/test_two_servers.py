@@ -237,19 +237,31 @@ def test_a_server_that_lost_its_listening_connection_listens_again_and_catches_u
     clients: tuple[Client, Client], postgres_cluster: LocalPostgres
 ) -> None:
     """With both servers' LISTEN sessions ended by PostgreSQL, a command submitted on A meanwhile still reaches the
-    trainer long-polling B: B listens again and reloads the open commands it may have missed."""
+    trainer long-polling B (B listens again and reloads the open commands), and B's watcher gets every stored event
+    of the run once, in order, the missed ones read back."""
     a, b = clients
     run_id = register(b, "relisten")
-    with psycopg.connect(postgres_cluster.url_of("two_servers"), autocommit=True) as admin:
-        ended = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = 'two_servers' AND query LIKE 'LISTEN%'"
-        ).fetchall()
-        assert len(ended) == 2
-        record = a.submit(run_id, SetHparams(lr=0.002), source="script:test")
-    delivered = b.next_commands(run_id, after_seq=0, wait_s=10)
-    assert [(c.id, c.status) for c in delivered] == [(record.id, "delivered")]
-    again = a.submit(run_id, SetHparams(lr=0.003), source="script:test")
-    started = time.perf_counter()
-    assert [c.id for c in b.next_commands(run_id, after_seq=record.seq, wait_s=10)] == [again.id]
-    assert time.perf_counter() - started < 1.0, "announcements are heard again"
+    with b.stream(run_id) as stream:
+        b.push_reports(run_id, [LogReport(message="watching")])
+        first = stream.next_event(timeout_s=10)
+        assert isinstance(first, LogEvent), first
+        with psycopg.connect(postgres_cluster.url_of("two_servers"), autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = 'two_servers' AND query LIKE 'LISTEN%'"
+            ).fetchall()
+            assert len(ended) == 2
+            record = a.submit(run_id, SetHparams(lr=0.002), source="script:test")
+        delivered = b.next_commands(run_id, after_seq=0, wait_s=10)
+        assert [(c.id, c.status) for c in delivered] == [(record.id, "delivered")]
+        again = a.submit(run_id, SetHparams(lr=0.003), source="script:test")
+        started = time.perf_counter()
+        assert [c.id for c in b.next_commands(run_id, after_seq=record.seq, wait_s=10)] == [again.id]
+        assert time.perf_counter() - started < 1.0, "announcements are heard again"
+        a.push_reports(run_id, [LogReport(message="done")])
+        seen = []
+        while not (isinstance(event := stream.next_event(timeout_s=10), LogEvent) and event.message == "done"):
+            assert event is not None
+            seen.append(event.event_id)
+    stored = [e.event_id for e in a.list_events(run_id, after=first.event_id) if e.event_id < event.event_id]
+    assert seen == stored, "every stored event once, in order"
