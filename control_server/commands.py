@@ -79,7 +79,7 @@ class CommandService:
 
         def op(db: Db, emit: Emitter) -> tuple[CommandRecord, bool]:
             # Under the run's lock: a submission of the same id on another server, or in this group, came first.
-            first = _stored(db, run_id, command_id)
+            first = _stored(db, run_id, command_id) if envelope.id is not None else None
             if first is not None:
                 return first, False
             now = time.time()
@@ -111,12 +111,15 @@ class CommandService:
     async def get(self, run_id: str, command_id: str, *, wait_s: float = 0.0) -> CommandRecord:
         """A command's record; with `wait_s`, waits up to that long for it to finish."""
         self.runs.get(run_id)
+        # Waited on before the read: another server may finish the command while it is read.
+        finished = self._finished.setdefault((run_id, command_id), asyncio.Event()) if wait_s > 0 else None
         record = await self._existing(run_id, command_id)
-        if record is None:
-            raise _unknown_command(run_id, command_id)
-        if wait_s <= 0 or record.status in FINAL_COMMAND_STATUSES:
+        if record is None or finished is None or record.status in FINAL_COMMAND_STATUSES:
+            if finished is not None and not finished.is_set():
+                self._finished.pop((run_id, command_id), None)
+            if record is None:
+                raise _unknown_command(run_id, command_id)
             return record
-        finished = self._finished.setdefault((run_id, command_id), asyncio.Event())
         try:
             await asyncio.wait_for(finished.wait(), wait_s)
         except TimeoutError:
