@@ -7,9 +7,10 @@ time, so a command usually crosses servers. Every 10-second window prints: comma
 (submit until the trainer's result is committed) p50/p99, metrics POST p50/p99, refused or failed
 requests, server CPU (mean and busiest second, in % of one core), RSS and the store's size on disk.
 
-With two servers on PostgreSQL, one serves and the other stands by; halfway through, the serving one
-is SIGKILLed and the simulated runs fail over to the other (as the reference client does when a
-connection is refused), so the windows around the kill show what a failover costs.
+With two servers on PostgreSQL, both serve: run i talks to server i mod 2 and its commands are sent
+to the other one. Halfway through, the first is SIGKILLed and its runs and commands fail over to the
+other (as the reference client does when a connection is refused), so the windows around the kill
+show what a failover costs.
 
     python -m benchmarks.fleet --runs 300 --duration 300 --store sqlite
     python -m benchmarks.fleet --runs 300 --duration 300 --store postgres --servers 2
@@ -28,7 +29,6 @@ import os
 import random
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ import aiohttp
 
 from benchmarks._common import UNLIMITED, Server, load_average, percentiles_ms
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
-from tests.postgres import LocalPostgres, free_port
+from tests.postgres import LocalPostgres
 
 STEP_INTERVAL_S = 0.5
 VALUES = 40
@@ -68,18 +68,20 @@ class Fleet:
     submitted: dict[str, float] = field(default_factory=dict)
     stopping: bool = False
     run_ids: list[str] = field(default_factory=list)
-    active: int = 0
+    down: set[str] = field(default_factory=set)
     values_stored: int = 0
 
     def url_for(self, index: int) -> str:
-        """The server every run talks to: the serving one."""
-        del index
-        return self.urls[self.active]
+        """The server run `index` talks to (index mod servers), or the next one still up."""
+        for offset in range(len(self.urls)):
+            url = self.urls[(index + offset) % len(self.urls)]
+            if url not in self.down:
+                return url
+        return self.urls[index % len(self.urls)]
 
     def refused(self, url: str) -> None:
         """A connection to `url` was refused: move on to the next server, as the reference client does."""
-        if self.urls[self.active] == url:
-            self.active = (self.active + 1) % len(self.urls)
+        self.down.add(url)
 
 
 async def register(session: aiohttp.ClientSession, url: str, name: str) -> str:
@@ -172,7 +174,7 @@ async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
             "reason": "fleet benchmark",
         }
         fleet.submitted[command_id] = time.perf_counter()
-        url = fleet.url_for(index)
+        url = fleet.url_for(index + 1)  # with two servers, not the one the run's trainer long-polls
         try:
             async with session.post(f"{url}{API_PREFIX}/runs/{run_id}/commands", json=body) as response:
                 await response.read()
@@ -193,25 +195,16 @@ def servers(store: str, count: int, workdir: Path) -> Iterator[tuple[list[Server
     """Start `count` servers on a fresh store (and a throwaway PostgreSQL cluster for `postgres`)."""
     postgres = LocalPostgres().start() if store == "postgres" else None
     started: list[Server] = []
-    standbys: list[threading.Thread] = []
     try:
         for index in range(count):
             server = Server(workdir / f"server-{index}", db=postgres.url if postgres else None)
             server.dir.mkdir(parents=True, exist_ok=True)
-            server.port = free_port()
             started.append(server)
-            if index == 0:
-                server.start(port=server.port)
-            else:  # stands by (not listening) until the first one's session ends
-                standbys.append(threading.Thread(target=server.start, kwargs={"port": server.port, "timeout_s": 3600}))
-                standbys[-1].start()
-                time.sleep(1.0)
+            server.start()
         yield started, postgres
     finally:
         for server in started:
             server.stop()
-        for thread in standbys:
-            thread.join(60)
         if postgres is not None:
             postgres.stop()
 
@@ -294,11 +287,11 @@ async def background(*coroutines: object) -> AsyncIterator[None]:
 
 
 async def kill_serving_at(running: list[Server], after_s: float) -> None:
-    """SIGKILL the serving server after `after_s` (two servers: the other takes over)."""
+    """SIGKILL the first server after `after_s` (its runs fail over to the other)."""
     await asyncio.sleep(after_s)
     assert running[0].process is not None
     running[0].process.kill()
-    print(f"-- SIGKILLed the serving server at {after_s:.0f} s; the standby takes over", flush=True)
+    print(f"-- SIGKILLed the first server at {after_s:.0f} s; its runs fail over to the other", flush=True)
 
 
 async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int, duration_s: float) -> list[dict]:

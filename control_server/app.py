@@ -90,10 +90,19 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+@web.middleware
+async def known_run_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Look a run this server has not heard of yet up in the store (another server sharing it may have just
+    registered it), before auth and the handler ask the registry for it."""
+    run_id = request.match_info.get("run_id")
+    if run_id is not None:
+        await request.app[RUNS].catch_up(run_id)
+    return await handler(request)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     store = make_store(config.db)
-    # A PostgreSQL store waits here while another server serves the same database.
     await asyncio.get_running_loop().run_in_executor(None, store.open)
     broadcaster = Broadcaster(config.subscriber_queue)
     events = EventLog(store, broadcaster)
@@ -112,13 +121,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     broadcaster.on_drop = lambda subscriber: exposition.websocket_dropped.inc()
     app[STORE], app[BROADCASTER], app[EVENTS], app[RUNS] = store, broadcaster, events, runs
     app[COMMANDS], app[METRICS], app[EXPOSITION] = commands, metrics, exposition
-    liveness = asyncio.create_task(runs.watch_liveness(), name="runsteer-liveness")
+    tasks = [asyncio.create_task(runs.watch_liveness(), name="runsteer-liveness")]
+    if store.shared:
+        tasks.append(asyncio.create_task(events.relay(), name="runsteer-relay"))
     try:
         yield
     finally:
-        liveness.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await liveness
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await broadcaster.close_all(CLOSE_SERVER_SHUTDOWN, "server shutting down")
         await asyncio.get_running_loop().run_in_executor(None, store.close)
 
@@ -129,7 +141,13 @@ def create_app(config: ServerConfig, tokens: TokenTable | None = None) -> web.Ap
     check_exposure(config, tokens)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[cors_middleware, request_metrics_middleware, error_middleware, auth_middleware],
+        middlewares=[
+            cors_middleware,
+            request_metrics_middleware,
+            error_middleware,
+            known_run_middleware,
+            auth_middleware,
+        ],
         handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[CONFIG] = config

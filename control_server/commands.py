@@ -1,8 +1,12 @@
 """Per-run ordered command queues and each command's lifecycle.
 
-Open commands (queued, pending approval, delivered) are few and live in memory as well as in
-the store; finished ones live only in the store. Every change is committed before it is
-published or answered.
+The table decides: each change is an op holding the run's lock (see `store`) that reads what it
+decides from (the next `seq`, an id already used, the rate limit's count, the command's current
+status) and writes the result with its event, so servers sharing a database never hand out a
+`seq` twice, let a rate limit through twice, or both win a race for one command. Open commands
+(queued, pending approval, delivered) are also kept in memory, from the events of every server,
+to wake long-polls and waiters; finished ones live only in the store. Every change is committed
+before it is published or answered.
 """
 
 from __future__ import annotations
@@ -10,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Callable
 
 from control_server.errors import ConflictError, Forbidden, NotFoundError
-from control_server.events import EventLog, insert_event
-from control_server.policy import RateLimiter, check_command
+from control_server.events import Emitter, EventLog
+from control_server.policy import check_command, check_rate
 from control_server.runs import RunRegistry
 from control_server.store import Db, Store
 from protocols.commands import CommandDecision, CommandEnvelope, CommandRecord, CommandResult
 from protocols.constants import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from protocols.errors import ErrorDetail
-from protocols.events import CommandEvent
+from protocols.events import CommandEvent, Event
 
 MAX_DELIVERY = 256
 """Most commands handed to a trainer by one long-poll."""
@@ -42,29 +45,14 @@ class CommandService:
         self.store = store
         self.events = events
         self.runs = runs
-        self.rate_limiter = RateLimiter()
         self.listeners: list[Callable[[CommandRecord, CommandRecord | None], None]] = []
-        """Called with (new, previous) after every committed change (e.g. Prometheus latency)."""
+        """Called with (new, previous) after every change this server committed (e.g. Prometheus latency)."""
         self._open: dict[str, dict[str, CommandRecord]] = {}
-        self._in_flight: dict[tuple[str, str], asyncio.Future[CommandRecord | None]] = {}
-        """Client-chosen ids being stored right now; a concurrent resubmission waits for the first."""
-        self._next_seq: dict[str, int] = {}
         self._queue_changed: dict[str, asyncio.Event] = {}
         self._finished: dict[tuple[str, str], asyncio.Event] = {}
-        for run_id, seq in store.read_now(
-            lambda db: db.execute("SELECT run_id, MAX(seq) FROM commands GROUP BY run_id").fetchall()
-        ):
-            self._next_seq[run_id] = int(seq) + 1
-        statuses = tuple(OPEN_COMMAND_STATUSES)
-        rows = store.read_now(
-            lambda db: db.execute(
-                f"SELECT body FROM commands WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY run_id, seq",
-                statuses,
-            ).fetchall()
-        )
-        for (body,) in rows:
-            record = CommandRecord.model_validate_json(body, strict=False)
-            self._open.setdefault(record.run_id, {})[record.id] = record
+        self._load_open(store.read_now(_open_rows))
+        events.watchers.append(self._watch)
+        events.resyncs.append(self._resync)
 
     def open_commands(self, run_id: str) -> list[CommandRecord]:
         """The run's queued, held and delivered commands in `seq` order."""
@@ -79,11 +67,6 @@ class CommandService:
         run = self.runs.get(run_id)
         if envelope.id is not None:
             existing = await self._existing(run_id, envelope.id)
-            # Looked up again after the read: a submission of the same id may have started or finished meanwhile.
-            existing = existing or self._open.get(run_id, {}).get(envelope.id)
-            first = self._in_flight.get((run_id, envelope.id))
-            if existing is None and first is not None:
-                existing = await asyncio.shield(first)
             if existing is not None:
                 return self._same_or_conflict(existing, envelope), False
         if run.status == "finished" or run.status == "failed":
@@ -92,49 +75,51 @@ class CommandService:
         command_id = envelope.id or f"c-{uuid.uuid4().hex[:16]}"
         held = envelope.hold or run.policy.needs_approval(envelope.source)
         status: CommandStatus = "pending_approval" if held else "queued"
-        now = time.time()
-        record = CommandRecord(
-            id=command_id,
-            run_id=run_id,
-            seq=self._take_seq(run_id),
-            command=envelope.command,
-            source=envelope.source,
-            reason=envelope.reason,
-            status=status,
-            created_at=now,
-            updated_at=now,
-        )
         limit = run.policy.rate_limit
-        counted: list[float] = []
 
-        def admit(db: Db) -> None:
-            # In the inserting transaction: concurrent submitters are counted one by one, never all let through.
-            counted.append(self.rate_limiter.take(run_id, limit))
+        def op(db: Db, emit: Emitter) -> tuple[CommandRecord, bool]:
+            # Under the run's lock: a submission of the same id on another server, or in this group, came first.
+            first = _stored(db, run_id, command_id) if envelope.id is not None else None
+            if first is not None:
+                return first, False
+            now = time.time()
+            check_rate(db, run_id, limit, now)
+            record = CommandRecord(
+                id=command_id,
+                run_id=run_id,
+                seq=_next_seq(db, run_id),
+                command=envelope.command,
+                source=envelope.source,
+                reason=envelope.reason,
+                status=status,
+                created_at=now,
+                updated_at=now,
+            )
+            db.execute(
+                "INSERT INTO commands (seq, status, body, run_id, id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.seq, record.status, record.model_dump_json(), run_id, command_id, now),
+            )
+            emit(lambda event_id, at: _command_event(record, event_id, at))
+            return record, True
 
-        stored: asyncio.Future[CommandRecord | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[(run_id, command_id)] = stored
-        try:
-            await self._commit_many([(record, None)], insert=True, admit=admit)
-            stored.set_result(record)
-        except BaseException:
-            for stamp in counted:
-                self.rate_limiter.give_back(run_id, stamp)
-            raise
-        finally:
-            if not stored.done():
-                stored.set_result(None)
-            del self._in_flight[(run_id, command_id)]
+        record, created = await self.events.write(run_id, op)
+        if not created:
+            return self._same_or_conflict(record, envelope), False
+        self._tell(record, None)
         return record, True
 
     async def get(self, run_id: str, command_id: str, *, wait_s: float = 0.0) -> CommandRecord:
         """A command's record; with `wait_s`, waits up to that long for it to finish."""
         self.runs.get(run_id)
+        # Waited on before the read: another server may finish the command while it is read.
+        finished = self._finished.setdefault((run_id, command_id), asyncio.Event()) if wait_s > 0 else None
         record = await self._existing(run_id, command_id)
-        if record is None:
-            raise _unknown_command(run_id, command_id)
-        if wait_s <= 0 or record.status in FINAL_COMMAND_STATUSES:
+        if record is None or finished is None or record.status in FINAL_COMMAND_STATUSES:
+            if finished is not None and not finished.is_set():
+                self._finished.pop((run_id, command_id), None)
+            if record is None:
+                raise _unknown_command(run_id, command_id)
             return record
-        finished = self._finished.setdefault((run_id, command_id), asyncio.Event())
         try:
             await asyncio.wait_for(finished.wait(), wait_s)
         except TimeoutError:
@@ -158,18 +143,21 @@ class CommandService:
         return [CommandRecord.model_validate_json(body, strict=False) for body in await self.store.read(op)]
 
     async def next_for_trainer(self, run_id: str, *, after_seq: int, wait_s: float) -> list[CommandRecord]:
-        """Long-poll: queued or delivered commands after `after_seq`, marked delivered; waits for one if none."""
+        """Long-poll: queued or delivered commands after `after_seq`, marked delivered; waits for one if none.
+
+        The open commands in memory say when to look; the table says what is there (a server's memory may lag
+        another server's change by the time its announcement takes)."""
         self.runs.get(run_id)
         deadline = time.monotonic() + wait_s
         while True:
             changed = self._queue_changed.setdefault(run_id, asyncio.Event())
-            ready = [
-                record
-                for record in self.open_commands(run_id)
-                if record.seq > after_seq and record.status in ("queued", "delivered")
-            ][:MAX_DELIVERY]
-            if ready:
-                return await self._mark_delivered(ready)
+            if any(
+                record.seq > after_seq and record.status in ("queued", "delivered")
+                for record in self._open.get(run_id, {}).values()
+            ):
+                delivered = await self._deliver(run_id, after_seq)
+                if delivered:
+                    return delivered
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -181,32 +169,30 @@ class CommandService:
     async def report_result(self, run_id: str, command_id: str, result: CommandResult) -> CommandRecord:
         """Finish a delivered command with the trainer's result; a repeated identical result is harmless."""
         self.runs.get(run_id)
-        record = await self._existing(run_id, command_id)
-        if record is None:
-            raise _unknown_command(run_id, command_id)
-        if record.status in FINAL_COMMAND_STATUSES:
-            if record.status == result.status:
-                return record
-            raise ConflictError(f"command {command_id} is already {record.status}", status=record.status)
-        if record.status != "delivered":
-            raise ConflictError(
-                f"command {command_id} is {record.status} and was never delivered: a trainer answers only the "
-                "commands it received",
-                status=record.status,
+
+        def finish(record: CommandRecord, now: float, db: Db) -> CommandRecord | None:
+            if record.status in FINAL_COMMAND_STATUSES:
+                if record.status == result.status:
+                    return None
+                raise ConflictError(f"command {command_id} is already {record.status}", status=record.status)
+            if record.status != "delivered":
+                raise ConflictError(
+                    f"command {command_id} is {record.status} and was never delivered: a trainer answers only the "
+                    "commands it received",
+                    status=record.status,
+                )
+            return record.model_copy(
+                update={
+                    "status": result.status,
+                    "updated_at": now,
+                    "finished_at": now,
+                    "applied_step": result.step,
+                    "effective": result.effective,
+                    "message": result.message,
+                }
             )
-        now = time.time()
-        finished = record.model_copy(
-            update={
-                "status": result.status,
-                "updated_at": now,
-                "finished_at": now,
-                "applied_step": result.step,
-                "effective": result.effective,
-                "message": result.message,
-            }
-        )
-        await self._commit(finished, record)
-        return finished
+
+        return await self._change(run_id, command_id, finish)
 
     async def decide(self, run_id: str, command_id: str, decision: CommandDecision, *, approve: bool) -> CommandRecord:
         """Approve (the command joins the end of the queue with a new `seq`) or reject a held command.
@@ -226,47 +212,92 @@ class CommandService:
                     )
                 ],
             )
-        record = await self._existing(run_id, command_id)
-        if record is None:
-            raise _unknown_command(run_id, command_id)
-        if approve and record.source == decision.source:
-            raise Forbidden(
-                f"{decision.source} sent command {command_id}: nobody approves their own command (rejecting is fine)",
-                details=[
-                    ErrorDetail(
-                        field="source", message="the command's own source", allowed=f"anyone but {record.source}"
-                    )
-                ],
-            )
-        if record.status != "pending_approval":
-            raise ConflictError(f"command {command_id} is {record.status}, not pending_approval", status=record.status)
-        now = time.time()
         verb = "approved" if approve else "rejected"
         note = f"{verb} by {decision.source}" + (f": {decision.reason}" if decision.reason else "")
-        if approve:
-            update = {"status": "queued", "seq": self._take_seq(run_id), "updated_at": now, "message": note}
-        else:
-            update = {"status": "rejected", "updated_at": now, "finished_at": now, "message": note}
-        changed = record.model_copy(update=update)
-        await self._commit(changed, record)
-        return changed
 
-    def _take_seq(self, run_id: str) -> int:
-        seq = self._next_seq.get(run_id, 1)
-        self._next_seq[run_id] = seq + 1
-        return seq
+        def settle(record: CommandRecord, now: float, db: Db) -> CommandRecord | None:
+            if approve and record.source == decision.source:
+                raise Forbidden(
+                    f"{decision.source} sent command {command_id}: nobody approves their own command (rejecting is "
+                    "fine)",
+                    details=[
+                        ErrorDetail(
+                            field="source", message="the command's own source", allowed=f"anyone but {record.source}"
+                        )
+                    ],
+                )
+            if record.status != "pending_approval":
+                raise ConflictError(
+                    f"command {command_id} is {record.status}, not pending_approval", status=record.status
+                )
+            if approve:
+                update = {"status": "queued", "seq": _next_seq(db, run_id), "updated_at": now, "message": note}
+            else:
+                update = {"status": "rejected", "updated_at": now, "finished_at": now, "message": note}
+            return record.model_copy(update=update)
+
+        return await self._change(run_id, command_id, settle)
+
+    async def _change(
+        self,
+        run_id: str,
+        command_id: str,
+        decide: Callable[[CommandRecord, float, Db], CommandRecord | None],
+    ) -> CommandRecord:
+        """Change one command as `decide` says, deciding on its stored record under the run's lock (None: the
+        stored record stands as it is); returns the record as it now is."""
+
+        def op(db: Db, emit: Emitter) -> tuple[CommandRecord, CommandRecord | None]:
+            record = _stored(db, run_id, command_id)
+            if record is None:
+                raise _unknown_command(run_id, command_id)
+            now = time.time()
+            changed = decide(record, now, db)
+            if changed is None:
+                return record, None
+            _update(db, changed, emit)
+            return changed, record
+
+        record, previous = await self.events.write(run_id, op)
+        if previous is not None:
+            self._tell(record, previous)
+        return record
+
+    async def _deliver(self, run_id: str, after_seq: int) -> list[CommandRecord]:
+        """Mark the stored queued commands after `after_seq` delivered; returns them with those delivered before."""
+
+        def op(db: Db, emit: Emitter) -> list[tuple[CommandRecord, CommandRecord]]:
+            rows = db.execute(
+                "SELECT body FROM commands WHERE run_id = ? AND seq > ? AND status IN ('queued', 'delivered') "
+                "ORDER BY seq LIMIT ?",
+                (run_id, after_seq, MAX_DELIVERY),
+            ).fetchall()
+            now = time.time()
+            pairs = []
+            for (body,) in rows:
+                record = CommandRecord.model_validate_json(body, strict=False)
+                if record.status == "queued":
+                    delivered = record.model_copy(
+                        update={"status": "delivered", "delivered_at": now, "updated_at": now}
+                    )
+                    _update(db, delivered, emit)
+                    pairs.append((delivered, record))
+                else:
+                    pairs.append((record, record))
+            return pairs
+
+        pairs = await self.events.write(run_id, op)
+        for record, previous in pairs:
+            if record is not previous:
+                self._tell(record, previous)
+        return [record for record, _ in pairs]
 
     async def _existing(self, run_id: str, command_id: str) -> CommandRecord | None:
-        record = self._open.get(run_id, {}).get(command_id)
+        """The command as it stands: from memory when no other server changes it, else from the table."""
+        record = None if self.store.shared else self._open.get(run_id, {}).get(command_id)
         if record is not None:
             return record
-
-        def op(db: Db) -> str | None:
-            row = db.execute("SELECT body FROM commands WHERE run_id = ? AND id = ?", (run_id, command_id)).fetchone()
-            return row[0] if row else None
-
-        body = await self.store.read(op)
-        return CommandRecord.model_validate_json(body, strict=False) if body else None
+        return await self.store.read(lambda db: _stored(db, run_id, command_id))
 
     @staticmethod
     def _same_or_conflict(existing: CommandRecord, envelope: CommandEnvelope) -> CommandRecord:
@@ -274,50 +305,14 @@ class CommandService:
             raise ConflictError(f"command id {existing.id!r} was already used for a different command", field="id")
         return existing
 
-    async def _mark_delivered(self, ready: list[CommandRecord]) -> list[CommandRecord]:
-        now = time.time()
-        delivered = [
-            record
-            if record.status == "delivered"
-            else record.model_copy(update={"status": "delivered", "delivered_at": now, "updated_at": now})
-            for record in ready
-        ]
-        changes = [(new, old) for new, old in zip(delivered, ready, strict=True) if new is not old]
-        if changes:
-            await self._commit_many(changes)
-        return delivered
+    def _tell(self, record: CommandRecord, previous: CommandRecord | None) -> None:
+        for listener in self.listeners:
+            listener(record, previous)
 
-    async def _commit(self, record: CommandRecord, previous: CommandRecord | None, *, insert: bool = False) -> None:
-        await self._commit_many([(record, previous)], insert=insert)
-
-    async def _commit_many(
-        self,
-        changes: Sequence[tuple[CommandRecord, CommandRecord | None]],
-        *,
-        insert: bool = False,
-        admit: Callable[[Db], None] | None = None,
-    ) -> None:
-        """Write the changes and their events in one transaction (after `admit`, which may refuse them all)."""
-        events = [self.events.make(partial(_command_event, record)) for record, _ in changes]
-
-        def write(db: Db) -> None:
-            if admit is not None:
-                admit(db)
-            for record, _ in changes:
-                row = (record.seq, record.status, record.model_dump_json(), record.run_id, record.id)
-                if insert:
-                    db.execute("INSERT INTO commands (seq, status, body, run_id, id) VALUES (?, ?, ?, ?, ?)", row)
-                else:
-                    db.execute("UPDATE commands SET seq = ?, status = ?, body = ? WHERE run_id = ? AND id = ?", row)
-            for event in events:
-                insert_event(db, event)
-
-        await self.store.write(write)
-        for (record, previous), event in zip(changes, events, strict=True):
-            self._remember(record)
-            for listener in self.listeners:
-                listener(record, previous)
-            self.events.publish(event)
+    def _watch(self, event: Event) -> None:
+        """Keep the open commands and wake their waiters, from the command events of every server."""
+        if isinstance(event, CommandEvent):
+            self._remember(event.record)
 
     def _remember(self, record: CommandRecord) -> None:
         run_open = self._open.setdefault(record.run_id, {})
@@ -332,6 +327,45 @@ class CommandService:
             changed = self._queue_changed.pop(record.run_id, None)
             if changed is not None:
                 changed.set()
+
+    def _load_open(self, bodies: list[str]) -> None:
+        self._open.clear()
+        for body in bodies:
+            self._remember(CommandRecord.model_validate_json(body, strict=False))
+
+    async def _resync(self) -> None:
+        """Reload the open commands (announcements of other servers' changes may have been missed)."""
+        self._load_open(await self.store.read(_open_rows))
+        for changed in self._queue_changed.values():
+            changed.set()
+        self._queue_changed.clear()
+
+
+def _open_rows(db: Db) -> list[str]:
+    statuses = tuple(OPEN_COMMAND_STATUSES)
+    rows = db.execute(
+        f"SELECT body FROM commands WHERE status IN ({', '.join('?' * len(statuses))}) ORDER BY run_id, seq",
+        statuses,
+    ).fetchall()
+    return [body for (body,) in rows]
+
+
+def _stored(db: Db, run_id: str, command_id: str) -> CommandRecord | None:
+    row = db.execute("SELECT body FROM commands WHERE run_id = ? AND id = ?", (run_id, command_id)).fetchone()
+    return CommandRecord.model_validate_json(row[0], strict=False) if row else None
+
+
+def _next_seq(db: Db, run_id: str) -> int:
+    """The run's next `seq` (read under the run's lock, so no other writer takes it meanwhile)."""
+    return int(db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM commands WHERE run_id = ?", (run_id,)).fetchone()[0])
+
+
+def _update(db: Db, record: CommandRecord, emit: Emitter) -> None:
+    db.execute(
+        "UPDATE commands SET seq = ?, status = ?, body = ? WHERE run_id = ? AND id = ?",
+        (record.seq, record.status, record.model_dump_json(), record.run_id, record.id),
+    )
+    emit(lambda event_id, now: _command_event(record, event_id, now))
 
 
 def _command_event(record: CommandRecord, event_id: int, now: float) -> CommandEvent:

@@ -20,7 +20,7 @@ class ServerConfig(BaseModel):
     """TCP port; 0 picks a free one (see `port_file`)."""
     db: Path | str = Path("runsteer-data/runsteer.db")
     """Where runs, commands, events, metrics and the checkpoint index live: a SQLite file, or a
-    `postgresql://` URL shared by several servers (one serves at a time; the others stand by)."""
+    `postgresql://` URL that several servers may share, all of them serving the same runs."""
     tokens_file: Path | None = None
     """JSON list of {"name", "token", "scopes"}; also read from RUNSTEER_TOKENS. No tokens: no auth (loopback only)."""
     port_file: Path | None = None

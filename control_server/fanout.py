@@ -67,11 +67,11 @@ class Broadcaster:
             subscriber.writer.cancel()
             await asyncio.gather(subscriber.writer, return_exceptions=True)
 
-    def publish(self, event: Event) -> None:
-        """Queue `event` for every subscriber of its run; never waits."""
+    def publish(self, event: Event, text: str | None = None) -> None:
+        """Queue `event` (`text`: its JSON, when the caller has it) for every subscriber of its run; never waits."""
         if not self.subscribers:
             return
-        text = event.model_dump_json()
+        text = text or event.model_dump_json()
         for subscriber in list(self.subscribers):
             if subscriber.wants(event.run_id):
                 self.offer(subscriber, text)

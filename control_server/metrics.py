@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import partial
 
 from control_server.errors import ApiError
-from control_server.events import EventLog
+from control_server.events import Emitter, EventLog
 from control_server.runs import MAX_BRANCHES, RunRegistry
 from control_server.series import SeriesCache, bucketed, insert_steps, raw_steps, step_span
 from control_server.store import Db, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
-from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHistory
+from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHistory, MetricsSample
 
 MAX_RAW_POINTS = 100_000
 """Most points per series a request without `max_points` may return."""
@@ -68,7 +69,7 @@ class MetricsService:
             for key, value in sample.values.items():
                 values.setdefault(key, value)  # the first value of a step wins, within a batch as across them
 
-        def write(db: Db) -> int | None:
+        def write(db: Db, emit: Emitter) -> int | None:
             if batch.batch_id is not None:
                 inserted = db.execute(
                     "INSERT INTO metric_batches VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, batch.batch_id)
@@ -77,12 +78,16 @@ class MetricsService:
                     return None
             self._admit_series(db, run_id, batch)
             cache = self._writer_ids
-            return sum(
+            stored = sum(
                 insert_steps(db, cache, cache.series_id(db, run_id, branch), steps)
                 for branch, steps in by_branch.items()
             )
+            for samples in self.events.sample_chunks(batch.samples):
+                # The samples were validated on the way in; building the event does not check them again.
+                emit(partial(_metrics_event, run_id, samples))
+            return stored
 
-        stored = await self.store.write(write)
+        stored = await self.events.write(run_id, write)
         if stored is None:
             return MetricsAck(stored_values=0, duplicate=True)
         self.values_ingested += stored
@@ -91,13 +96,6 @@ class MetricsService:
             self.latest_nonfinite[(run_id, sample.branch)] = list(sample.nonfinite)
         last = max(batch.samples, key=lambda sample: (sample.time, sample.step))
         await self.runs.note_step(run_id, last.branch, last.step)
-        event = self.events.make(
-            # The samples were validated on the way in; building the event does not check them again.
-            lambda event_id, now: MetricsEvent.model_construct(
-                event_id=event_id, time=now, run_id=run_id, samples=batch.samples
-            )
-        )
-        self.events.publish(event)
         return MetricsAck(stored_values=stored)
 
     def _admit_series(self, db: Db, run_id: str, batch: MetricsBatch) -> None:
@@ -159,6 +157,10 @@ class MetricsService:
 
         width, series = await self.store.read(op)
         return MetricsHistory.model_construct(run_id=run_id, branch=branch, bucket_steps=width, series=series)
+
+
+def _metrics_event(run_id: str, samples: list[MetricsSample], event_id: int, now: float) -> MetricsEvent:
+    return MetricsEvent.model_construct(event_id=event_id, time=now, run_id=run_id, samples=samples)
 
 
 def _raw_series(

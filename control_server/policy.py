@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 
 from control_server.errors import PolicyViolation, RateLimited
+from control_server.store import Db
 from protocols.commands import Command, SetDataMix, SetHparams
 from protocols.errors import ErrorDetail
 from protocols.policy import RateLimit
@@ -43,46 +42,29 @@ def check_command(run: RunInfo, command: Command) -> None:
         raise PolicyViolation(f"{command.type} refused by run {run.run_id}", details=details)
 
 
-class RateLimiter:
-    """A sliding window of accepted commands per run, checked and counted in one step under a lock.
+def check_rate(db: Db, run_id: str, limit: RateLimit, now: float) -> None:
+    """Raise `RateLimited` when the run accepted `max_commands` commands in the last `per_seconds`.
 
-    `take` runs inside the store transaction that inserts the command, so concurrent submitters cannot all pass
-    the check before any of them is counted; a store shared by several servers counts in that transaction instead.
+    Counted in the table, in the transaction that inserts the command while it holds the run's lock (see
+    `store`): concurrent submitters, on this server or another one sharing the database, are counted one by one,
+    never all let through, and a rolled-back insert counts nothing.
     """
-
-    def __init__(self) -> None:
-        self._accepted: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-
-    def take(self, run_id: str, limit: RateLimit) -> float:
-        """Count one command for `run_id` and return its stamp; raise `RateLimited` (counting nothing) when full."""
-        with self._lock:
-            window = self._accepted.setdefault(run_id, deque())
-            now = time.monotonic()
-            while window and now - window[0] > limit.per_seconds:
-                window.popleft()
-            if len(window) >= limit.max_commands:
-                retry_after = limit.per_seconds - (now - window[0])
-                raise RateLimited(
-                    f"run {run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
-                    details=[
-                        ErrorDetail(
-                            field="",
-                            message="rate limit reached",
-                            allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
-                        )
-                    ],
-                    retry_after_s=round(retry_after, 3),
+    count, oldest = db.execute(
+        "SELECT COUNT(*), MIN(created_at) FROM commands WHERE run_id = ? AND created_at > ?",
+        (run_id, now - limit.per_seconds),
+    ).fetchone()
+    if count >= limit.max_commands:
+        raise RateLimited(
+            f"run {run_id} accepts at most {limit.max_commands} commands per {limit.per_seconds:g} s",
+            details=[
+                ErrorDetail(
+                    field="",
+                    message="rate limit reached",
+                    allowed=f"{limit.max_commands} per {limit.per_seconds:g} s",
                 )
-            window.append(now)
-            return now
-
-    def give_back(self, run_id: str, stamp: float) -> None:
-        """Uncount a command whose insert did not commit."""
-        with self._lock:
-            window = self._accepted.get(run_id)
-            if window is not None and stamp in window:
-                window.remove(stamp)
+            ],
+            retry_after_s=round(max(0.0, limit.per_seconds - (now - oldest)), 3),
+        )
 
 
 class TokenBudget:

@@ -1,4 +1,11 @@
-"""The run registry: runs held in memory (there are few), every change written through to the store."""
+"""The run registry: runs held in memory (there are few), every change written through to the store.
+
+A change is an op holding the run's lock; on a store shared by several servers it starts from the
+stored row (another server may have changed the run since this one heard), so no server puts back
+what another wrote. Every server keeps its runs from the run events of all of them, and with them
+when each run was last heard from: the servers judge a run lost alike, and the one that marks it
+lost first is the only one (the others find it lost under the lock).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,16 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 
 from control_server.auth import Principal
 from control_server.errors import ConflictError, Forbidden, NotFoundError, PolicyViolation
-from control_server.events import EventLog
+from control_server.events import Emitter, EventFactory, EventLog
 from control_server.store import Db, Store
 from protocols.constants import PROTOCOL_VERSION, RunStatus
 from protocols.errors import ErrorDetail
-from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, RunEvent, RunStateEvent
+from protocols.events import AlertEvent, CheckpointEvent, Event, LogEvent, MetricsEvent, RunEvent, RunStateEvent
 from protocols.policy import Policy
 from protocols.records import (
     COMPATIBLE_VERSION,
@@ -88,16 +96,26 @@ class RunRegistry:
         self.events = events
         self.default_policy = default_policy
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        rows = store.read_now(lambda db: db.execute("SELECT body FROM runs ORDER BY created_at").fetchall())
         self.runs: dict[str, RunInfo] = {}
-        for (body,) in rows:
+        self._last_seen: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.status_changed_at: dict[str, float] = {}
+        self._load(store.read_now(_run_rows))
+        events.watchers.append(self._watch)
+        events.resyncs.append(self._resync)
+
+    def _load(self, bodies: list[str]) -> None:
+        started = time.time()
+        for body in bodies:
             run = RunInfo.model_validate_json(body, strict=False)
             self.runs[run.run_id] = run
-        started = time.time()
-        # A restarted server gives every run a full timeout to heartbeat before calling it lost.
-        self._last_seen: dict[str, float] = {run_id: started for run_id in self.runs}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self.status_changed_at: dict[str, float] = {run_id: run.updated_at for run_id, run in self.runs.items()}
+            # A (re)started server gives every run a full timeout to heartbeat before calling it lost.
+            self._last_seen[run.run_id] = started
+            self.status_changed_at[run.run_id] = run.updated_at
+
+    async def _resync(self) -> None:
+        """Reload the runs (announcements of other servers' changes may have been missed)."""
+        self._load(await self.store.read(_run_rows))
 
     def _lock(self, run_id: str) -> asyncio.Lock:
         """Serialises each run's read-modify-write across the awaited commit, so no update overwrites another."""
@@ -114,6 +132,13 @@ class RunRegistry:
             )
         return run
 
+    async def catch_up(self, run_id: str) -> None:
+        """Learn a run from the store that this server has not heard of yet (only another server's can be one)."""
+        if self.store.shared and run_id not in self.runs:
+            run = await self.store.read(lambda db: _stored_run(db, run_id))
+            if run is not None and run_id not in self.runs:
+                self._remember(run)
+
     def listing(self) -> list[RunInfo]:
         """Every run, newest first."""
         return sorted(self.runs.values(), key=lambda run: run.created_at, reverse=True)
@@ -122,13 +147,8 @@ class RunRegistry:
         """Refuse a non-admin token acting as the trainer of a run another token registered (unknown runs pass,
         to be answered 404 by the route)."""
         run = self.runs.get(run_id)
-        if run is not None and run.registered_by != name:
-            raise Forbidden(
-                f"token {name!r} did not register run {run_id}: only the token that did (or an admin) is its trainer",
-                details=[
-                    ErrorDetail(field="run_id", message="another token's run", allowed="runs this token registered")
-                ],
-            )
+        if run is not None:
+            _check_trainer(run, name)
 
     async def register(self, registration: RunRegistration, by: Principal) -> tuple[RunInfo, bool]:
         """Create a run, or re-attach its trainer to it; returns (run, created).
@@ -136,13 +156,15 @@ class RunRegistry:
         Only the token that registered a run (or an admin) may re-attach to it, and only an admin may change its
         policy that way: re-registering must not be a way around `PUT .../policy`.
         """
-        async with self._lock(registration.run_id or ""):
-            check_protocol_version(registration.protocol_version)
-            now = time.time()
-            existing = self.runs.get(registration.run_id) if registration.run_id else None
+        check_protocol_version(registration.protocol_version)
+        run_id = registration.run_id or f"{registration.name[:40]}-{uuid.uuid4().hex[:8]}"
+        created = False
+
+        def change(existing: RunInfo | None, now: float) -> tuple[RunInfo, bool]:
+            nonlocal created
             if existing is not None:
                 if not by.may("admin"):
-                    self.check_trainer(existing.run_id, by.name)
+                    _check_trainer(existing, by.name)
                 if existing.name != registration.name:
                     raise ConflictError(
                         f"run {existing.run_id!r} is named {existing.name!r}, not {registration.name!r}",
@@ -159,7 +181,8 @@ class RunRegistry:
                             )
                         ],
                     )
-                run = existing.model_copy(
+                created = False
+                return existing.model_copy(
                     update={
                         "status": "running",
                         "updated_at": now,
@@ -168,31 +191,38 @@ class RunRegistry:
                         "domains": registration.domains or existing.domains,
                         "policy": registration.policy or existing.policy,
                     }
-                )
-                created = False
-            else:
-                run_id = registration.run_id or f"{registration.name[:40]}-{uuid.uuid4().hex[:8]}"
-                run = RunInfo(
-                    run_id=run_id,
-                    name=registration.name,
-                    status="running",
-                    created_at=now,
-                    updated_at=now,
-                    last_heartbeat=now,
-                    config=registration.config,
-                    domains=registration.domains,
-                    policy=registration.policy or self.default_policy,
-                    registered_by=by.name,
-                )
-                created = True
-            await self._save(run, stored_event=True)
-            return run, created
+                ), True
+            created = True
+            return RunInfo(
+                run_id=run_id,
+                name=registration.name,
+                status="running",
+                created_at=now,
+                updated_at=now,
+                last_heartbeat=now,
+                config=registration.config,
+                domains=registration.domains,
+                policy=registration.policy or self.default_policy,
+                registered_by=by.name,
+            ), True
+
+        async with self._lock(run_id):
+            run = await self._update(run_id, change)
+        assert run is not None
+        return run, created
 
     async def set_policy(self, run_id: str, policy: Policy) -> RunInfo:
         """Replace a run's policy."""
+        self.get(run_id)
         async with self._lock(run_id):
-            run = self.get(run_id).model_copy(update={"policy": policy, "updated_at": time.time()})
-            await self._save(run, stored_event=True)
+            run = await self._update(
+                run_id,
+                lambda stored, now: (
+                    _known(stored, run_id).model_copy(update={"policy": policy, "updated_at": now}),
+                    True,
+                ),
+            )
+        assert run is not None
         return run
 
     async def apply_reports(self, run_id: str, reports: list[RunReport]) -> int:
@@ -213,7 +243,8 @@ class RunRegistry:
 
     async def alert(self, run_id: str, report: AlertReport) -> None:
         """Store and publish an alert for people to see."""
-        event = self.events.make(
+        await self._emit(
+            run_id,
             lambda event_id, now: AlertEvent(
                 event_id=event_id,
                 time=now,
@@ -222,9 +253,8 @@ class RunRegistry:
                 message=report.message,
                 source=report.source,
                 step=report.step,
-            )
+            ),
         )
-        await self.events.record(event)
 
     async def note_step(self, run_id: str, branch: str, step: int) -> None:
         """Remember the newest step seen in metrics (the run row is written at the next heartbeat).
@@ -239,7 +269,7 @@ class RunRegistry:
             self._last_seen[run_id] = time.time()
 
     async def check_liveness(self) -> None:
-        """Mark runs whose trainer stopped heartbeating as lost."""
+        """Mark runs whose trainer stopped heartbeating (to any server sharing the store) as lost."""
         now = time.time()
         for run_id, run in list(self.runs.items()):
             if run.status in LIVE_STATUSES and now - self._last_seen.get(run_id, now) > self.heartbeat_timeout_s:
@@ -257,11 +287,11 @@ class RunRegistry:
                 log.exception("liveness check failed")
 
     async def _heartbeat(self, run_id: str, heartbeat: Heartbeat) -> None:
-        async with self._lock(run_id):
-            run = self.get(run_id)
-            now = time.time()
-            self._last_seen[run_id] = now
-            state = heartbeat.state
+        self.get(run_id)
+        state = heartbeat.state
+
+        def change(stored: RunInfo | None, now: float) -> tuple[RunInfo, bool]:
+            run = _known(stored, run_id)
             status: RunStatus = run.status
             if run.status in (*LIVE_STATUSES, "lost"):
                 status = "paused" if state.paused else "running"
@@ -277,31 +307,34 @@ class RunRegistry:
                     "status": status,
                 }
             )
-            await self._save(updated, stored_event=status != run.status)
+            return updated, status != run.status
+
+        async with self._lock(run_id):
+            self._last_seen[run_id] = time.time()
+            await self._update(run_id, change)
 
     async def _set_status(self, run_id: str, status: RunStatus, message: str) -> None:
-        async with self._lock(run_id):
-            run = self.get(run_id)
+        self.get(run_id)
+
+        def change(stored: RunInfo | None, now: float) -> tuple[RunInfo, bool] | None:
+            run = _known(stored, run_id)
             if run.status == status:
-                return
-            now = time.time()
+                return None
+            return run.model_copy(update={"status": status, "updated_at": now}), True
+
+        async with self._lock(run_id):
             if status in LIVE_STATUSES:
-                self._last_seen[run_id] = now
-            await self._save(run.model_copy(update={"status": status, "updated_at": now}), stored_event=True)
-        if message:
+                self._last_seen[run_id] = time.time()
+            changed = await self._update(run_id, change)
+        if changed is not None and message:
             await self._log(
                 run_id, LogReport(level="warning" if status in ("lost", "failed") else "info", message=message)
             )
 
     async def _checkpoint(self, run_id: str, report: CheckpointSaved) -> None:
         checkpoint = report.checkpoint
-        event = self.events.make(
-            lambda event_id, now: CheckpointEvent(
-                event_id=event_id, time=now, run_id=run_id, checkpoint=checkpoint, deleted=report.deleted
-            )
-        )
 
-        def index(db: Db) -> None:
+        def index(db: Db, emit: Emitter) -> None:
             if report.deleted:
                 db.execute(
                     "DELETE FROM checkpoints WHERE run_id = ? AND checkpoint_id = ?", (run_id, checkpoint.checkpoint_id)
@@ -318,8 +351,13 @@ class RunRegistry:
                         checkpoint.model_dump_json(),
                     ),
                 )
+            emit(
+                lambda event_id, now: CheckpointEvent(
+                    event_id=event_id, time=now, run_id=run_id, checkpoint=checkpoint, deleted=report.deleted
+                )
+            )
 
-        await self.events.record(event, also=index)
+        await self.events.write(run_id, index)
 
     async def checkpoints(self, run_id: str, branch: str | None) -> list[CheckpointInfo]:
         """The run's indexed checkpoints, oldest first."""
@@ -335,41 +373,88 @@ class RunRegistry:
         return [CheckpointInfo.model_validate_json(body, strict=False) for body in await self.store.read(op)]
 
     async def _log(self, run_id: str, report: LogReport) -> None:
-        event = self.events.make(
+        await self._emit(
+            run_id,
             lambda event_id, now: LogEvent(
                 event_id=event_id, time=now, run_id=run_id, level=report.level, message=report.message, step=report.step
-            )
+            ),
         )
-        await self.events.record(event)
 
-    async def _save(self, run: RunInfo, *, stored_event: bool) -> None:
-        """Write the run row; publish a run event, stored when the change matters beyond the moment.
+    async def _emit(self, run_id: str, build: EventFactory) -> None:
+        """Store and publish one event of the run."""
+        await self.events.write(run_id, lambda db, emit: emit(build))
 
-        A change that is not stored (a heartbeat) is published as a `run_state` event, without config or policy.
+    async def _update(
+        self, run_id: str, change: Callable[[RunInfo | None, float], tuple[RunInfo, bool] | None]
+    ) -> RunInfo | None:
+        """Write the run as `change` makes it from the run as it stands (None: no change) and publish a run event,
+        stored when `change` says the change matters beyond the moment; returns the run written.
+
+        On a shared store the run as it stands is the stored row, read under the run's lock. A change that is not
+        stored (a heartbeat) is published as a `run_state` event, without config or policy.
         """
-        previous = self.runs.get(run.run_id)
-        event: Event = self.events.make(
-            (lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run))
-            if stored_event
-            else partial(RunStateEvent.of, run)
-        )
 
-        def write(db: Db) -> None:
+        def op(db: Db, emit: Emitter) -> RunInfo | None:
+            current = _stored_run(db, run_id) if self.store.shared else self.runs.get(run_id)
+            changed = change(current, time.time())
+            if changed is None:
+                return None
+            run, stored_event = changed
             db.execute(
                 "INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?) "
                 "ON CONFLICT (run_id) DO UPDATE SET body = excluded.body",
                 (run.run_id, run.created_at, run.model_dump_json()),
             )
+            emit(
+                (lambda event_id, now: RunEvent(event_id=event_id, time=now, run_id=run.run_id, run=run))
+                if stored_event
+                else partial(RunStateEvent.of, run)
+            )
+            return run
 
-        if stored_event:
-            await self.events.record(event, also=write, before_publish=lambda: self._remember(run, previous))
-        else:
-            await self.store.write(write)
-            self._remember(run, previous)
-            self.events.publish(event)
+        return await self.events.write(run_id, op)
 
-    def _remember(self, run: RunInfo, previous: RunInfo | None) -> None:
+    def _watch(self, event: Event) -> None:
+        """Keep the runs, and when each was last heard from, from the run and metrics events of every server."""
+        if isinstance(event, RunEvent):
+            self._remember(event.run)
+        elif isinstance(event, RunStateEvent):
+            run = self.runs.get(event.run_id)
+            if run is not None:
+                self._remember(event.apply(run))
+        elif isinstance(event, MetricsEvent) and event.run_id in self.runs:
+            self._last_seen[event.run_id] = time.time()
+
+    def _remember(self, run: RunInfo) -> None:
+        previous = self.runs.get(run.run_id)
         self.runs[run.run_id] = run
+        heard = previous is None or run.last_heartbeat != previous.last_heartbeat or run.status != previous.status
+        if run.status in LIVE_STATUSES and heard:
+            self._last_seen[run.run_id] = time.time()
         self._last_seen.setdefault(run.run_id, time.time())
         if previous is None or previous.status != run.status:
             self.status_changed_at[run.run_id] = run.updated_at
+
+
+def _check_trainer(run: RunInfo, name: str) -> None:
+    if run.registered_by != name:
+        raise Forbidden(
+            f"token {name!r} did not register run {run.run_id}: only the token that did (or an admin) is its trainer",
+            details=[ErrorDetail(field="run_id", message="another token's run", allowed="runs this token registered")],
+        )
+
+
+def _run_rows(db: Db) -> list[str]:
+    return [body for (body,) in db.execute("SELECT body FROM runs ORDER BY created_at").fetchall()]
+
+
+def _stored_run(db: Db, run_id: str) -> RunInfo | None:
+    row = db.execute("SELECT body FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+    return RunInfo.model_validate_json(row[0], strict=False) if row else None
+
+
+def _known(run: RunInfo | None, run_id: str) -> RunInfo:
+    """`run`, which a change of an existing run found (runs are never deleted)."""
+    if run is None:
+        raise NotFoundError(f"no run with run_id {run_id!r}", run_id=run_id)
+    return run

@@ -5,16 +5,23 @@ all queued writes in one transaction (each inside its own savepoint, so one fail
 undo the others), commits, and only then resolves each caller's future. Reads run on a small
 pool of connections, never on the event loop. `SqliteStore` (the embedded default, WAL mode)
 lives here; `control_server.postgres` has the PostgreSQL one behind the same `Store` seam.
+
+A write names the run it decides for (`write(op, run=...)`): a store shared by several servers
+takes that run's lock for the transaction, so an op may read the run's rows and decide (next
+`seq`, rate limit, a command's status) with no other server deciding for that run meanwhile.
+One SQLite writer decides alone, so there the name costs nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,12 +60,31 @@ class Store(Protocol):
 
     commits: int
     writes: int
+    shared: bool
+    """True when other servers may write the same database: events then reach every server through `listen`."""
+    announce_limit: int
+    """Most bytes one `announce` may carry (0: the store announces nothing)."""
 
     def open(self) -> None: ...
 
     def close(self) -> None: ...
 
-    async def write(self, op: Callable[[Db], Result]) -> Result: ...
+    async def write(self, op: Callable[[Db], Result], *, run: str | None = None) -> Result:
+        """Run `op` in a transaction holding `run`'s lock; returns once committed."""
+        ...
+
+    def event_ids(self, db: Db, count: int) -> list[int]:
+        """`count` new event ids, in the writer's transaction: increasing in the order the run's writes commit."""
+        ...
+
+    def announce(self, db: Db, payload: str) -> None:
+        """Tell every listening server `payload` once the writer's transaction commits (never if the op is undone)."""
+        ...
+
+    def listen(self, deliver: Callable[[str | None], None]) -> None:
+        """Call `deliver` (in another thread) with every announced payload, in commit order; None when some may
+        have been missed (the listening connection was lost and is back)."""
+        ...
 
     async def read(self, op: Callable[[Db], Result]) -> Result: ...
 
@@ -69,7 +95,7 @@ class Store(Protocol):
         ...
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
 
 SCHEMA_TEMPLATE = """
@@ -84,9 +110,11 @@ CREATE TABLE IF NOT EXISTS commands (
     seq {int} NOT NULL,
     status TEXT NOT NULL,
     body TEXT NOT NULL,
+    created_at {real} NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, id)
 ){clustered};
 CREATE UNIQUE INDEX IF NOT EXISTS commands_by_seq ON commands (run_id, seq);
+CREATE INDEX IF NOT EXISTS commands_by_time ON commands (run_id, created_at);
 CREATE TABLE IF NOT EXISTS events (
     event_id {int} PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -161,6 +189,7 @@ class _PendingWrite:
     op: Callable[[Any], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    run: str | None
 
 
 _STOP = object()
@@ -172,6 +201,8 @@ class GroupWriter:
     begin = "BEGIN"
     error: type[Exception] = Exception
     """The driver's error class: a failure of the group itself (commit, lost connection)."""
+    shared = False
+    announce_limit = 0
 
     def __init__(self, *, max_batch: int) -> None:
         self.max_batch = max_batch
@@ -190,12 +221,28 @@ class GroupWriter:
             self._writer.join()
             self._writer = None
 
-    async def write(self, op: Callable[[Db], Result]) -> Result:
-        """Run `op` in the next group transaction and return its result once that transaction is committed."""
+    async def write(self, op: Callable[[Db], Result], *, run: str | None = None) -> Result:
+        """Run `op` in the next group transaction (holding `run`'s lock, see `start_group`) and return its result
+        once that transaction is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._writes.put(_PendingWrite(op, future, loop))
+        self._writes.put(_PendingWrite(op, future, loop, run))
         return await future
+
+    def start_group(self, db: Any, runs: list[str], size: int) -> None:
+        """Before a group's first op: take the locks of `runs` for its transaction (one writer needs none)."""
+
+    def end_op(self, ok: bool) -> None:
+        """After each op of a group: whether it stands (its savepoint released) or was undone."""
+
+    def end_group(self, db: Any) -> None:
+        """Before a group's COMMIT."""
+
+    def announce(self, db: Db, payload: str) -> None:
+        """Nothing to tell: no other server shares this store."""
+
+    def listen(self, deliver: Callable[[str | None], None]) -> None:
+        """Nothing to hear: no other server shares this store."""
 
     def writer_db(self) -> Any:
         """The writer's connection, (re)opened when needed."""
@@ -234,15 +281,19 @@ class GroupWriter:
         try:
             db = self.writer_db()
             db.execute(self.begin)
+            self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
             for pending in batch:
                 db.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, pending.op(db)))
                     db.execute("RELEASE SAVEPOINT op")
+                    self.end_op(True)
                 except Exception as exc:  # the op's own error goes back to its caller only
                     db.execute("ROLLBACK TO SAVEPOINT op")
                     db.execute("RELEASE SAVEPOINT op")
+                    self.end_op(False)
                     outcomes.append((False, exc))
+            self.end_group(db)
             db.execute("COMMIT")
         except self.error as exc:  # the group itself failed: every write in it failed
             log.warning("store group commit failed: %s", exc)
@@ -308,6 +359,7 @@ class SqliteStore(GroupWriter):
         self._local = threading.local()
         self._read_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        self._event_ids = itertools.count(1)
 
     @property
     def wal_path(self) -> Path:
@@ -319,7 +371,12 @@ class SqliteStore(GroupWriter):
         connection = _connect(self.path, readonly=False)
         from control_server.series import migrate_sqlite
 
+        _add_command_times(connection)
         migrate_sqlite(connection)
+        last_id = connection.execute("SELECT COALESCE(MAX(event_id), 0) FROM events").fetchone()[0]
+        # Events that are only streamed (metrics, heartbeats) are not stored, so the stored maximum alone could
+        # hand out an id again after a restart; starting at the clock in microseconds keeps ids increasing.
+        self._event_ids = itertools.count(max(int(last_id) + 1, time.time_ns() // 1000))
         self._db = connection
         self._stopping.clear()
         self.start_writer()
@@ -338,6 +395,10 @@ class SqliteStore(GroupWriter):
             for connection in self._read_connections:
                 connection.close()
             self._read_connections.clear()
+
+    def event_ids(self, db: Db, count: int) -> list[int]:
+        """The next `count` ids of this server's counter (one writer: the order of ids is the order of commits)."""
+        return [next(self._event_ids) for _ in range(count)]
 
     def disk_bytes(self) -> dict[str, int]:
         """Sizes of the database file and its WAL."""
@@ -395,6 +456,15 @@ class SqliteStore(GroupWriter):
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             connection.close()
+
+
+def _add_command_times(db: sqlite3.Connection) -> None:
+    """Give the commands table of a schema-2 file its `created_at` column (rate limits count it), read from the
+    records, before the schema's index on it is created."""
+    columns = [row[0] for row in db.execute("SELECT name FROM pragma_table_info('commands')").fetchall()]
+    if columns and "created_at" not in columns:
+        db.execute("ALTER TABLE commands ADD COLUMN created_at REAL NOT NULL DEFAULT 0")
+        db.execute("UPDATE commands SET created_at = json_extract(body, '$.created_at')")
 
 
 def is_postgres_url(db: object) -> bool:

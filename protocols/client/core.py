@@ -130,7 +130,7 @@ class ServerList:
     """The base URLs of servers that share one store, given as one string separated by commas.
 
     Requests go to `current`; a client moves on with `fail_over()` when it cannot connect there (a
-    standby server does not listen until it takes over), so every caller gets failover for free.
+    server stopped or died), so every caller gets failover for free.
     """
 
     def __init__(self, server: str) -> None:

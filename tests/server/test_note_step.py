@@ -34,10 +34,10 @@ async def test_a_step_noted_while_a_heartbeat_commits_survives_the_heartbeat(reg
     write = registry.store.write
     committing, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_write(op: Callable[[Any], Any]) -> Any:
+    async def slow_write(op: Callable[[Any], Any], **options: Any) -> Any:
         committing.set()
         await release.wait()
-        return await write(op)
+        return await write(op, **options)
 
     registry.store.write = slow_write  # type: ignore[method-assign]
     heartbeat = asyncio.create_task(registry.apply_reports(run.run_id, [Heartbeat(state=RunState(step=10))]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from pathlib import Path
@@ -78,3 +79,25 @@ def test_row_per_value_history_is_repacked_on_open(tmp_path: Path) -> None:
     for bucket, mean in means.items():
         members = [values[("main", "loss", step)] for step in range(bucket * 128, min(bucket * 128 + 128, 700))]
         assert mean == pytest.approx(sum(members) / len(members), rel=1e-12)
+
+
+def test_a_schema_2_file_gives_its_commands_the_time_rate_limits_count(tmp_path: Path) -> None:
+    """Commands stored before `created_at` was a column get it from their records, so a rate limit counts them."""
+    path = tmp_path / "runsteer.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE commands (run_id TEXT NOT NULL, id TEXT NOT NULL, seq INTEGER NOT NULL, status TEXT NOT NULL, "
+        "body TEXT NOT NULL, PRIMARY KEY (run_id, id)) WITHOUT ROWID; PRAGMA user_version = 2;"
+    )
+    old.execute("INSERT INTO commands VALUES ('r', 'c-1', 1, 'applied', ?)", (json.dumps({"created_at": 1234.5}),))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    store.open()
+    try:
+        rows = store.read_now(lambda db: db.execute("SELECT id, created_at FROM commands").fetchall())
+        version = store.read_now(lambda db: db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        store.close()
+    assert rows == [("c-1", 1234.5)]
+    assert version == SCHEMA_VERSION

@@ -1,16 +1,16 @@
 """The PostgreSQL store keeps the SQLite store's promises: committed before the answer, one failing op undoes only
-itself, a newer schema is refused, and a second store on the same database waits until the first closes."""
+itself, a newer schema is refused, and two stores on one database decide for a run one after the other."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
 
-from control_server.postgres import SCHEMA_VERSION, PostgresStore
+from control_server.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
 from control_server.store import Db, describe_store
 from tests.postgres import LocalPostgres
 
@@ -59,22 +59,67 @@ def test_a_database_of_a_newer_schema_is_refused(postgres_cluster: LocalPostgres
     store.close()
 
 
-def test_a_second_store_stands_by_until_the_first_closes(postgres_cluster: LocalPostgres) -> None:
-    """Only one store serves a database at a time; the other opens the moment the first lets go."""
-    url = postgres_cluster.create_database("pg_standby")
-    first, second = PostgresStore(url), PostgresStore(url)
-    first.open()
-    opened = threading.Event()
-    waiter = threading.Thread(target=lambda: (second.open(), opened.set()))
-    waiter.start()
+def test_a_version_1_database_gains_command_times_and_the_event_sequence(postgres_cluster: LocalPostgres) -> None:
+    """Opening a database of schema 1 fills `created_at` from the records and starts event ids above stored ones."""
+    url = postgres_cluster.create_database("pg_v1")
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute(SCHEMA)
+        connection.execute("DROP SEQUENCE runsteer_event_ids")
+        connection.execute("DROP INDEX commands_by_time")
+        connection.execute("ALTER TABLE commands DROP COLUMN created_at")
+        connection.execute(
+            "CREATE TABLE runsteer_schema (version INTEGER NOT NULL); INSERT INTO runsteer_schema VALUES (1)"
+        )
+        connection.execute("INSERT INTO commands VALUES ('r', 'c-1', 1, 'applied', '{\"created_at\": 1234.5}')")
+        connection.execute("INSERT INTO events VALUES (%s, 'r', 'log', 0, '{}')", (2**60,))
+    store = PostgresStore(url)
+    store.open()
     try:
-        assert not opened.wait(1.5), "the second store must wait while the first serves"
-        first.close()
-        assert opened.wait(10), "the second store takes over once the first closes"
+        rows = store.read_now(lambda db: db.execute("SELECT id, created_at FROM commands").fetchall())
+        next_id = store.read_now(lambda db: store.event_ids(db, 1))
     finally:
-        first.close()
-        waiter.join(10)
-        second.close()
+        store.close()
+    assert rows == [("c-1", 1234.5)]
+    assert next_id[0] > 2**60
+
+
+def test_two_stores_deciding_for_one_run_take_turns_under_its_lock(postgres_cluster: LocalPostgres) -> None:
+    """Two stores on one database both serve; ops that read the next number of a run and insert it, sent to both
+    at once in groups that also lock other runs in other orders, get distinct gapless numbers and no deadlock."""
+    url = postgres_cluster.create_database("pg_two")
+    stores = [PostgresStore(url), PostgresStore(url)]
+    for store in stores:
+        store.open()
+
+    def take_next(run_id: str) -> Callable[[Db], int]:
+        def op(db: Db) -> int:
+            number = int(db.execute("SELECT COUNT(*) FROM runs WHERE run_id LIKE ?", (f"{run_id}/%",)).fetchone()[0])
+            time.sleep(0.001)  # widen the window between reading and writing
+            db.execute("INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?)", (f"{run_id}/{number}", 0, "{}"))
+            return number
+
+        return op
+
+    async def crowd(store: PostgresStore, order: list[str]) -> list[int]:
+        return await asyncio.gather(*(store.write(take_next(run), run=run) for _ in range(20) for run in order))
+
+    async def both() -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        return await asyncio.gather(
+            *(
+                loop.run_in_executor(None, asyncio.run, crowd(store, order))
+                for store, order in zip(stores, (["x", "y"], ["y", "x"]), strict=True)
+            )
+        )
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        for store in stores:
+            store.close()
+    numbers = first[0::2] + second[1::2]  # the "x" ones
+    assert sorted(numbers) == list(range(40))
+    assert sorted(first[1::2] + second[0::2]) == list(range(40))
 
 
 def test_the_logged_store_url_hides_the_password() -> None:
