@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -43,7 +44,13 @@ async def serve(app: web.Application, config: ServerConfig) -> None:
         temporary = config.port_file.with_suffix(".tmp")
         temporary.write_text(str(port))
         os.replace(temporary, config.port_file)
-    log.info("runsteer server listening on http://%s:%d (store %s)", config.host, port, describe_store(config.db))
+    log.info(
+        "runsteer server listening on http://%s:%d (store %s, %s event loop)",
+        config.host,
+        port,
+        describe_store(config.db),
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -55,6 +62,20 @@ async def serve(app: web.Application, config: ServerConfig) -> None:
         await runner.cleanup()
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `--event-loop` names (None: asyncio's own); raises ValueError when uvloop is asked for and
+    missing."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ValueError('--event-loop uvloop needs uvloop: pip install "runsteer[fast]"') from None
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `runsteer server`."""
     args = build_parser().parse_args(argv)
@@ -62,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         app = create_app(config)
+        factory = loop_factory(config.event_loop)
     except (ValueError, OSError, ValidationError) as exc:
         print(f"runsteer server: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(app, config))
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(app, config))
     return 0
