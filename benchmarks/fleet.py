@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from benchmarks._common import UNLIMITED, Server, load_average, percentiles_ms
+from control_server.cli import tune_gc
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
 from tests.postgres import LocalPostgres, free_port
 
@@ -407,6 +408,7 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
         fleet.run_ids = list(
             await asyncio.gather(*(register(session, fleet.url_for(i), f"fleet-{i}") for i in range(runs)))
         )
+        tune_gc()  # as the server does: full collections of this process would pause every simulated run at once
         cpu: list[tuple[float, float]] = []
         own: list[float] = []
         workers = [post_steps(fleet, i, run_id) for i, run_id in enumerate(fleet.run_ids)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -33,10 +34,28 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(**config_values(args, ServerConfig))
 
 
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between two collections of the youngest generation (Python's default is 700).
+
+Every request lives across a few hundred allocations, so at the default nearly each one was caught alive by a
+young collection and promoted; the promotions set off a full collection every second or two at 1,000 fleet runs,
+each walking the whole heap for 100-500 ms (it found no garbage: the server's garbage is freed by reference
+counting). Collections of 50,000 young objects catch a request's objects once per hundred requests instead."""
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the request path: the objects alive at start-up (modules, schemas,
+    the store's runs) are frozen out of every later collection, and the young generation is collected less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 async def serve(app: web.Application, config: ServerConfig) -> None:
     """Listen until SIGINT or SIGTERM, then shut down cleanly (stores flushed, sockets closed)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
+    tune_gc()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     await site.start()
     port = runner.addresses[0][1]
