@@ -122,6 +122,8 @@ class SeriesCache:
 
 
 def _packer(keys: tuple[str, ...]) -> Callable[[Mapping[str, float]], bytes]:
+    if not keys:  # a step with no values (allowed: `values` may be empty)
+        return lambda values: b""
     pack, pick = struct.Struct(f"<{len(keys)}d").pack, operator.itemgetter(*keys)
     if len(keys) == 1:
         return lambda values: pack(pick(values))
