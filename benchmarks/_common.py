@@ -26,7 +26,7 @@ UNLIMITED = Policy(rate_limit=RateLimit(max_commands=100_000, per_seconds=1.0))
 class Server:
     """`python -m control_server` on a free loopback port with a fresh SQLite file (or `db`), as a separate process."""
 
-    def __init__(self, workdir: Path | None = None, db: str | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, db: str | None = None, flags: tuple[str, ...] = ()) -> None:
         self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="runsteer-bench-")
         self.dir = workdir if workdir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
         self.db = self.dir / "bench.db"
@@ -35,6 +35,8 @@ class Server:
         self.log_path = self.dir / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.flags = flags
+        """More `runsteer server` flags (e.g. `--event-loop asyncio`)."""
 
     @property
     def url(self) -> str:
@@ -62,6 +64,7 @@ class Server:
             self.db_arg,
             "--port-file",
             str(self.port_file),
+            *self.flags,
         ]
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             # The server dies with the benchmark, even when the benchmark is killed outright.

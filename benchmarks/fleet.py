@@ -33,10 +33,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from benchmarks._common import UNLIMITED, Server, load_average, percentiles_ms
+from control_server.cli import tune_gc
 from protocols.constants import API_PREFIX, PROTOCOL_VERSION
 from tests.postgres import LocalPostgres
 
@@ -91,9 +93,97 @@ async def register(session: aiohttp.ClientSession, url: str, name: str) -> str:
         return str((await response.json())["run_id"])
 
 
-async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, run_id: str) -> None:
-    """Post one step of VALUES values every STEP_INTERVAL_S, on a fixed schedule (late posts are counted)."""
-    keys = [f"metric_{k:02d}" for k in range(VALUES)]
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending pre-encoded requests, one at a time, and reading each answer's
+    status and body. A general client (aiohttp's) costs about as much CPU per request as the server; this costs a
+    fraction of it, which matters with 1,000 runs' load generator on the server's two cores."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionResetError("the server closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None or self.waiter.done():
+            return
+        lines = bytes(self.buffer[:end]).split(b"\r\n")
+        length = next((int(line[15:]) for line in lines if line[:15].lower() == b"content-length:"), None)
+        if length is None:
+            self.waiter.set_exception(ConnectionError(f"an answer without Content-Length: {lines[0]!r}"))
+            return
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        self.waiter.set_result((int(lines[0].split(b" ", 2)[1]), body))
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send one request and wait for its answer (status, body)."""
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+
+@dataclass
+class Link:
+    """A simulated run's connection to its server (a trainer's I/O thread holds one), reopened after a failure."""
+
+    server: str = ""
+    connection: Connection | None = None
+
+    async def send(self, server: str, request: bytes, timeout_s: float) -> tuple[int, bytes]:
+        """Send `request` (its bytes, Host header included) to `server`; connection errors and timeouts propagate."""
+        if self.connection is None or self.connection.closed or self.server != server:
+            if self.connection is not None:
+                self.connection.close()
+            self.connection = None
+            address = urlsplit(server)
+            _, self.connection = await asyncio.get_running_loop().create_connection(
+                Connection, address.hostname, address.port
+            )
+            self.server = server
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.connection.exchange(request)
+        except BaseException:
+            self.connection.close()
+            self.connection = None
+            raise
+
+
+def http_request(method: str, server: str, path: str, body: bytes = b"") -> bytes:
+    """A request's bytes: the head, then the body."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {urlsplit(server).netloc}\r\n"
+    if method == "POST":
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+async def post_steps(fleet: Fleet, index: int, run_id: str) -> None:
+    """Post one step of VALUES values every STEP_INTERVAL_S, on a fixed schedule (late posts are counted).
+
+    The body is built from bytes made once per run: each step has its own step, time and batch id, and the same
+    values (the server's work does not depend on them)."""
+    values = json.dumps({f"metric_{k:02d}": k + random.random() for k in range(VALUES)}).encode()
+    link = Link()
     start = time.monotonic() + random.uniform(0, STEP_INTERVAL_S)
     for step in itertools.count():
         due = start + step * STEP_INTERVAL_S
@@ -104,19 +194,24 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
             fleet.window.late += 1
         if fleet.stopping:
             return
-        values = {key: step * 1e-3 + k for k, key in enumerate(keys)}
-        body = {"samples": [{"step": step, "time": time.time(), "values": values}], "batch_id": f"{run_id}-{step}"}
-        started = time.perf_counter()
+        body = b'{"samples":[{"step":%d,"time":%.6f,"values":%s}],"batch_id":"%s-%d"}' % (
+            step,
+            time.time(),
+            values,
+            run_id.encode(),
+            step,
+        )
         server = fleet.url_for(index)
+        request = http_request("POST", server, f"{API_PREFIX}/runs/{run_id}/metrics", body)
+        started = time.perf_counter()
         try:
-            async with session.post(f"{server}{API_PREFIX}/runs/{run_id}/metrics", json=body) as response:
-                await response.read()
-                ok = response.status == 200
+            status, _ = await link.send(server, request, LONG_POLL_S + 30)
+            ok = status == 200
             fleet.window.answered += 1
-        except aiohttp.ClientConnectorError:
+        except ConnectionRefusedError:
             fleet.refused(server)
             ok = False
-        except aiohttp.ClientError:
+        except (OSError, TimeoutError):
             ok = False
         if ok:
             fleet.window.posts.append(time.perf_counter() - started)
@@ -125,30 +220,31 @@ async def post_steps(fleet: Fleet, session: aiohttp.ClientSession, index: int, r
             fleet.window.failed += 1
 
 
-async def follow_commands(fleet: Fleet, session: aiohttp.ClientSession, index: int, run_id: str) -> None:
+async def follow_commands(fleet: Fleet, index: int, run_id: str) -> None:
     """Long-poll for commands and answer each as applied; the round trip ends when the result is committed."""
     after = 0
+    link = Link()
+    result = json.dumps({"status": "applied", "step": 0, "effective": {}}).encode()
     while not fleet.stopping:
         server = fleet.url_for(index)
-        base = f"{server}{API_PREFIX}/runs/{run_id}/commands"
+        base = f"{API_PREFIX}/runs/{run_id}/commands"
         try:
-            async with session.get(f"{base}/next", params={"after": after, "wait": LONG_POLL_S}) as response:
-                records = (await response.json())["commands"] if response.status == 200 else []
-                if response.status != 200:
-                    fleet.window.failed += 1
+            request = http_request("GET", server, f"{base}/next?after={after}&wait={LONG_POLL_S:g}")
+            status, body = await link.send(server, request, LONG_POLL_S + 30)
+            records = json.loads(body)["commands"] if status == 200 else []
+            if status != 200:
+                fleet.window.failed += 1
             fleet.window.answered += 1
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
+        except (OSError, TimeoutError) as exc:
+            if isinstance(exc, ConnectionRefusedError):
                 fleet.refused(server)
             fleet.window.failed += 1
             await asyncio.sleep(0.5)
             continue
         for record in records:
             after = max(after, record["seq"])
-            result = {"status": "applied", "step": 0, "effective": {}}
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.post(f"{base}/{record['id']}/result", json=result) as response:
-                    await response.read()
+            with contextlib.suppress(OSError, TimeoutError):
+                await link.send(server, http_request("POST", server, f"{base}/{record['id']}/result", result), 30)
                 fleet.window.answered += 1
             sent = fleet.submitted.pop(record["id"], None)
             if sent is not None:
@@ -191,13 +287,15 @@ async def command_sender(fleet: Fleet, session: aiohttp.ClientSession) -> None:
 
 
 @contextlib.contextmanager
-def servers(store: str, count: int, workdir: Path) -> Iterator[tuple[list[Server], LocalPostgres | None]]:
+def servers(
+    store: str, count: int, workdir: Path, flags: tuple[str, ...] = ()
+) -> Iterator[tuple[list[Server], LocalPostgres | None]]:
     """Start `count` servers on a fresh store (and a throwaway PostgreSQL cluster for `postgres`)."""
     postgres = LocalPostgres().start() if store == "postgres" else None
     started: list[Server] = []
     try:
         for index in range(count):
-            server = Server(workdir / f"server-{index}", db=postgres.url if postgres else None)
+            server = Server(workdir / f"server-{index}", db=postgres.url if postgres else None, flags=flags)
             server.dir.mkdir(parents=True, exist_ok=True)
             started.append(server)
             server.start()
@@ -303,10 +401,11 @@ async def drive(running: list[Server], postgres: LocalPostgres | None, runs: int
         fleet.run_ids = list(
             await asyncio.gather(*(register(session, fleet.url_for(i), f"fleet-{i}") for i in range(runs)))
         )
+        tune_gc()  # as the server does: full collections of this process would pause every simulated run at once
         cpu: list[tuple[float, float]] = []
         own: list[float] = []
-        workers = [post_steps(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
-        workers += [follow_commands(fleet, session, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
+        workers = [post_steps(fleet, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
+        workers += [follow_commands(fleet, i, run_id) for i, run_id in enumerate(fleet.run_ids)]
         if len(running) > 1:
             workers.append(kill_serving_at(running, duration_s / 2))
         samplers = (sample_cpu(running, postgres, cpu), sample_own_cpu(own))
@@ -363,18 +462,22 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--servers", type=int, default=1, help="servers sharing the store (postgres only for >1)")
+    parser.add_argument(
+        "--event-loop", choices=("auto", "uvloop", "asyncio"), default="auto", help="the servers' event loop"
+    )
     parser.add_argument("--json", type=Path, help="also write every window here")
     args = parser.parse_args()
     if args.servers > 1 and args.store != "postgres":
         parser.error("--servers > 1 needs --store postgres: SQLite serves one process")
     print(
         f"fleet: {args.runs} runs x {VALUES} values every {STEP_INTERVAL_S} s, {COMMANDS_PER_S:g} commands/s, "
-        f"{args.servers} server(s) on {args.store}, {args.duration:g} s; load {load_average()}",
+        f"{args.servers} server(s) on {args.store} ({args.event_loop} event loop), {args.duration:g} s; "
+        f"load {load_average()}",
         flush=True,
     )
     with (
         tempfile.TemporaryDirectory(prefix="runsteer-fleet-") as tmp,
-        servers(args.store, args.servers, Path(tmp)) as (running, postgres),
+        servers(args.store, args.servers, Path(tmp), ("--event-loop", args.event_loop)) as (running, postgres),
     ):
         rows = asyncio.run(drive(running, postgres, args.runs, args.duration))
     if args.json:

@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from control_server.auth import LOOPBACK_HOSTS, TokenTable, auth_middleware
+from control_server.auth import LOOPBACK_HOSTS, TokenTable, authorize
 from control_server.commands import CommandService
 from control_server.config import ServerConfig
 from control_server.events import EventLog
 from control_server.fanout import Broadcaster
-from control_server.http import MAX_REQUEST_LINE, Handler, error_middleware
+from control_server.http import MAX_REQUEST_LINE, Handler, failure_response
 from control_server.keys import (
     AUTH,
     BROADCASTER,
@@ -60,44 +60,41 @@ def check_exposure(config: ServerConfig, tokens: TokenTable) -> None:
         )
 
 
+CORS_HEADERS = {
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, OPTIONS",
+    "Vary": "Origin",
+}
+"""Sent, with the origin itself, to a browser calling from an allowed origin."""
+
+
 @web.middleware
-async def request_metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count requests and time them by route (the route template, so labels stay bounded)."""
+async def serve_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one layer around every handler, so a request pays one coroutine, not five: answers allowed browsers'
+    preflights (CORS, no origins by default), learns runs another server registered, authorizes, turns every
+    failure into JSON, and counts and times the request by route (the route template, so labels stay bounded)."""
     started = time.perf_counter()
-    response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    exposition = request.app[EXPOSITION]
-    exposition.requests.labels(request.method, route, str(response.status)).inc()
-    exposition.request_seconds.labels(route).observe(time.perf_counter() - started)
-    return response
-
-
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Allow browser calls only from the configured origins (none by default)."""
     origin = request.headers.get("Origin")
     allowed = origin is not None and origin in request.app[CONFIG].cors_origins
     if allowed and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
         response: web.StreamResponse = web.Response(status=204)
     else:
-        response = await handler(request)
+        try:
+            run_id = request.match_info.get("run_id")
+            if run_id is not None:
+                # Another server sharing the store may have just registered it: learn it before auth asks.
+                await request.app[RUNS].catch_up(run_id)
+            authorize(request)
+            response = await handler(request)
+        except Exception as failure:
+            response = failure_response(request, failure)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        request.app[EXPOSITION].observe_request(request.method, route, response.status, time.perf_counter() - started)
     if allowed and origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, PUT, OPTIONS"
-        response.headers["Vary"] = "Origin"
+        response.headers.update(CORS_HEADERS)
     return response
-
-
-@web.middleware
-async def known_run_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Look a run this server has not heard of yet up in the store (another server sharing it may have just
-    registered it), before auth and the handler ask the registry for it."""
-    run_id = request.match_info.get("run_id")
-    if run_id is not None:
-        await request.app[RUNS].catch_up(run_id)
-    return await handler(request)
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
@@ -141,13 +138,7 @@ def create_app(config: ServerConfig, tokens: TokenTable | None = None) -> web.Ap
     check_exposure(config, tokens)
     app = web.Application(
         client_max_size=config.max_body_bytes,
-        middlewares=[
-            cors_middleware,
-            request_metrics_middleware,
-            error_middleware,
-            known_run_middleware,
-            auth_middleware,
-        ],
+        middlewares=[serve_middleware],
         handler_args={"max_line_size": MAX_REQUEST_LINE},
     )
     app[CONFIG] = config

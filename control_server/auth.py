@@ -15,7 +15,6 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from control_server.errors import Forbidden, Unauthenticated
-from control_server.http import Handler
 from control_server.keys import AUTH, PRINCIPAL, RUNS, TOKEN_BUDGET
 from protocols.base import PRINCIPAL_PATTERN
 from protocols.constants import Scope
@@ -77,6 +76,9 @@ class Principal:
 
 LOCAL_ADMIN = Principal("local", frozenset({"admin"}))
 """The caller when no tokens are configured (loopback-only servers)."""
+
+PUBLIC = Principal("public", frozenset())
+"""The caller of a public route when tokens are configured."""
 
 
 def _describe(error: ValidationError) -> str:
@@ -170,17 +172,17 @@ def principal_of(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse requests without a token holding the route's scope (public routes need none) or past its budget."""
-    scope = required_scope(request)
+def authorize(request: web.Request) -> None:
+    """Refuse a request without a token holding the route's scope (public routes need none) or past its budget;
+    set its principal. Called by the app's one middleware before the handler."""
     tokens = request.app[AUTH]
     if not tokens.enabled:
         request[PRINCIPAL] = LOCAL_ADMIN
-        return await handler(request)
+        return
+    scope = required_scope(request)
     if scope is None:
-        request[PRINCIPAL] = Principal("public", frozenset())
-        return await handler(request)
+        request[PRINCIPAL] = PUBLIC
+        return
     header = request.headers.get("Authorization", "")
     kind, _, token = header.partition(" ")
     if kind.lower() != "bearer" or not token:
@@ -197,4 +199,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if budget is not None:
         budget.spend(principal.name)
     request[PRINCIPAL] = principal
-    return await handler(request)

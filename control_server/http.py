@@ -59,12 +59,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return unique
 
 
+_KEY_CHECKER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=str, parse_int=str)
+"""Reads JSON only to see its keys: numbers stay text (the model's parser reads them), which halves the cost."""
+
+
 def refuse_duplicate_keys(text: str | bytes) -> object:
     """Refuse JSON naming a key twice in one object: a proxy or an audit log reading the first could see another
-    command than the one applied (pydantic keeps the last). Returns the value; None for text that is not JSON,
-    which is left to the model's parser to explain."""
+    command than the one applied (pydantic keeps the last). Returns the value with its numbers as text; None for
+    text that is not JSON, which is left to the model's parser to explain."""
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys)
+        if isinstance(text, bytes):
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        return _KEY_CHECKER.decode(text)
     except _DuplicateKey as exc:
         raise ApiError(
             f"the key {exc.key!r} appears twice in one JSON object",
@@ -208,34 +214,29 @@ def api_error_body(error: ApiError) -> ErrorBody:
     return ErrorBody(error=error.code, message=error.message, details=error.details, extra=extra)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as JSON: field path, what was sent, what is allowed."""
-    try:
-        return await handler(request)
-    except ValidationError as exc:
-        return error_response(*validation_error_body(exc))
-    except ApiError as exc:
+def failure_response(request: web.Request, failure: Exception) -> web.Response:
+    """Every failure as JSON: field path, what was sent, what is allowed. Re-raises an HTTPException below 400
+    (a redirect is an answer, not a failure)."""
+    if isinstance(failure, ValidationError):
+        return error_response(*validation_error_body(failure))
+    if isinstance(failure, ApiError):
         headers = (
-            {"Retry-After": str(max(1, round(float(str(exc.extra["retry_after_s"])))))}
-            if "retry_after_s" in exc.extra
+            {"Retry-After": str(max(1, round(float(str(failure.extra["retry_after_s"])))))}
+            if "retry_after_s" in failure.extra
             else None
         )
-        return error_response(exc.status, api_error_body(exc), headers)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.reason
+        return error_response(failure.status, api_error_body(failure), headers)
+    if isinstance(failure, web.HTTPException):
+        if failure.status < 400:
+            raise failure
+        message = failure.reason
         details: list[ErrorDetail] = []
-        if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        if isinstance(failure, web.HTTPRequestEntityTooLarge):
             limit = request.app[CONFIG].max_body_bytes
             message = f"request body too large: at most {limit} bytes"
             details = [ErrorDetail(field="", message="body too large", allowed=f"at most {limit} bytes")]
-        headers = {key: value for key, value in exc.headers.items() if key.lower() == "allow"}
-        body = ErrorBody(error=f"http_{exc.status}", message=message, details=details)
-        return error_response(exc.status, body, headers)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(
-            500, ErrorBody(error="internal_error", message="internal server error; see the server log")
-        )
+        headers = {key: value for key, value in failure.headers.items() if key.lower() == "allow"}
+        body = ErrorBody(error=f"http_{failure.status}", message=message, details=details)
+        return error_response(failure.status, body, headers)
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=failure)
+    return error_response(500, ErrorBody(error="internal_error", message="internal server error; see the server log"))

@@ -57,7 +57,7 @@ class MetricsService:
         self.values_ingested = 0
         self._writer_ids = SeriesCache()  # touched only by the writer thread
         self._reader_ids = SeriesCache()  # ids only grow, so readers may share one
-        self._series: dict[str, set[tuple[str, str]]] = {}  # each run's (branch, name) series; writer thread only
+        self._series: dict[str, dict[str, set[str]]] = {}  # each run's names per branch; writer thread only
 
     async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
         """Commit a batch (unless its `batch_id` was already stored), then publish it."""
@@ -65,9 +65,11 @@ class MetricsService:
         by_branch: dict[str, dict[int, tuple[float, dict[str, float]]]] = {}
         for sample in batch.samples:
             steps = by_branch.setdefault(sample.branch, {})
-            _, values = steps.setdefault(sample.step, (sample.time, {}))
-            for key, value in sample.values.items():
-                values.setdefault(key, value)  # the first value of a step wins, within a batch as across them
+            known = steps.get(sample.step)
+            if known is None:
+                steps[sample.step] = (sample.time, sample.values)
+            else:  # the first value of a step wins, within a batch as across them
+                steps[sample.step] = (known[0], sample.values | known[1])
 
         def write(db: Db, emit: Emitter) -> int | None:
             if batch.batch_id is not None:
@@ -108,22 +110,31 @@ class MetricsService:
                 "WHERE s.run_id = ?",
                 (run_id,),
             )
-            known = self._series[run_id] = {(branch, key) for branch, key in rows}
-        new = {(sample.branch, key) for sample in batch.samples for key in sample.values} - known
-        if not new:
+            known = self._series[run_id] = {}
+            for branch, key in rows:
+                known.setdefault(branch, set()).add(key)
+        new = [
+            sample
+            for sample in batch.samples
+            if sample.branch not in known or not sample.values.keys() <= known[sample.branch]
+        ]
+        if not new:  # the steady case: keys the run already has, checked as one subset test per sample
             return
-        every = known | new
+        every = {branch: set(keys) for branch, keys in known.items()}
+        for sample in new:
+            every.setdefault(sample.branch, set()).update(sample.values)
+        names = set().union(*every.values())
         for what, count, limit, field in (
-            ("metric names", len({key for _, key in every}), MAX_METRIC_NAMES, "samples.values"),
-            ("branches", len({branch for branch, _ in every}), MAX_BRANCHES, "samples.branch"),
-            ("series (branch, name)", len(every), MAX_METRIC_SERIES, "samples.values"),
+            ("metric names", len(names), MAX_METRIC_NAMES, "samples.values"),
+            ("branches", len(every), MAX_BRANCHES, "samples.branch"),
+            ("series (branch, name)", sum(len(keys) for keys in every.values()), MAX_METRIC_SERIES, "samples.values"),
         ):
             if count > limit:
                 raise TooManyMetrics(
                     f"this batch would give run {run_id} {count} {what}; a run may have at most {limit}",
                     details=[ErrorDetail(field=field, message=f"too many {what}", allowed=f"at most {limit} per run")],
                 )
-        known |= new
+        self._series[run_id] = every
 
     async def history(
         self, run_id: str, *, keys: Iterable[str], branch: str, since_step: int, max_points: int | None

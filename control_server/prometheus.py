@@ -204,10 +204,24 @@ class Exposition:
             "Websocket clients closed for reading too slowly.",
             registry=self.registry,
         )
+        self._request_counts: dict[tuple[str, str, int], Counter] = {}
+        self._request_timers: dict[str, Histogram] = {}
         self.step_times: dict[str, StepTimes] = {}
         self.registry.register(_LiveState(self))
         commands.listeners.append(self._count_command)
         events.listeners.append(self._observe_steps)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request and time it; each label set's children are looked up once (`labels()`
+        validates and locks, which cost more than the count itself on the hot routes)."""
+        counter = self._request_counts.get((method, route, status))
+        if counter is None:
+            counter = self._request_counts[(method, route, status)] = self.requests.labels(method, route, str(status))
+        counter.inc()
+        timer = self._request_timers.get(route)
+        if timer is None:
+            timer = self._request_timers[route] = self.request_seconds.labels(route)
+        timer.observe(seconds)
 
     def visible_runs(self) -> dict[str, RunInfo]:
         """Runs still shown: live ones, and ended or lost ones for `finished_run_ttl_s` after they ended."""

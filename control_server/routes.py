@@ -69,10 +69,18 @@ def check_handlers(handlers: Mapping[str, Handler]) -> None:
         )
 
 
+HOT_ROUTES = ("push_metrics", "next_commands", "report_result")
+"""What every trainer calls all the time: registered first, because the router tries the routes under `/runs/` in
+the order they were added (a coroutine and a regular expression each) until one matches."""
+
+
 def add_routes(app: web.Application, handlers: Mapping[str, Handler] = HANDLERS) -> None:
-    """Serve every route of the protocol's table (GETs answer HEAD too) with its handler."""
+    """Serve every route of the protocol's table (GETs answer HEAD too) with its handler, the paths of HOT_ROUTES
+    first (no two paths of the table match the same URL, except `commands/next`, which stays before
+    `commands/{command_id}`)."""
     check_handlers(handlers)
-    for route in ROUTES:
+    hot = [ROUTE[name].path for name in HOT_ROUTES]
+    for route in sorted(ROUTES, key=lambda route: hot.index(route.path) if route.path in hot else len(hot)):
         if route.method == "GET":
             app.router.add_get(route.path, handlers[route.name])
         else:

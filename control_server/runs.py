@@ -259,14 +259,23 @@ class RunRegistry:
     async def note_step(self, run_id: str, branch: str, step: int) -> None:
         """Remember the newest step seen in metrics (the run row is written at the next heartbeat).
 
-        Under the run's lock: a heartbeat holds it across its commit, and would otherwise put back its older step.
+        Under the run's lock when a heartbeat holds it across its commit (it would otherwise put back its older
+        step); when nobody holds it, the update runs at once, as one step of the event loop (a waiter reads the run
+        afresh once it has the lock).
         """
-        async with self._lock(run_id):
-            run = self.runs.get(run_id)
-            if run is not None and (step > run.step or branch != run.branch):
-                branches = run.branches if branch in run.branches else [*run.branches, branch]
-                self.runs[run_id] = run.model_copy(update={"step": step, "branch": branch, "branches": branches})
-            self._last_seen[run_id] = time.time()
+        lock = self._locks.get(run_id)
+        if lock is not None and lock.locked():
+            async with lock:
+                self._note_step(run_id, branch, step)
+        else:
+            self._note_step(run_id, branch, step)
+
+    def _note_step(self, run_id: str, branch: str, step: int) -> None:
+        run = self.runs.get(run_id)
+        if run is not None and (step > run.step or branch != run.branch):
+            branches = run.branches if branch in run.branches else [*run.branches, branch]
+            self.runs[run_id] = run.model_copy(update={"step": step, "branch": branch, "branches": branches})
+        self._last_seen[run_id] = time.time()
 
     async def check_liveness(self) -> None:
         """Mark runs whose trainer stopped heartbeating (to any server sharing the store) as lost."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,8 @@ class SeriesCache:
     series: dict[tuple[str, str], int] = field(default_factory=dict)
     keysets: dict[tuple[str, ...], int] = field(default_factory=dict)
     keyset_names: dict[int, tuple[str, ...]] = field(default_factory=dict)
-    series_keys: set[tuple[int, str]] = field(default_factory=set)
+    series_keys: dict[int, set[str]] = field(default_factory=dict)
+    packers: dict[tuple[str, ...], Callable[[Mapping[str, float]], bytes]] = field(default_factory=dict)
 
     def series_id(self, db: Db, run_id: str, branch: str) -> int:
         """The id of a run's branch, created on first use."""
@@ -104,15 +106,28 @@ class SeriesCache:
 
     def note_keys(self, db: Db, series_id: int, keys: Iterable[str]) -> None:
         """Record which keys a series has (what a history query without `keys` returns)."""
-        new = [(series_id, key) for key in keys if (series_id, key) not in self.series_keys]
+        known = self.series_keys.setdefault(series_id, set())
+        new = [(series_id, key) for key in keys if key not in known]
         if new:
             db.executemany("INSERT INTO metric_series_keys VALUES (?, ?) ON CONFLICT DO NOTHING", new)
-            self.series_keys.update(new)
+            known.update(key for _, key in new)
+
+    def packer(self, keys: tuple[str, ...]) -> Callable[[Mapping[str, float]], bytes]:
+        """Packs a step's values in keyset order as float64s; the struct and key lookup are built once per keyset
+        (every step of a run uses one)."""
+        found = self.packers.get(keys)
+        if found is None:
+            found = self.packers[keys] = _packer(keys)
+        return found
 
 
-def pack_values(values: Mapping[str, float], keys: tuple[str, ...]) -> bytes:
-    """The values in keyset order as float64s."""
-    return struct.pack(f"<{len(keys)}d", *(values[key] for key in keys))
+def _packer(keys: tuple[str, ...]) -> Callable[[Mapping[str, float]], bytes]:
+    if not keys:  # a step with no values (allowed: `values` may be empty)
+        return lambda values: b""
+    pack, pick = struct.Struct(f"<{len(keys)}d").pack, operator.itemgetter(*keys)
+    if len(keys) == 1:
+        return lambda values: pack(pick(values))
+    return lambda values: pack(*pick(values))
 
 
 def unpack_values(packed: bytes, keys: tuple[str, ...]) -> dict[str, float]:
@@ -165,7 +180,7 @@ def insert_steps(
         old = existing.get(step)
         if old is None:
             keys = tuple(sorted(values))
-            inserts.append((series_id, step, time, cache.keyset_id(db, keys), pack_values(values, keys)))
+            inserts.append((series_id, step, time, cache.keyset_id(db, keys), cache.packer(keys)(values)))
             stored += len(values)
         else:
             fresh = {key: value for key, value in values.items() if key not in old[1]}
@@ -173,7 +188,7 @@ def insert_steps(
                 continue
             merged = old[1] | fresh
             keys = tuple(sorted(merged))
-            updates.append((cache.keyset_id(db, keys), pack_values(merged, keys), series_id, step))
+            updates.append((cache.keyset_id(db, keys), cache.packer(keys)(merged), series_id, step))
             stored += len(fresh)
         changed.append(step)
     if inserts:
@@ -197,6 +212,8 @@ def _roll_up(
         dirty = {step >> shift for step in changed if step >> shift < open_bucket}
         if previous_max is not None and previous_max >> shift < open_bucket:
             dirty.add(previous_max >> shift)
+        if not dirty:  # nothing closed at this width, so nothing at any wider one (most writes stop here)
+            return
         rows = []
         for bucket in sorted(dirty):
             merged = _children(db, cache, series_id, below, bucket << shift, (bucket + 1) << shift)

@@ -172,7 +172,9 @@ def test_health_on_fully_shard_parameters_measures_and_clips_as_on_plain_ones(tm
             health.begin_step(1)
             health.before_optimizer_step(max_norm=0.05)
             grads = [p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for p in model.parameters()]
-            assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) == pytest.approx(0.05, rel=1e-4)
+            assert float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) == pytest.approx(
+                0.05, rel=1e-4
+            )
             optimizer.step()
             health.after_optimizer_step()
             values.append(health.end_step())

@@ -59,3 +59,18 @@ def test_since_step_returns_only_later_points(client: Client, run_with_history) 
     run_id, _ = run_with_history
     history = client.metrics_history(run_id, keys=["loss"], since_step=5990)
     assert history.series["loss"].steps == list(range(5990, STEPS))
+
+
+def test_steps_without_values_or_with_one_and_repeated_steps_keep_the_first_value(client: Client) -> None:
+    """A sample may carry no values, one, or many; a step sent twice in one batch keeps each key's first value."""
+    run_id = client.register_run(RunRegistration(name="shapes")).run_id
+    samples = [
+        MetricsSample(step=0, time=1.0, values={}),
+        MetricsSample(step=1, time=1.0, values={"loss": 1.5}),
+        MetricsSample(step=2, time=1.0, values={"loss": 2.5, "lr": 0.1}),
+        MetricsSample(step=2, time=1.0, values={"loss": 9.0, "grad_norm": 3.0}),
+    ]
+    assert client.push_metrics(run_id, MetricsBatch(samples=samples)).stored_values == 4
+    series = client.metrics_history(run_id).series
+    assert series["loss"].steps == [1, 2] and series["loss"].values == [1.5, 2.5]
+    assert series["lr"].values == [0.1] and series["grad_norm"].values == [3.0]
