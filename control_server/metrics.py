@@ -55,9 +55,15 @@ class MetricsService:
         """The newest value of every metric per (run_id, branch)."""
         self.latest_nonfinite: dict[tuple[str, str], list[str]] = {}
         self.values_ingested = 0
-        self._writer_ids = SeriesCache()  # touched only by the writer thread
+        self._writer_ids = SeriesCache(lock_names=store.lock_names)  # touched only by the writer thread
         self._reader_ids = SeriesCache()  # ids only grow, so readers may share one
         self._series: dict[str, dict[str, set[str]]] = {}  # each run's names per branch; writer thread only
+        store.on_rollback(self._forget_uncommitted)
+
+    def _forget_uncommitted(self) -> None:
+        """In the writer thread, after writes were undone: what the writer cached may name rows never committed."""
+        self._writer_ids.forget_ids()
+        self._series.clear()
 
     async def ingest(self, run_id: str, batch: MetricsBatch) -> MetricsAck:
         """Commit a batch (unless its `batch_id` was already stored), then publish it."""

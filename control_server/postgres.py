@@ -65,6 +65,9 @@ SCHEMA = (
     "RETURN QUERY SELECT nextval('runsteer_event_ids') FROM generate_series(1, ids); END $$;"
 )
 
+NAMES_LOCK = 0x72756E7374656573
+"""Advisory lock key held by a transaction creating metric keysets, which every run shares: with the run locks
+taken at a group's start, it is the only lock a group waits for afterwards, so no cycle forms."""
 MIGRATION_LOCK = 0x72756E7374656572
 """Advisory lock key ("runsteer") held while a server brings the schema up to date (two may start at once)."""
 CHANNEL = "runsteer"
@@ -154,6 +157,10 @@ class PostgresStore(GroupWriter):
         if runs:
             rows = db.execute("SELECT runsteer_start_group(?::text[], ?::int)", (runs, self._id_block)).fetchall()
             self._ids.extend(sorted(int(row[0]) for row in rows))
+
+    def lock_names(self, db: Db) -> None:
+        """Take NAMES_LOCK until the group commits (again within one group: PostgreSQL counts, nothing waits)."""
+        db.execute("SELECT pg_advisory_xact_lock(?)", (NAMES_LOCK,)).fetchall()
 
     def event_ids(self, db: Db, count: int) -> list[int]:
         """`count` ids from the database's sequence, drawn a block per group: under the group's run locks, so a

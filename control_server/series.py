@@ -70,6 +70,16 @@ class SeriesCache:
     keyset_names: dict[int, tuple[str, ...]] = field(default_factory=dict)
     series_keys: dict[int, set[str]] = field(default_factory=dict)
     packers: dict[tuple[str, ...], Callable[[Mapping[str, float]], bytes]] = field(default_factory=dict)
+    lock_names: Callable[[Db], None] = lambda db: None
+    """Called before creating a keyset, which every run shares (`Store.lock_names`)."""
+
+    def forget_ids(self) -> None:
+        """Drop every id (kept: the packers, which follow from key names alone): after a rollback some may name
+        rows that were never committed; the next batches look them up again."""
+        self.series.clear()
+        self.keysets.clear()
+        self.keyset_names.clear()
+        self.series_keys.clear()
 
     def series_id(self, db: Db, run_id: str, branch: str) -> int:
         """The id of a run's branch, created on first use."""
@@ -88,6 +98,7 @@ class SeriesCache:
         found = self.keysets.get(keys)
         if found is None:
             text = json.dumps(keys)
+            self.lock_names(db)
             db.execute("INSERT INTO metric_keysets (keys) VALUES (?) ON CONFLICT DO NOTHING", (text,))
             found = int(db.execute("SELECT keyset_id FROM metric_keysets WHERE keys = ?", (text,)).fetchone()[0])
             self.keysets[keys] = found

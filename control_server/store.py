@@ -86,6 +86,16 @@ class Store(Protocol):
         have been missed (the listening connection was lost and is back)."""
         ...
 
+    def lock_names(self, db: Db) -> None:
+        """Before creating a row every run shares (a keyset of metric names), in the writer's transaction: so two
+        servers creating several such rows never wait on each other in a cycle."""
+        ...
+
+    def on_rollback(self, forget: Callable[[], None]) -> None:
+        """Call `forget` in the writer thread whenever writes are undone (an op's savepoint or a whole group), so
+        what an op cached from its own uncommitted rows is dropped with them."""
+        ...
+
     async def read(self, op: Callable[[Db], Result]) -> Result: ...
 
     def read_now(self, op: Callable[[Db], Result]) -> Result: ...
@@ -210,6 +220,11 @@ class GroupWriter:
         self._writer: threading.Thread | None = None
         self.commits = 0
         self.writes = 0
+        self._forgetters: list[Callable[[], None]] = []
+
+    def on_rollback(self, forget: Callable[[], None]) -> None:
+        """Call `forget` in the writer thread whenever writes are undone (see `Store.on_rollback`)."""
+        self._forgetters.append(forget)
 
     def start_writer(self) -> None:
         self._writer = threading.Thread(target=self._write_loop, name="runsteer-store-writer")
@@ -240,6 +255,9 @@ class GroupWriter:
 
     def announce(self, db: Db, payload: str) -> None:
         """Nothing to tell: no other server shares this store."""
+
+    def lock_names(self, db: Db) -> None:
+        """Nothing to order: one writer."""
 
     def listen(self, deliver: Callable[[str | None], None]) -> None:
         """Nothing to hear: no other server shares this store."""
@@ -292,12 +310,14 @@ class GroupWriter:
                     db.execute("ROLLBACK TO SAVEPOINT op")
                     db.execute("RELEASE SAVEPOINT op")
                     self.end_op(False)
+                    self._forget_undone()
                     outcomes.append((False, exc))
             self.end_group(db)
             db.execute("COMMIT")
         except self.error as exc:  # the group itself failed: every write in it failed
             log.warning("store group commit failed: %s", exc)
             self._abandon_group()
+            self._forget_undone()
             outcomes = [(False, exc)] * len(batch)
         self.commits += 1
         self.writes += len(batch)
@@ -307,6 +327,10 @@ class GroupWriter:
     def _abandon_group(self) -> None:
         """Roll back what is left of a failed group (or drop a broken connection)."""
         raise NotImplementedError
+
+    def _forget_undone(self) -> None:
+        for forget in self._forgetters:
+            forget()
 
 
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:

@@ -4,13 +4,17 @@ itself, a newer schema is refused, and two stores on one database decide for a r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 
 from control_server.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
+from control_server.series import SeriesCache
 from control_server.store import Db, describe_store
 from tests.postgres import LocalPostgres
 
@@ -128,3 +132,38 @@ def test_the_logged_store_url_hides_the_password() -> None:
         describe_store("postgresql://runsteer:s3cret@db:5432/runsteer") == "postgresql://runsteer:***@db:5432/runsteer"
     )
     assert describe_store("postgresql://runsteer@db/runsteer") == "postgresql://runsteer@db/runsteer"
+
+
+def test_two_stores_creating_shared_keysets_in_opposite_orders_never_deadlock(postgres_cluster: LocalPostgres) -> None:
+    """Keysets belong to no run, so no run lock orders their creation; without `lock_names` these two groups wait
+    on each other's uncommitted rows and PostgreSQL aborts one."""
+    url = postgres_cluster.create_database("pg_names")
+    stores = [PostgresStore(url), PostgresStore(url)]
+    for store in stores:
+        store.open()
+    both_started = threading.Barrier(2)
+
+    def create(store: PostgresStore, order: list[tuple[str, ...]]) -> Callable[[Db], list[int]]:
+        cache = SeriesCache(lock_names=store.lock_names)
+
+        def op(db: Db) -> list[int]:
+            first = cache.keyset_id(db, order[0])
+            with contextlib.suppress(threading.BrokenBarrierError):  # broken: the other store waits for the lock
+                both_started.wait(timeout=1)
+            time.sleep(0.2)  # the other store is now inside its transaction too
+            return [first, cache.keyset_id(db, order[1])]
+
+        return op
+
+    orders = ([("a",), ("b",)], [("b",), ("a",)])
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(
+                lambda pair: asyncio.run(pair[0].write(create(*pair))), zip(stores, orders, strict=True)
+            )
+    finally:
+        for store in stores:
+            store.close()
+    assert first == second[::-1]
+    with psycopg.connect(url) as db:
+        assert db.execute("SELECT COUNT(*) FROM metric_keysets").fetchone() == (2,)
