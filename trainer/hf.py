@@ -69,6 +69,10 @@ class SteerCallback(SteeredCallback, TrainerCallback):
     _args: TrainingArguments | None = None
     _evaluate_requested = False
     _hook: torch.utils.hooks.RemovableHandle | None = None
+    _logged_at = 0
+    """`global_step` at HF's last training log (HF divides the summed loss by the steps since, by `global_step`)."""
+    _trained_since_log = 0
+    """Optimizer steps actually taken since that log: more than `global_step` says once a rollback moved it back."""
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -92,6 +96,7 @@ class SteerCallback(SteeredCallback, TrainerCallback):
                 "learning_rate": args.learning_rate,
             },
         )
+        self._logged_at, self._trained_since_log = state.global_step, 0
         self._hook = model.register_forward_hook(self._capture_loss)
         if self.run.health is not None:
             self.run.health.watch_output(model)
@@ -118,6 +123,7 @@ class SteerCallback(SteeredCallback, TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Record the step just done, then apply commands at the boundary before the next one."""
+        self._trained_since_log += 1
         boundary = self.run.end_step(state.global_step)
         if boundary is not None:
             self._follow(boundary, args, state, control)
@@ -130,8 +136,17 @@ class SteerCallback(SteeredCallback, TrainerCallback):
         logs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Record HF's logs: evaluation values at the boundary's step, training values at the step just done."""
+        """Record HF's logs: evaluation values at the boundary's step, training values at the step just done.
+
+        After a rollback HF's `loss` divides the loss summed over every step trained since its last log by the
+        steps `global_step` advanced, which the rollback made fewer; `hf/loss` is divided by the steps trained.
+        """
         values = log_values(logs or {})
+        if "hf/loss" in values:
+            counted = state.global_step - self._logged_at
+            if counted > 0 and self._trained_since_log > 0 and counted != self._trained_since_log:
+                values["hf/loss"] *= counted / self._trained_since_log
+            self._logged_at, self._trained_since_log = state.global_step, 0
         evaluation = {k: v for k, v in values.items() if k.startswith("eval_")}
         self.run.record(state.global_step, evaluation)
         self.run.record(max(0, state.global_step - 1), {k: v for k, v in values.items() if k not in evaluation})
