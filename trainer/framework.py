@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.health import Health
+from trainer.health import LOGIT_EVERY, Health
 from trainer.io import Transport
 from trainer.live import Evaluator, Sampler
 from trainer.steer import Steer, SteerConfig, StopTraining
@@ -45,7 +45,7 @@ class FrameworkSteer:
         config: SteerConfig | None,
         transport_factory: Callable[[], Transport] | None,
         health: bool,
-        logit_every: int = 10,
+        logit_every: int = LOGIT_EVERY,
     ) -> None:
         self.server = server
         self.measure_health = health
@@ -158,7 +158,7 @@ class SteeredCallback:
         config: SteerConfig | None = None,
         transport_factory: Callable[[], Transport] | None = None,
         health: bool = True,
-        logit_every: int = 10,
+        logit_every: int = LOGIT_EVERY,
     ) -> None:
         """`sampler` is the `DomainMixture` the framework reads (for `set_data_mix`); `config` defaults to checkpoints
         under the framework's output directory in `runsteer/` and a snapshot every 25 steps; `health=False` records

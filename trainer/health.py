@@ -169,6 +169,12 @@ class _AttentionLogits(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+ATTENTION_EVERY = 10
+"""Default steps between attention-logit measurements (hooks attached on those steps only)."""
+LOGIT_EVERY = 10
+"""Default steps between output-logit statistics (a log Z costs an exponential per logit)."""
+
+
 class Health:
     """Per-step health metrics of a model and its optimizer, gathered on the device and read back once a step."""
 
@@ -176,8 +182,8 @@ class Health:
         self,
         model: nn.Module,
         *,
-        attention_every: int = 10,
-        logit_every: int = 10,
+        attention_every: int = ATTENTION_EVERY,
+        logit_every: int = LOGIT_EVERY,
         track_updates: bool = True,
         blocks: Blocks | None = None,
     ) -> None:
