@@ -192,13 +192,11 @@ class Steer:
         if live.stopped:
             raise StopTraining(f"stopped by command at step {live.step}")
         live.apply_schedule()
-        step, config = live.step, self.config
-        if (
-            step == 0
-            or (config.snapshot_every and step % config.snapshot_every == 0)
-            or (config.checkpoint_every and step % config.checkpoint_every == 0)
-        ):
-            self._periodic_checkpoints()
+        step = live.step
+        to_disk = self._periodic_checkpoint_due(step)
+        if to_disk is not None and (live.branch, step) != self._last_periodic:
+            self._last_periodic = (live.branch, step)
+            live.save_checkpoint(to_disk=to_disk)
         if self.health is not None:
             self.health.begin_step(step)
         return step
@@ -402,19 +400,19 @@ class Steer:
     def _emit(self, item: OutItem) -> None:
         self.io.outbox.put(item)
 
-    def _periodic_checkpoints(self) -> None:
-        """At a step due for a periodic snapshot or file (step 0, or a multiple of either interval), once."""
-        live = self.live
-        if (live.branch, live.step) == self._last_periodic:
-            return
-        if not (self.config.snapshot_every or self.config.checkpoint_every):
-            return
-        self._last_periodic = (live.branch, live.step)
-        if live.step == 0:
-            # Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first
-            # periodic snapshot (a learning rate far too high does its damage during warm-up).
-            live.save_checkpoint(to_disk=False)
-        elif self.config.checkpoint_every and live.step % self.config.checkpoint_every == 0:
-            live.save_checkpoint(to_disk=True)
-        elif self.config.snapshot_every and live.step % self.config.snapshot_every == 0:
-            live.save_checkpoint(to_disk=False)
+    def _periodic_checkpoint_due(self, step: int) -> bool | None:
+        """Whether `step` is due for a periodic file (True) or in-memory snapshot (False), or neither (None).
+
+        Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first periodic
+        snapshot (a learning rate far too high does its damage during warm-up).
+        """
+        config = self.config
+        if not (config.snapshot_every or config.checkpoint_every):
+            return None
+        if step == 0:
+            return False
+        if config.checkpoint_every and step % config.checkpoint_every == 0:
+            return True
+        if config.snapshot_every and step % config.snapshot_every == 0:
+            return False
+        return None
