@@ -24,8 +24,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -36,7 +34,7 @@ from transformers import (
 from protocols.client import Client
 from tests.distributed.sharding import Script
 from tests.distributed.worker import FAST_IO
-from tests.trainer.frameworks import BLOCK, byte_domains
+from tests.trainer.frameworks import byte_domains, tiny_gpt2
 from trainer.hf import SteerCallback, unwrap_optimizer
 from trainer.steer import SteerConfig
 
@@ -66,10 +64,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-    )
-    model = GPT2LMHeadModel(config)
+    model = tiny_gpt2()
     steering = SteerCallback(
         server=args.server,
         config=SteerConfig(

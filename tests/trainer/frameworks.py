@@ -32,6 +32,15 @@ def byte_domains() -> dict[str, list[dict[str, torch.Tensor]]]:
     return {"prose": _blocks(prose.encode()), "sums": _blocks(sums.encode())}
 
 
+def tiny_gpt2() -> Any:
+    """A 2-layer GPT-2 of width 32 over bytes, built from its config (transformers imported only by the HF tests)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
+
+
 def mixture(batch_size: int) -> DomainMixture[dict[str, torch.Tensor]]:
     """The two byte domains, equally weighted."""
     return DomainMixture(byte_domains(), batch_size=batch_size, seed=0)

@@ -16,7 +16,6 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import (
-    GPT2Config,
     GPT2LMHeadModel,
     Trainer,
     TrainerCallback,
@@ -30,13 +29,13 @@ from protocols.client import Client
 from protocols.errors import RequestRejected
 from tests.trainer.conftest import FAST_IO
 from tests.trainer.frameworks import (
-    BLOCK,
     Script,
     built_and_closed,
     byte_domains,
     metrics_of,
     mixture,
     resume_after_a_heartbeat,
+    tiny_gpt2,
 )
 from trainer.hf import SteerCallback
 from trainer.mixture import DomainMixture
@@ -68,11 +67,7 @@ class Setup:
         health: bool = True,
     ) -> None:
         torch.manual_seed(0)
-        self.model = GPT2LMHeadModel(
-            GPT2Config(
-                vocab_size=256, n_positions=BLOCK, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
-            )
-        )
+        self.model: GPT2LMHeadModel = tiny_gpt2()
         self.data: DomainMixture[dict[str, torch.Tensor]] = mixture(batch_size=4)
         config = SteerConfig(run_name="hf", checkpoint_dir=tmp_path / "ck", snapshot_every=2, io=FAST_IO)
         self.callback = SteerCallback(server=server_url, sampler=self.data, config=config, health=health)
