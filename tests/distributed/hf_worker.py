@@ -12,12 +12,8 @@ Accelerate offers FSDP only on accelerators: on the CPU it drops the plugin and 
 
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 from typing import Any
-
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -32,11 +28,9 @@ from transformers import (
 )
 
 from protocols.client import Client
-from tests.distributed.sharding import Script
-from tests.distributed.worker import FAST_IO
+from tests.distributed.sharding import Script, start_worker
 from tests.trainer.frameworks import byte_domains, tiny_gpt2
 from trainer.hf import SteerCallback, unwrap_optimizer
-from trainer.steer import SteerConfig
 
 
 class Follow(TrainerCallback):
@@ -56,29 +50,16 @@ class Follow(TrainerCallback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--fsdp", action="store_true", help="Accelerate's FSDP2 plugin instead of DDP")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    torch.manual_seed(0)
+    args = start_worker("Accelerate's FSDP2 plugin")
     model = tiny_gpt2()
-    steering = SteerCallback(
-        server=args.server,
-        config=SteerConfig(
-            run_name="hf-fsdp" if args.fsdp else "hf-ddp", checkpoint_dir=args.out / "ck", ring_size=1,
-            snapshot_every=2, io=FAST_IO,
-        ),
-    )  # fmt: skip
+    steering = SteerCallback(server=args.server, config=args.steer_config("hf"))
     sharding: dict[str, Any] = (
         {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
         if args.fsdp
         else {}
     )
     training = TrainingArguments(
-        output_dir=str(args.out / "hf"), max_steps=6 if args.fsdp else 5, per_device_train_batch_size=4,
+        output_dir=str(args.out / "hf"), max_steps=args.max_steps, per_device_train_batch_size=4,
         learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=True, disable_tqdm=True, ddp_backend="gloo", seed=0, max_grad_norm=100.0, **sharding,
     )  # fmt: skip
@@ -86,7 +67,7 @@ def main() -> None:
     if args.fsdp:
         PartialState().distributed_type = DistributedType.MULTI_GPU
     with Client(args.server) as client:
-        script = Script(client, rank, sharded=args.fsdp)
+        script = Script(client, args.rank, sharded=args.fsdp)
         trainer = Trainer(
             model=model,
             args=training,

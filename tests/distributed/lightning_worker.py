@@ -8,9 +8,6 @@ learning rates, the commands' results and (FSDP2) its captures and gradient norm
 
 from __future__ import annotations
 
-import argparse
-import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,11 +19,9 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from protocols.client import Client
-from tests.distributed.sharding import Script
-from tests.distributed.worker import FAST_IO
+from tests.distributed.sharding import Script, start_worker
 from tests.trainer.frameworks import byte_domains
 from trainer.lightning import SteerCallback
-from trainer.steer import SteerConfig
 
 
 class ByteLM(L.LightningModule):
@@ -69,29 +64,16 @@ class Follow(L.Callback):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--fsdp", action="store_true", help="ModelParallelStrategy with fully_shard instead of DDP")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
-    torch.manual_seed(0)
+    args = start_worker("ModelParallelStrategy with fully_shard")
     module = ByteLM(sharded=args.fsdp)
-    steering = SteerCallback(
-        server=args.server,
-        config=SteerConfig(
-            run_name="lightning-fsdp" if args.fsdp else "lightning-ddp", checkpoint_dir=args.out / "ck",
-            ring_size=1, snapshot_every=2, io=FAST_IO,
-        ),
-    )  # fmt: skip
+    steering = SteerCallback(server=args.server, config=args.steer_config("lightning"))
     strategy: Strategy | str = (
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.fsdp else "ddp"
     )
     with Client(args.server) as client:
-        script = Script(client, rank, sharded=args.fsdp)
+        script = Script(client, args.rank, sharded=args.fsdp)
         trainer = L.Trainer(
-            max_steps=6 if args.fsdp else 5, accelerator="cpu", devices=2, strategy=strategy, logger=False,
+            max_steps=args.max_steps, accelerator="cpu", devices=2, strategy=strategy, logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             default_root_dir=str(args.out), callbacks=[steering, Follow(steering, script)],
         )  # fmt: skip

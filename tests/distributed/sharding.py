@@ -3,6 +3,9 @@ step's global gradient norm, parameter norm and update ratio (collectives every 
 
 from __future__ import annotations
 
+import argparse
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +14,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
-from tests.distributed.worker import deliver
-from trainer.steer import Steer
+from tests.distributed.worker import FAST_IO, deliver
+from trainer.steer import Steer, SteerConfig
 
 FSDP_PLAN: dict[int, list[dict[str, Any]]] = {
     2: [{"type": "set_hparams", "lr": 5e-4}, {"type": "save_checkpoint", "tag": "sharded"}],
@@ -26,6 +29,40 @@ DCP directory), and at the seventh a rollback to the new branch's step-4 snapsho
 CAPTURED = (3, 5, 6, 7)
 """The boundaries after which the FSDP2 workers keep the full state: each checkpoint taken and the rollback to it."""
 DDP_PLAN: dict[int, list[dict[str, Any]]] = {2: [{"type": "set_hparams", "lr": 5e-4}]}
+
+
+@dataclass(frozen=True)
+class Worker:
+    """A framework worker's command line and rank, and what follows from them."""
+
+    server: str
+    out: Path
+    fsdp: bool
+    rank: int
+
+    @property
+    def max_steps(self) -> int:
+        """One step past the FSDP2 plan's last rollback; the DDP plan needs fewer."""
+        return 6 if self.fsdp else 5
+
+    def steer_config(self, framework: str) -> SteerConfig:
+        """Checkpoints under `--out`, a one-snapshot ring, a snapshot every 2 steps, fast I/O."""
+        return SteerConfig(
+            run_name=f"{framework}-{'fsdp' if self.fsdp else 'ddp'}", checkpoint_dir=self.out / "ck", ring_size=1,
+            snapshot_every=2, io=FAST_IO,
+        )  # fmt: skip
+
+
+def start_worker(fsdp_means: str) -> Worker:
+    """Parse `--server`, `--out` and `--fsdp` (described by `fsdp_means`), then seed and use one thread per rank."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fsdp", action="store_true", help=f"{fsdp_means} instead of DDP")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return Worker(args.server, args.out, args.fsdp, int(os.environ["RANK"]))
 
 
 def full(state: Any) -> Any:
