@@ -199,18 +199,6 @@ def _as_scalar(value: Tensor) -> Tensor:
     return value.detach().float().reshape(())
 
 
-def split_nonfinite(values: dict[str, float]) -> tuple[dict[str, float], list[str]]:
-    """Finite values, and the names of those that were NaN or infinite (JSON cannot carry them)."""
-    finite: dict[str, float] = {}
-    bad: list[str] = []
-    for name, value in values.items():
-        if math.isfinite(value):
-            finite[name] = value
-        else:
-            bad.append(name)
-    return finite, bad
-
-
 def all_finite(values: dict[str, float]) -> bool:
     """True when no value is NaN or infinite: one test on the sum, which is finite whenever every value is (each value
     is tested only when it is not, or when the sum overflowed)."""
