@@ -81,9 +81,8 @@ async def serve_middleware(request: web.Request, handler: Handler) -> web.Stream
     else:
         try:
             run_id = request.match_info.get("run_id")
-            if run_id is not None:
-                # Another server sharing the store may have just registered it: learn it before auth asks.
-                await request.app[RUNS].catch_up(run_id)
+            if run_id is not None and request.app[RUNS].unheard_of(run_id):
+                await request.app[RUNS].catch_up(run_id)  # learnt before auth asks the registry for it
             authorize(request)
             response = await handler(request)
         except Exception as failure:

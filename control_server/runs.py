@@ -132,9 +132,13 @@ class RunRegistry:
             )
         return run
 
+    def unheard_of(self, run_id: str) -> bool:
+        """True for a run this server does not know but another server sharing the store may have registered."""
+        return self.store.shared and run_id not in self.runs
+
     async def catch_up(self, run_id: str) -> None:
-        """Learn a run from the store that this server has not heard of yet (only another server's can be one)."""
-        if self.store.shared and run_id not in self.runs:
+        """Learn a run from the store that this server has not heard of yet (see `unheard_of`)."""
+        if self.unheard_of(run_id):
             run = await self.store.read(lambda db: _stored_run(db, run_id))
             if run is not None and run_id not in self.runs:
                 self._remember(run)
