@@ -17,5 +17,6 @@ figures() {
 }
 figures benchmarks.trainer_overhead --preset gpu-small --device cuda --steps 150
 figures benchmarks.distributed_overhead --preset gpu-small --device cuda --nproc-per-node "$gpus" --steps 100
+figures benchmarks.trainer_commands --preset gpu-small --device cuda --commands 100
 figures benchmarks.trainer_rollback --preset gpu-small --device cuda --repeats 10
 figures benchmarks.hf_lightning_overhead --device cuda --rounds 2 --steps 60 --latency-steps 200
