@@ -1,13 +1,14 @@
-"""The per-step health metrics, computed with fused kernels and one host-device sync per step.
+"""The per-step health metrics, computed with fused kernels and read back in one transfer per step.
 
-Every value is gathered as a 0-d device tensor and read back with a single `tolist()` at the end of the
-step, so that on CUDA the training thread waits on the device once, not once per metric.
+Every value is gathered as a 0-d device tensor and brought to the host in a single copy at the end of the step,
+so that on CUDA the training thread waits on the device at most once, not once per metric (`HostValues` does not
+wait at all: its copy runs behind the step's kernels and is read a step later).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, TypeGuard
@@ -181,7 +182,7 @@ def read_scalars(
     domain_counts: Tensor | None = None,
 ) -> dict[str, float]:
     """Bring every device value to the host at once (one sync); `loss/<domain>` for domains in the batch."""
-    stacked = torch.stack([_as_scalar(value) for value in scalars.values()])
+    stacked = _stacked(scalars)
     if domains and domain_sums is not None and domain_counts is not None:
         stacked = torch.cat([stacked, domain_sums.float(), domain_counts.float()])
     flat = stacked.tolist()
@@ -190,6 +191,49 @@ def read_scalars(
         sums, counts = flat[len(scalars) : len(scalars) + len(domains)], flat[len(scalars) + len(domains) :]
         values.update({f"loss/{name}": s / c for name, s, c in zip(domains, sums, counts, strict=True) if c > 0})
     return values
+
+
+class HostValues:
+    """A step's device scalars (and floats) on their way to the host in one transfer. On CUDA the copy is queued
+    behind the step's kernels into pinned memory, so gathering them does not wait for the GPU; `read` waits only
+    for a copy that has not landed yet (a step later it has, and the loop never stalls on the device)."""
+
+    def __init__(
+        self,
+        scalars: dict[str, Tensor],
+        floats: dict[str, float],
+        then: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.names = list(scalars)
+        self.floats = floats
+        self.then = then
+        """Called on the values once read (e.g. to add flags computed from them)."""
+        self._event: torch.cuda.Event | None = None
+        self._host: Tensor | None = None
+        if scalars:
+            stacked = _stacked(scalars)
+            if stacked.is_cuda:
+                self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                self._host.copy_(stacked, non_blocking=True)
+                self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                self._event.record()
+            else:
+                self._host = stacked
+
+    def read(self) -> dict[str, float]:
+        """The values as floats (the device ones first, then the floats handed over)."""
+        if self._event is not None:
+            self._event.synchronize()
+        values = dict(zip(self.names, self._host.tolist(), strict=True)) if self._host is not None else {}
+        values.update(self.floats)
+        if self.then is not None:
+            self.then(values)
+        return values
+
+
+def _stacked(scalars: dict[str, Tensor]) -> Tensor:
+    """The values as one float32 vector, in the dict's order (one kernel)."""
+    return torch.stack([_as_scalar(value) for value in scalars.values()])
 
 
 def _as_scalar(value: Tensor) -> Tensor:

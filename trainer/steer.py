@@ -40,6 +40,7 @@ from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, 
 from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
+from trainer.metrics import HostValues
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
@@ -142,6 +143,8 @@ class Steer:
         self._unreduced: list[Sample] = []
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
+        self._unread: tuple[int, HostValues] | None = None
+        """In one process, the last step's health values still on their way to the host (see `record_values`)."""
         self.health = health
         """With one, every `record` adds the model's health metrics (trainer/health.py) in the same transfer, and the
         optimizer clips to `grad_clip` by itself (in its step pre-hook)."""
@@ -183,6 +186,7 @@ class Steer:
         live.step = step
         # The common case, nothing fetched and one process, is tested here without a call: this runs every step.
         if self._pending or self.ranks is not None or not self.io.inbox.empty():
+            self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
             self._apply_due(0.0)
         if live.paused:
             wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
@@ -196,38 +200,53 @@ class Steer:
         to_disk = self._periodic_checkpoint_due(step)
         if to_disk is not None and (live.branch, step) != self._last_periodic:
             self._last_periodic = (live.branch, step)
+            self._read_unread()  # a checkpoint is unhealthy if the values before it were not finite
             live.save_checkpoint(to_disk=to_disk)
         if self.health is not None:
             self.health.begin_step(step)
         return step
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
-        """Buffer one step's metrics (a tensor is read with one sync each, or all in one with `health`)."""
+        """Buffer one step's metrics (a tensor is read with one sync each; with `health`, all in one transfer, read
+        a step later)."""
         given = values  # a fresh dict (the keyword arguments), which this call may change
         if loss is not None:
             given["loss"] = loss
+        if "lr" not in given:
+            given["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.health is not None:
-            floats = self.health.end_step(**given)
-        else:
-            # Values that are floats already are left as they are.
-            if set(map(type, given.values())) != _FLOAT_TYPE:
-                for name, value in given.items():
-                    if type(value) is not float:
-                        given[name] = float(value)
-            floats = cast("dict[str, float]", given)
-        if "lr" not in floats:
-            floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
+            self.record_values(step, self.health.finish_step(**given))
+            return
+        self._read_unread()  # samples go out in the order they were recorded (the first value of a step wins)
+        # Values that are floats already are left as they are.
+        if set(map(type, given.values())) != _FLOAT_TYPE:
+            for name, value in given.items():
+                if type(value) is not float:
+                    given[name] = float(value)
+        floats = cast("dict[str, float]", given)
         if self.ranks is not None:
             # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
             self._unreduced.append((step, floats))
             return
         self.live.record(step, floats)
 
+    def record_values(self, step: int, values: HostValues) -> None:
+        """Buffer one step's values gathered by `Health.finish_step`. In one process they are read at the next
+        record, or sooner when a command, a checkpoint or the end needs them: on CUDA their copy has landed by then,
+        so the loop never waits for the GPU to finish a step. Under torchrun they are read now (reduced at the next
+        boundary)."""
+        self._read_unread()
+        if self.ranks is None:
+            self._unread = (step, values)
+        else:
+            self._unreduced.append((step, values.read()))
+
     def close(self, status: str = "finished", message: str = "") -> bool:
         """Mark the run finished (or `status`), send what is queued and stop the I/O threads."""
         if self._closed:
             return True
         self._closed = True
+        self._read_unread()
         if self.ranks is not None and status == "finished":
             try:
                 self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
@@ -269,6 +288,7 @@ class Steer:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
         values recorded since the last boundary are reduced and sent at the next one)."""
+        self._read_unread()
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)
@@ -285,6 +305,7 @@ class Steer:
 
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
         """Snapshot the run now and report it to the server."""
+        self._read_unread()
         return self.live.save_checkpoint(tag, to_disk=to_disk)
 
     # What loops read of the live run
@@ -325,6 +346,13 @@ class Steer:
         return self.live.branches
 
     # Internals
+
+    def _read_unread(self) -> None:
+        """Record the values `record_values` left on their way to the host."""
+        if self._unread is not None:
+            step, values = self._unread
+            self._unread = None
+            self.live.record(step, values.read())
 
     def _take_inbox(self) -> None:
         if self.io.inbox.empty():
