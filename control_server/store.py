@@ -86,6 +86,10 @@ class Store(Protocol):
         have been missed (the listening connection was lost and is back)."""
         ...
 
+    def add_chore(self, chore: Chore) -> None:
+        """Have the writer thread run `chore`'s ops between groups of writes (see `GroupWriter.add_chore`)."""
+        ...
+
     def lock_names(self, db: Db) -> None:
         """Before creating a row every run shares (a keyset of metric names), in the writer's transaction: so two
         servers creating several such rows never wait on each other in a cycle."""
@@ -105,7 +109,7 @@ class Store(Protocol):
         ...
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
 
 SCHEMA_TEMPLATE = """
@@ -172,6 +176,10 @@ CREATE TABLE IF NOT EXISTS metric_rollups (
     packed {blob} NOT NULL,
     PRIMARY KEY (series_id, shift, bucket)
 );
+CREATE TABLE IF NOT EXISTS metric_rollup_marks (
+    series_id {int} PRIMARY KEY,
+    through_step {int} NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metric_batches (
     run_id TEXT NOT NULL,
     batch_id TEXT NOT NULL,
@@ -197,12 +205,21 @@ SCHEMA = SCHEMA_TEMPLATE.format(**SQLITE_TYPES)
 @dataclass
 class _PendingWrite:
     op: Callable[[Any], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any] | None
+    """None for a chore's op: nobody awaits it."""
+    loop: asyncio.AbstractEventLoop | None
     run: str | None
 
 
 _STOP = object()
+
+Chore = Callable[[int], list[tuple[str | None, Callable[[Any], object]]]]
+"""Background work for the writer: called with a count, hands out up to that many ops, each with the run it decides
+for (none when nothing is left to do)."""
+CHORE_OPS = 8
+"""Most ops of a chore in one group of their own (a few milliseconds: a write arriving meanwhile waits that long)."""
+CHORE_EVERY_S = 0.25
+"""Under writes that never pause, chores still get a group this often, so what they have left stays bounded."""
 
 
 class GroupWriter:
@@ -221,6 +238,13 @@ class GroupWriter:
         self.commits = 0
         self.writes = 0
         self._forgetters: list[Callable[[], None]] = []
+        self._chores: list[Chore] = []
+
+    def add_chore(self, chore: Chore) -> None:
+        """Have the writer thread run `chore`'s ops between groups of writes, CHORE_OPS at a time in a group of their
+        own: whenever no write is waiting, and at least every CHORE_EVERY_S. Work that need not delay a commit (rolling
+        up metrics) goes here, in small slices, instead of into the write that made it due."""
+        self._chores.append(chore)
 
     def on_rollback(self, forget: Callable[[], None]) -> None:
         """Call `forget` in the writer thread whenever writes are undone (see `Store.on_rollback`)."""
@@ -274,7 +298,15 @@ class GroupWriter:
 
     def _write_loop(self) -> None:
         stopping = False
+        chores_at = time.monotonic() + CHORE_EVERY_S
         while not stopping:
+            if self._chores and (self._writes.empty() or time.monotonic() >= chores_at):
+                chores_at = time.monotonic() + CHORE_EVERY_S
+                ops = [op for chore in self._chores for op in chore(CHORE_OPS)]
+                if ops:
+                    self._commit_group([_PendingWrite(op, None, None, run) for run, op in ops])
+                    self.after_commit()
+                    continue
             batch: list[_PendingWrite] = []
             item = self._writes.get()
             while True:
@@ -322,7 +354,10 @@ class GroupWriter:
         self.commits += 1
         self.writes += len(batch)
         for pending, (ok, value) in zip(batch, outcomes, strict=True):
-            pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
+            if pending.loop is not None and pending.future is not None:
+                pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
+            elif not ok:
+                log.warning("store chore failed (it is handed out again when due): %s", value)
 
     def _abandon_group(self) -> None:
         """Roll back what is left of a failed group (or drop a broken connection)."""
