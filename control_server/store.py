@@ -399,8 +399,9 @@ for it in SQLite's busy handler (sleeps of 1 to 100 ms), 20-70 ms a restart, abo
 at 1,000 runs."""
 WAL_KEEP_BYTES = 4 * 2**20
 """What the WAL file is truncated to after a restart (a WAL that size is reused, not regrown)."""
-RESTART_BUSY_MS = 200
-"""How long a restart waits for readers before giving up until the next group (commits must not stall)."""
+RESTART_BUSY_MS = 0
+"""How long a restart waits for readers still on old frames: not at all. Every commit waits while it does, and
+readers are short: a restart that finds one is tried again after the next group."""
 
 
 class SqliteStore(GroupWriter):
