@@ -218,8 +218,9 @@ Chore = Callable[[int], list[tuple[str | None, Callable[[Any], object]]]]
 for (none when nothing is left to do)."""
 CHORE_OPS = 8
 """Most ops of a chore in one group of their own (a few milliseconds: a write arriving meanwhile waits that long)."""
-CHORE_EVERY_S = 0.25
-"""Under writes that never pause, chores still get a group this often, so what they have left stays bounded."""
+CHORE_REST = 3.0
+"""After a group of chores, the writer does only writes for this many times as long, so chores take at most a
+quarter of its time (and of the interpreter's lock, which the event loop needs too), whatever their backlog."""
 
 
 class GroupWriter:
@@ -242,8 +243,8 @@ class GroupWriter:
 
     def add_chore(self, chore: Chore) -> None:
         """Have the writer thread run `chore`'s ops between groups of writes, CHORE_OPS at a time in a group of their
-        own: whenever no write is waiting, and at least every CHORE_EVERY_S. Work that need not delay a commit (rolling
-        up metrics) goes here, in small slices, instead of into the write that made it due."""
+        own, at most a quarter of its time (CHORE_REST). Work that need not delay a commit (rolling up metrics) goes
+        here, in small slices spread over time, instead of into the write that made it due."""
         self._chores.append(chore)
 
     def on_rollback(self, forget: Callable[[], None]) -> None:
@@ -298,17 +299,23 @@ class GroupWriter:
 
     def _write_loop(self) -> None:
         stopping = False
-        chores_at = time.monotonic() + CHORE_EVERY_S
+        chores_due = bool(self._chores)  # the first call of a chore may have work left by an earlier server
+        chores_at = 0.0
         while not stopping:
-            if self._chores and (self._writes.empty() or time.monotonic() >= chores_at):
-                chores_at = time.monotonic() + CHORE_EVERY_S
+            if chores_due and time.monotonic() >= chores_at:
                 ops = [op for chore in self._chores for op in chore(CHORE_OPS)]
                 if ops:
+                    started = time.monotonic()
                     self._commit_group([_PendingWrite(op, None, None, run) for run, op in ops])
                     self.after_commit()
+                    chores_at = time.monotonic() + (time.monotonic() - started) * CHORE_REST
                     continue
+                chores_due = False
+            try:
+                item = self._writes.get(timeout=max(0.0, chores_at - time.monotonic()) if chores_due else None)
+            except queue.Empty:
+                continue
             batch: list[_PendingWrite] = []
-            item = self._writes.get()
             while True:
                 if item is _STOP:
                     stopping = True
@@ -324,6 +331,7 @@ class GroupWriter:
             if batch:
                 self._commit_group(batch)
                 self.after_commit()
+                chores_due = bool(self._chores)  # a write may have made some due
         self.close_writer_db()
 
     def _commit_group(self, batch: list[_PendingWrite]) -> None:
