@@ -249,11 +249,12 @@ def rolled_through(db: Db, series_id: int) -> int:
 
 
 MARKS_OF_EAGER_ROLLUPS = (
-    f"INSERT INTO metric_rollup_marks SELECT series_id, (MAX(step) >> {FINEST}) << {FINEST} FROM metric_steps "
-    "GROUP BY series_id ON CONFLICT DO NOTHING"
+    "INSERT INTO metric_rollup_marks SELECT series_id, newest FROM (SELECT series_id, "
+    f"((SELECT MAX(step) FROM metric_steps AS t WHERE t.series_id = s.series_id) >> {FINEST}) << {FINEST} AS newest "
+    "FROM metric_series AS s) AS found WHERE newest IS NOT NULL ON CONFLICT DO NOTHING"
 )
 """The marks of a store whose every closed bucket was rolled up as it closed (schemas before the marks), so it is
-read from its rollups at once."""
+read from its rollups at once (one index lookup per series)."""
 
 
 def roll_up_series(db: Db, cache: SeriesCache, series_id: int) -> bool:

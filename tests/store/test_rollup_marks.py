@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import sqlite3
 import time
 from collections.abc import Callable
 from functools import partial
@@ -187,3 +188,35 @@ def test_the_writer_rolls_up_between_writes_and_what_a_stopped_server_left(tmp_p
             )
     finally:
         fine.close()
+
+
+def test_a_store_rolled_up_as_buckets_closed_opens_with_its_marks(tmp_path: Path) -> None:
+    """A file of schema 3 (every closed bucket stored, no marks) gets the mark of each series' last closed bucket,
+    so its reads come from its rollups."""
+    path = tmp_path / "runsteer.db"
+    store = SqliteStore(path)
+    store.open()
+    try:
+        cache = SeriesCache()
+
+        def fill(db: Db) -> None:
+            for run, last in (("a", 1000), ("b", 15), ("c", 40)):
+                series_id = cache.series_id(db, run, "main")
+                insert_steps(db, cache, series_id, {step: (1.0, {"loss": step / 3}) for step in range(last + 1)})
+                catch_up(db, cache, series_id)
+
+        in_store(store, fill)
+        before = store.read_now(marks)
+    finally:
+        store.close()
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("DROP TABLE metric_rollup_marks")
+    old.execute("PRAGMA user_version = 3")
+    assert old.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'metric_rollup_marks'").fetchone() == (0,)
+    old.close()
+    store = SqliteStore(path)
+    store.open()
+    try:
+        assert store.read_now(marks) == before == {1: (992, 992), 2: (0, 0), 3: (32, 32)}
+    finally:
+        store.close()
