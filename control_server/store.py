@@ -216,7 +216,7 @@ _STOP = object()
 Chore = Callable[[int], list[tuple[str | None, Callable[[Any], object]]]]
 """Background work for the writer: called with a count, hands out up to that many ops, each with the run it decides
 for (none when nothing is left to do)."""
-CHORE_OPS = 8
+CHORE_OPS = 4
 """Most ops of a chore in one group of their own (a few milliseconds: a write arriving meanwhile waits that long)."""
 CHORE_REST = 3.0
 """After a group of chores, the writer does only writes for this many times as long, so chores take at most a
