@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 from benchmarks._common import Server, base_parser, format_ms, load_average, percentiles_ms, register, write_summary
 from benchmarks.ingest import build_batches
-from control_server.series import SeriesCache, insert_steps
+from control_server.series import SeriesCache, catch_up, insert_steps
 from protocols.client.sync import Client
 
 MARKS = (10_000, 25_000, 50_000)
@@ -50,7 +50,7 @@ def fill_direct(
 ) -> float:
     """Write steps [first_step, last_step) into the live server's SQLite file with the code of its ingest path.
 
-    Steps go through the server's own `insert_steps` (packed rows and rollups in one transaction); the
+    Steps go through the server's own `insert_steps` and `catch_up` (packed rows and rollups in one transaction); the
     running server sees them at its next read, as it would after its own writes.
     """
     started = time.perf_counter()
@@ -66,6 +66,7 @@ def fill_direct(
             for step in range(chunk, min(chunk + steps_per_commit, last_step))
         }
         insert_steps(db, cache, series_id, steps)
+        catch_up(db, cache, series_id)  # the server's writer is not told of these steps: roll them up here
         db.execute("COMMIT")
     db.close()
     return time.perf_counter() - started

@@ -2,8 +2,9 @@
 
 History lives in the store, not in memory: the server keeps only each run's latest values
 (for Prometheus). `control_server.series` stores a step per row and keeps rollups (count, sum,
-min, max per bucket of every power of two from 16 to 8192 steps) as buckets close; downsampling
-reads those, so a long run answers as fast as a short one.
+min, max per bucket of every power of two from 16 to 8192 steps), written by the store writer's
+chore soon after buckets close; downsampling reads those, so a long run answers as fast as a
+short one.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import partial
 from control_server.errors import ApiError
 from control_server.events import Emitter, EventLog
 from control_server.runs import MAX_BRANCHES, RunRegistry
-from control_server.series import SeriesCache, bucketed, insert_steps, raw_steps, step_span
+from control_server.series import SeriesCache, bucketed, due_rollups, insert_steps, raw_steps, step_span
 from control_server.store import Db, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
@@ -59,6 +60,7 @@ class MetricsService:
         self._reader_ids = SeriesCache()  # ids only grow, so readers may share one
         self._series: dict[str, dict[str, set[str]]] = {}  # each run's names per branch; writer thread only
         store.on_rollback(self._forget_uncommitted)
+        store.add_chore(partial(due_rollups, self._writer_ids))
 
     def _forget_uncommitted(self) -> None:
         """In the writer thread, after writes were undone: what the writer cached may name rows never committed."""

@@ -32,11 +32,12 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from control_server.series import MARKS_OF_EAGER_ROLLUPS
 from control_server.store import SCHEMA_TEMPLATE, Db, GroupWriter, Result
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the tables below, kept in `runsteer_schema`; a database of a newer version is refused."""
 
 POSTGRES_TYPES = {
@@ -275,4 +276,6 @@ class PostgresStore(GroupWriter):
                     connection.execute("ALTER TABLE commands ADD COLUMN created_at DOUBLE PRECISION NOT NULL DEFAULT 0")
                     connection.execute("UPDATE commands SET created_at = (body::json->>'created_at')::float8")
                 connection.execute(SCHEMA)
+                if version:  # before 3, every closed bucket was rolled up as it closed: mark them so
+                    connection.execute(MARKS_OF_EAGER_ROLLUPS)
                 connection.execute("INSERT INTO runsteer_schema VALUES (%s)", (SCHEMA_VERSION,))

@@ -4,11 +4,15 @@ Layout and why. A trainer sends the same few dozen keys every step, so a step is
 values as little-endian float64s in the order of a *keyset* (the sorted key names, stored once
 and referenced by id). That is 8 bytes per value plus ~20 per step, where a row per value cost
 an index entry and a key per value. Downsampled reads use rollups (count, sum, min, max and last
-step per key) at every power of two from 16 to 8192 steps. A rollup row is written only when its
-bucket *closes* (the series' newest step has moved past it), computed from the level below, so
-the write path adds about one rollup row per eight steps instead of nine upserts per batch. The
-newest, still-open bucket of each level is aggregated at read time from the level below (at most
-2 rows each). A late point for an already closed bucket rewrites that bucket (and its parents).
+step per key) at every power of two from 16 to 8192 steps. A rollup row is written once its
+bucket *closes* (the series' newest step has moved past it), computed from the level below, about
+one row per eight steps. Not by the write that closes it: runs of a fleet step in lockstep, so
+their buckets close together, and rolling them up there held every commit for a fraction of a
+second. The writer's chore (`due_rollups`) rolls them up between groups of writes, a few series
+at a time, and moves each series' *rollup mark*: buckets ending by the mark are stored, and a read
+builds the rest (a few buckets behind, and the open ones) from the level below, down to the raw
+steps, so a read never misses a value. A late point for a stored bucket rewrites it (and its
+parents) in the write that brings it.
 
 Everything here runs inside a store op, so SQLite and PostgreSQL share it.
 """
@@ -19,8 +23,10 @@ import functools
 import json
 import operator
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from control_server.store import SCHEMA, SCHEMA_VERSION, Db
@@ -29,6 +35,9 @@ ROLLUP_SHIFTS = tuple(range(4, 14))
 """Rollup bucket widths as bit shifts: every power of two from 16 to 8192 steps, so a downsampled read takes one
 rollup row per point it returns up to buckets of 8192 steps (and a few beyond). Each level is written once per
 bucket, from two rows of the level below, so the ten levels cost about one row per eight steps."""
+
+FINEST = ROLLUP_SHIFTS[0]
+"""The finest rollup's shift: a series' rollup mark is always a multiple of its width."""
 
 _AGG = struct.Struct("<HHddd")
 """One key's aggregate in a rollup: count, last step (as an offset into the bucket), sum, min, max. 28 bytes, so
@@ -72,6 +81,13 @@ class SeriesCache:
     packers: dict[tuple[str, ...], Callable[[Mapping[str, float]], bytes]] = field(default_factory=dict)
     lock_names: Callable[[Db], None] = lambda db: None
     """Called before creating a keyset, which every run shares (`Store.lock_names`)."""
+    runs: dict[int, str] = field(default_factory=dict)
+    """The run of each series id in `series`."""
+    due: OrderedDict[int, str | None] = field(default_factory=OrderedDict)
+    """Series with buckets closed past their rollup mark, oldest first, with their run (the lock a rollup takes). A
+    hint only: an op undone after noting a series leaves it here, and rolling it up then finds nothing to do."""
+    scanned: bool = False
+    """Whether the store was searched for series a stopped server left with closed buckets to roll up."""
 
     def forget_ids(self) -> None:
         """Drop every id (kept: the packers, which follow from key names alone): after a rollback some may name
@@ -80,6 +96,7 @@ class SeriesCache:
         self.keysets.clear()
         self.keyset_names.clear()
         self.series_keys.clear()
+        self.runs.clear()
 
     def series_id(self, db: Db, run_id: str, branch: str) -> int:
         """The id of a run's branch, created on first use."""
@@ -91,6 +108,7 @@ class SeriesCache:
                 db.execute("SELECT series_id FROM metric_series WHERE run_id = ? AND branch = ?", name).fetchone()[0]
             )
             self.series[name] = found
+            self.runs[found] = run_id
         return found
 
     def keyset_id(self, db: Db, keys: tuple[str, ...]) -> int:
@@ -171,7 +189,10 @@ def unpack_bucket(packed: bytes, keys: tuple[str, ...], first_step: int, only: K
 def insert_steps(
     db: Db, cache: SeriesCache, series_id: int, steps: Mapping[int, tuple[float, dict[str, float]]]
 ) -> int:
-    """Store the values not stored yet (first value wins per step and key), roll up what closed; returns the count."""
+    """Store the values not stored yet (first value wins per step and key); returns the count.
+
+    Buckets that close with this write are left to `roll_up_series` (the series is noted in `cache.due`); a late
+    point for a bucket already rolled up rewrites that bucket and its parents here."""
     if not steps:
         return 0
     low, high = min(steps), max(steps)
@@ -208,127 +229,222 @@ def insert_steps(
         db.executemany("UPDATE metric_steps SET keyset_id = ?, packed = ? WHERE series_id = ? AND step = ?", updates)
     if changed:
         cache.note_keys(db, series_id, {key for _, values in steps.values() for key in values})
-        newest = high if previous_max is None else max(high, previous_max)
-        _roll_up(db, cache, series_id, changed, previous_max, newest)
+        if previous_max is not None and low <= previous_max:
+            _rewrite_rolled_up(db, cache, series_id, changed, rolled_through(db, series_id))
+        if high >> FINEST > (-1 if previous_max is None else previous_max >> FINEST):
+            cache.due[series_id] = cache.runs.get(series_id)  # a bucket closed: roll it up later, off this write's path
     return stored
 
 
-def _roll_up(
-    db: Db, cache: SeriesCache, series_id: int, changed: Sequence[int], previous_max: int | None, newest: int
-) -> None:
-    """Rewrite every closed bucket that gained a point or closed with this write, finest level first."""
+ROLLUP_SLICE_STEPS = 1024
+"""Most steps one `roll_up_series` call rolls up (a multiple of the finest bucket): a series far behind (a long
+backlog replayed at once, an old file) catches up over several small ops instead of one long one."""
+
+
+def rolled_through(db: Db, series_id: int) -> int:
+    """The series' rollup mark: every bucket (of every level) that ends at or before this step is stored and complete;
+    buckets after it are read from the level below (ultimately the raw steps)."""
+    row = db.execute("SELECT through_step FROM metric_rollup_marks WHERE series_id = ?", (series_id,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+MARKS_OF_EAGER_ROLLUPS = (
+    "INSERT INTO metric_rollup_marks SELECT series_id, newest FROM (SELECT series_id, "
+    f"((SELECT MAX(step) FROM metric_steps AS t WHERE t.series_id = s.series_id) >> {FINEST}) << {FINEST} AS newest "
+    "FROM metric_series AS s) AS found WHERE newest IS NOT NULL ON CONFLICT DO NOTHING"
+)
+"""The marks of a store whose every closed bucket was rolled up as it closed (schemas before the marks), so it is
+read from its rollups at once (one index lookup per series)."""
+
+
+def roll_up_series(db: Db, cache: SeriesCache, series_id: int) -> bool:
+    """Store the buckets closed since the series' mark (at most ROLLUP_SLICE_STEPS steps of them), finest level first,
+    and move the mark; returns True while closed buckets are left."""
+    newest = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (series_id,)).fetchone()[0]
+    if newest is None:
+        return False
+    closed = (int(newest) >> FINEST) << FINEST
+    done = rolled_through(db, series_id)
+    target = min(closed, done + ROLLUP_SLICE_STEPS)
+    if target <= done:
+        return False
     below = 0
     for shift in ROLLUP_SHIFTS:
-        open_bucket = newest >> shift
-        dirty = {step >> shift for step in changed if step >> shift < open_bucket}
-        if previous_max is not None and previous_max >> shift < open_bucket:
-            dirty.add(previous_max >> shift)
-        if not dirty:  # nothing closed at this width, so nothing at any wider one (most writes stop here)
+        first, end = done >> shift, target >> shift
+        if first >= end:  # no bucket of this width ends in (done, target], so none of a wider one does
+            break
+        _rebuild(db, cache, series_id, shift, below, first, end)
+        below = shift
+    db.execute(
+        "INSERT INTO metric_rollup_marks VALUES (?, ?) ON CONFLICT (series_id) DO UPDATE "
+        "SET through_step = excluded.through_step WHERE excluded.through_step > metric_rollup_marks.through_step",
+        (series_id, target),
+    )
+    return target < closed
+
+
+def catch_up(db: Db, cache: SeriesCache, series_id: int) -> None:
+    """Roll up every closed bucket of a series now (a migration, or a writer outside the server)."""
+    while roll_up_series(db, cache, series_id):
+        pass
+
+
+def due_rollups(cache: SeriesCache, count: int) -> list[tuple[str | None, Callable[[Db], object]]]:
+    """The writer's rollup chore (`Store.add_chore`): up to `count` ops, each rolling up one series that has closed
+    buckets past its mark, oldest first. The first call hands out a scan for series a stopped server left behind."""
+    if not cache.scanned:
+        return [(None, partial(_scan_due, cache))]
+    ops: list[tuple[str | None, Callable[[Db], object]]] = []
+    while cache.due and len(ops) < count:
+        series_id, run_id = cache.due.popitem(last=False)
+        ops.append((run_id, partial(_roll_up_due, cache, series_id, run_id)))
+    return ops
+
+
+def _roll_up_due(cache: SeriesCache, series_id: int, run_id: str | None, db: Db) -> None:
+    if roll_up_series(db, cache, series_id):
+        cache.due[series_id] = run_id  # more left: back at the end of the line
+
+
+def _scan_due(cache: SeriesCache, db: Db) -> None:
+    for series_id, run_id in db.execute(
+        "SELECT s.series_id, s.run_id FROM metric_series AS s LEFT JOIN metric_rollup_marks AS m "
+        "ON m.series_id = s.series_id WHERE COALESCE(m.through_step, 0) < "
+        f"((SELECT MAX(step) FROM metric_steps AS t WHERE t.series_id = s.series_id) >> {FINEST}) << {FINEST}"
+    ).fetchall():
+        cache.due[int(series_id)] = run_id
+    cache.scanned = True
+
+
+def _rewrite_rolled_up(db: Db, cache: SeriesCache, series_id: int, steps: Sequence[int], mark: int) -> None:
+    """Rewrite the stored buckets (those ending by `mark`) that hold a late point, finest level first."""
+    below = 0
+    for shift in ROLLUP_SHIFTS:
+        dirty = {step >> shift for step in steps if ((step >> shift) + 1) << shift <= mark}
+        if not dirty:  # no stored bucket of this width changed, so none of a wider one did
             return
-        rows = []
-        for bucket in sorted(dirty):
-            same_keys = _children_of_one_keyset(db, cache, series_id, below, bucket << shift, (bucket + 1) << shift)
-            if same_keys is not None:
-                rows.append((series_id, shift, bucket, *same_keys))
-                continue
-            merged = _children(db, cache, series_id, below, bucket << shift, (bucket + 1) << shift)
-            if merged:
-                keys = tuple(sorted(merged))
-                packed = pack_bucket(merged, keys, bucket << shift)
-                rows.append((series_id, shift, bucket, cache.keyset_id(db, keys), packed))
-        if rows:
-            db.executemany(
-                "INSERT INTO metric_rollups VALUES (?, ?, ?, ?, ?) ON CONFLICT (series_id, shift, bucket) "
-                "DO UPDATE SET keyset_id = excluded.keyset_id, packed = excluded.packed",
-                rows,
-            )
+        _rebuild(db, cache, series_id, shift, below, min(dirty), max(dirty) + 1, dirty)
         below = shift
 
 
-def _children_of_one_keyset(
-    db: Db, cache: SeriesCache, series_id: int, shift: int, start: int, end: int
-) -> tuple[int, bytes] | None:
-    """(keyset id, packed aggregate) of steps [start, end) from the level `shift` when all its rows share one
-    keyset, the steady case; None otherwise (then `_children` merges key by key).
-
-    Every series of a fleet closes its buckets at the same steps, so this runs for every series at once: it reduces
-    the rows column by column in C (sum, min, max over each field) and packs once, about a third of the key-by-key
-    merge's cost. The bytes are those `pack_bucket` writes for the same aggregates."""
-    if shift == 0:
-        found = db.execute(
+def _rebuild(
+    db: Db,
+    cache: SeriesCache,
+    series_id: int,
+    shift: int,
+    below: int,
+    first: int,
+    end: int,
+    only: set[int] | None = None,
+) -> None:
+    """Write the buckets [first, end) of level `shift` (those in `only`, when given) from the rows of the level
+    `below` (0: the raw steps), read in one query; a bucket with no values gets no row."""
+    if below == 0:
+        rows = db.execute(
             "SELECT step, keyset_id, packed FROM metric_steps WHERE series_id = ? AND step >= ? AND step < ? "
             "ORDER BY step",
-            (series_id, start, end),
-        ).fetchall()
+            (series_id, first << shift, end << shift),
+        )
     else:
-        found = db.execute(
+        rows = db.execute(
             "SELECT bucket, keyset_id, packed FROM metric_rollups "
             "WHERE series_id = ? AND shift = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
-            (series_id, shift, start >> shift, end >> shift),
-        ).fetchall()
-    if not found or any(keyset_id != found[0][1] for _, keyset_id, _ in found):
-        return None
-    keyset_id = int(found[0][1])
+            (series_id, below, (first << shift) >> below, (end << shift) >> below),
+        )
+    groups: dict[int, list[tuple[int, int, bytes]]] = {}
+    for position, keyset_id, packed in rows:
+        bucket = (position << below) >> shift
+        if only is None or bucket in only:
+            groups.setdefault(bucket, []).append((position, keyset_id, packed))
+    written = []
+    for bucket, group in groups.items():
+        aggregate = _aggregate(db, cache, below, bucket << shift, group)
+        if aggregate is not None:
+            written.append((series_id, shift, bucket, *aggregate))
+    if written:
+        db.executemany(
+            "INSERT INTO metric_rollups VALUES (?, ?, ?, ?, ?) ON CONFLICT (series_id, shift, bucket) "
+            "DO UPDATE SET keyset_id = excluded.keyset_id, packed = excluded.packed",
+            written,
+        )
+
+
+def _aggregate(
+    db: Db, cache: SeriesCache, below: int, start: int, rows: list[tuple[int, int, bytes]]
+) -> tuple[int, bytes] | None:
+    """(keyset id, packed aggregate) of a bucket starting at `start` from its rows of the level `below` (position,
+    keyset id, packed; in position order), or None when it holds no value.
+
+    When the rows share one keyset (the steady case) they are reduced column by column in C (sum, min, max over each
+    field) and packed once, about a third of the cost of merging key by key; the bytes are the same."""
+    keyset_id = rows[0][1]
     count = len(cache.keys_of(db, keyset_id))
-    if count == 0:
-        return None
-    flat: list[float] = []
-    if shift == 0:
-        unpack = struct.Struct(f"<{count}d").unpack
-        columns = zip(*(unpack(packed) for _, _, packed in found), strict=True)
-        last = found[-1][0] - start
-        for column in columns:
-            flat += (len(found), last, sum(column), min(column), max(column))
+    if count and all(row[1] == keyset_id for row in rows):
+        flat: list[float] = []
+        if below == 0:
+            unpack = struct.Struct(f"<{count}d").unpack
+            last = rows[-1][0] - start
+            for column in zip(*(unpack(packed) for _, _, packed in rows), strict=True):
+                flat += (len(rows), last, sum(column), min(column), max(column))
+        else:
+            firsts = [bucket << below for bucket, _, _ in rows]
+            fields = list(zip(*(_bucket_struct(count).unpack(packed) for _, _, packed in rows), strict=True))
+            for at in range(0, 5 * count, 5):
+                flat += (
+                    sum(fields[at]),
+                    max(map(operator.add, firsts, fields[at + 1])) - start,
+                    sum(fields[at + 2]),
+                    min(fields[at + 3]),
+                    max(fields[at + 4]),
+                )
+        return keyset_id, _bucket_struct(count).pack(*flat)
+    if below == 0:
+        merged = _reduce_steps(db, cache, rows, 2**62).get(0, {})
     else:
-        firsts = [bucket << shift for bucket, _, _ in found]
-        fields = list(zip(*(_bucket_struct(count).unpack(packed) for _, _, packed in found), strict=True))
-        for at in range(0, 5 * count, 5):
-            flat += (
-                sum(fields[at]),
-                max(map(operator.add, firsts, fields[at + 1])) - start,
-                sum(fields[at + 2]),
-                min(fields[at + 3]),
-                max(fields[at + 4]),
-            )
-    return keyset_id, _bucket_struct(count).pack(*flat)
-
-
-def _children(db: Db, cache: SeriesCache, series_id: int, shift: int, start: int, end: int) -> Bucket:
-    """The aggregate of steps [start, end) from the level `shift` (0: the raw steps), all of it closed."""
-    if shift == 0:
-        return _raw_buckets(db, cache, series_id, start, end, end - start).get(start // (end - start), {})
-    merged: Bucket = {}
-    for bucket in _read_level(db, cache, series_id, shift, start >> shift, end >> shift).values():
-        _merge_into(merged, bucket)
-    return merged
+        merged = {}
+        for position, row_keyset, packed in rows:
+            _merge_into(merged, unpack_bucket(packed, cache.keys_of(db, row_keyset), position << below))
+    if not merged:
+        return None
+    keys = tuple(sorted(merged))
+    return cache.keyset_id(db, keys), pack_bucket(merged, keys, start)
 
 
 def _raw_buckets(
     db: Db, cache: SeriesCache, series_id: int, start: int, end: int, width: int, only: Keys = None
 ) -> dict[int, Bucket]:
-    """Raw steps in [start, end) aggregated into buckets of `width` steps (keyed by step // width).
-
-    Rows of one bucket and keyset are unpacked together and reduced column by column (sum, min, max run in C),
-    which is what keeps building a rollup cheap next to the insert that closes it.
-    """
-    groups: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
-    for step, keyset_id, packed in db.execute(
+    """Raw steps in [start, end) aggregated into buckets of `width` steps (keyed by step // width)."""
+    rows = db.execute(
         "SELECT step, keyset_id, packed FROM metric_steps WHERE series_id = ? AND step >= ? AND step < ? ORDER BY step",
         (series_id, start, end),
-    ):
+    )
+    return _reduce_steps(db, cache, rows, width, only)
+
+
+def _reduce_steps(
+    db: Db, cache: SeriesCache, rows: Iterable[tuple[int, int, bytes]], width: int, only: Keys = None
+) -> dict[int, Bucket]:
+    """Raw rows (step, keyset id, packed; in step order) aggregated into buckets of `width` steps.
+
+    Rows of one bucket and keyset are unpacked together and reduced column by column (sum, min, max run in C).
+    Rollups of mixed keysets are built here too, so a read from the raw steps adds in the order a rollup did.
+    """
+    groups: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+    for step, keyset_id, packed in rows:
         groups.setdefault((step // width, keyset_id), []).append((step, packed))
     found: dict[int, Bucket] = {}
-    for (bucket, keyset_id), rows in groups.items():
+    for (bucket, keyset_id), group in groups.items():
         keys = cache.keys_of(db, keyset_id)
         unpack = struct.Struct(f"<{len(keys)}d").unpack
-        last = rows[-1][0]
-        columns = zip(*(unpack(packed) for _, packed in rows), strict=True)
+        last = group[-1][0]
+        columns = zip(*(unpack(packed) for _, packed in group), strict=True)
         aggs = {
-            key: Agg(len(rows), last, sum(column), min(column), max(column))
+            key: Agg(len(group), last, sum(column), min(column), max(column))
             for key, column in zip(keys, columns, strict=True)
             if only is None or key in only
         }
-        _merge_into(found.setdefault(bucket, {}), aggs)
+        if aggs:  # a bucket of steps without values (or without the keys in `only`) is none, as in a rollup
+            _merge_into(found.setdefault(bucket, {}), aggs)
     return found
 
 
@@ -353,7 +469,9 @@ def _read_level(
         "WHERE series_id = ? AND shift = ? AND bucket >= ? AND bucket < ? ORDER BY bucket",
         (series_id, shift, first, end),
     ):
-        found[bucket] = unpack_bucket(packed, cache.keys_of(db, keyset_id), bucket << shift, only)
+        aggs = unpack_bucket(packed, cache.keys_of(db, keyset_id), bucket << shift, only)
+        if aggs:
+            found[bucket] = aggs
     return found
 
 
@@ -394,26 +512,25 @@ def bucketed(
     if not usable:
         return _raw_buckets(db, cache, series_id, start, 2**62, width, only)
     shift = max(usable)
-    level = _level_with_open_tail(db, cache, series_id, ROLLUP_SHIFTS.index(shift), start, only)
+    mark = rolled_through(db, series_id)
+    level = _level_with_tail(db, cache, series_id, ROLLUP_SHIFTS.index(shift), start, mark, only)
     return _regroup(level, shift, width)
 
 
-def _level_with_open_tail(
-    db: Db, cache: SeriesCache, series_id: int, index: int, start: int, only: Keys
+def _level_with_tail(
+    db: Db, cache: SeriesCache, series_id: int, index: int, start: int, mark: int, only: Keys
 ) -> dict[int, Bucket]:
-    """Every bucket of level ROLLUP_SHIFTS[index] from `start`: closed ones stored, the open one built from below."""
+    """Every bucket of level ROLLUP_SHIFTS[index] from `start`: those ending by the rollup mark stored, the rest
+    (not rolled up yet, or still open) built from the level below, down to the raw steps."""
     shift = ROLLUP_SHIFTS[index]
-    newest = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (series_id,)).fetchone()[0]
-    if newest is None:
-        return {}
-    open_bucket = newest >> shift
-    found = _read_level(db, cache, series_id, shift, start >> shift, open_bucket, only)
-    tail_start = max(start, open_bucket << shift)
+    stored_end = mark >> shift
+    found = _read_level(db, cache, series_id, shift, start >> shift, stored_end, only)
+    tail_start = max(start, stored_end << shift)
     if index == 0:
         tail = _raw_buckets(db, cache, series_id, tail_start, 2**62, 1 << shift, only)
     else:
         below = ROLLUP_SHIFTS[index - 1]
-        lower = _level_with_open_tail(db, cache, series_id, index - 1, tail_start, only)
+        lower = _level_with_tail(db, cache, series_id, index - 1, tail_start, mark, only)
         tail = _regroup(lower, below, 1 << shift)
     for bucket, aggs in tail.items():
         _merge_into(found.setdefault(bucket, {}), aggs)
@@ -444,6 +561,8 @@ def migrate_sqlite(db: Any) -> None:
     db.executescript(SCHEMA)
     if old:
         _repack_v1(db)
+    if version < SCHEMA_VERSION:
+        db.execute(MARKS_OF_EAGER_ROLLUPS)
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
@@ -465,6 +584,7 @@ def _repack_v1(db: Any) -> None:
         for index in range(0, len(ordered), RAW_CHUNK):
             chunk = {step: steps[step] for step in ordered[index : index + RAW_CHUNK]}
             insert_steps(db, cache, series_id, chunk)
+        catch_up(db, cache, series_id)
     db.execute("DROP TABLE metric_points")
     db.execute("DROP TABLE metric_series_v1")
     db.execute("COMMIT")

@@ -86,6 +86,10 @@ class Store(Protocol):
         have been missed (the listening connection was lost and is back)."""
         ...
 
+    def add_chore(self, chore: Chore) -> None:
+        """Have the writer thread run `chore`'s ops between groups of writes (see `GroupWriter.add_chore`)."""
+        ...
+
     def lock_names(self, db: Db) -> None:
         """Before creating a row every run shares (a keyset of metric names), in the writer's transaction: so two
         servers creating several such rows never wait on each other in a cycle."""
@@ -105,7 +109,7 @@ class Store(Protocol):
         ...
 
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
 
 SCHEMA_TEMPLATE = """
@@ -172,6 +176,10 @@ CREATE TABLE IF NOT EXISTS metric_rollups (
     packed {blob} NOT NULL,
     PRIMARY KEY (series_id, shift, bucket)
 );
+CREATE TABLE IF NOT EXISTS metric_rollup_marks (
+    series_id {int} PRIMARY KEY,
+    through_step {int} NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metric_batches (
     run_id TEXT NOT NULL,
     batch_id TEXT NOT NULL,
@@ -197,12 +205,22 @@ SCHEMA = SCHEMA_TEMPLATE.format(**SQLITE_TYPES)
 @dataclass
 class _PendingWrite:
     op: Callable[[Any], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any] | None
+    """None for a chore's op: nobody awaits it."""
+    loop: asyncio.AbstractEventLoop | None
     run: str | None
 
 
 _STOP = object()
+
+Chore = Callable[[int], list[tuple[str | None, Callable[[Any], object]]]]
+"""Background work for the writer: called with a count, hands out up to that many ops, each with the run it decides
+for (none when nothing is left to do)."""
+CHORE_OPS = 4
+"""Most ops of a chore in one group of their own (a few milliseconds: a write arriving meanwhile waits that long)."""
+CHORE_REST = 3.0
+"""After a group of chores, the writer does only writes for this many times as long, so chores take at most a
+quarter of its time (and of the interpreter's lock, which the event loop needs too), whatever their backlog."""
 
 
 class GroupWriter:
@@ -221,6 +239,13 @@ class GroupWriter:
         self.commits = 0
         self.writes = 0
         self._forgetters: list[Callable[[], None]] = []
+        self._chores: list[Chore] = []
+
+    def add_chore(self, chore: Chore) -> None:
+        """Have the writer thread run `chore`'s ops between groups of writes, CHORE_OPS at a time in a group of their
+        own, at most a quarter of its time (CHORE_REST). Work that need not delay a commit (rolling up metrics) goes
+        here, in small slices spread over time, instead of into the write that made it due."""
+        self._chores.append(chore)
 
     def on_rollback(self, forget: Callable[[], None]) -> None:
         """Call `forget` in the writer thread whenever writes are undone (see `Store.on_rollback`)."""
@@ -274,9 +299,23 @@ class GroupWriter:
 
     def _write_loop(self) -> None:
         stopping = False
+        chores_due = bool(self._chores)  # the first call of a chore may have work left by an earlier server
+        chores_at = 0.0
         while not stopping:
+            if chores_due and time.monotonic() >= chores_at:
+                ops = [op for chore in self._chores for op in chore(CHORE_OPS)]
+                if ops:
+                    started = time.monotonic()
+                    self._commit_group([_PendingWrite(op, None, None, run) for run, op in ops])
+                    self.after_commit()
+                    chores_at = time.monotonic() + (time.monotonic() - started) * CHORE_REST
+                    continue
+                chores_due = False
+            try:
+                item = self._writes.get(timeout=max(0.0, chores_at - time.monotonic()) if chores_due else None)
+            except queue.Empty:
+                continue
             batch: list[_PendingWrite] = []
-            item = self._writes.get()
             while True:
                 if item is _STOP:
                     stopping = True
@@ -292,6 +331,7 @@ class GroupWriter:
             if batch:
                 self._commit_group(batch)
                 self.after_commit()
+                chores_due = bool(self._chores)  # a write may have made some due
         self.close_writer_db()
 
     def _commit_group(self, batch: list[_PendingWrite]) -> None:
@@ -322,7 +362,10 @@ class GroupWriter:
         self.commits += 1
         self.writes += len(batch)
         for pending, (ok, value) in zip(batch, outcomes, strict=True):
-            pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
+            if pending.loop is not None and pending.future is not None:
+                pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
+            elif not ok:
+                log.warning("store chore failed (it is handed out again when due): %s", value)
 
     def _abandon_group(self) -> None:
         """Roll back what is left of a failed group (or drop a broken connection)."""
@@ -358,11 +401,15 @@ WAL_RESTART_BYTES = 16 * 2**20
 
 A passive checkpoint alone never restarts the WAL while commits keep coming (each new commit lands
 after the frames it copied), so under steady load the file grew without bound. The restart waits
-only for the frames the checkpointer has not copied yet and for readers still on old frames."""
+only for the frames not copied yet and for readers still on old frames. The writer restarts only
+between two groups in which the checkpointer is idle: a restart that met a pass in progress waited
+for it in SQLite's busy handler (sleeps of 1 to 100 ms), 20-70 ms a restart, about every second
+at 1,000 runs."""
 WAL_KEEP_BYTES = 4 * 2**20
 """What the WAL file is truncated to after a restart (a WAL that size is reused, not regrown)."""
-RESTART_BUSY_MS = 200
-"""How long a restart waits for readers before giving up until the next group (commits must not stall)."""
+RESTART_BUSY_MS = 0
+"""How long a restart waits for readers still on old frames: not at all. Every commit waits while it does, and
+readers are short: a restart that finds one is tried again after the next group."""
 
 
 class SqliteStore(GroupWriter):
@@ -379,6 +426,8 @@ class SqliteStore(GroupWriter):
         self._db: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._checkpointing = threading.Lock()
+        """Held by the checkpointer during a pass; the writer restarts the WAL only when it can take it at once."""
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="runsteer-store-read")
         self._local = threading.local()
         self._read_connections: list[sqlite3.Connection] = []
@@ -461,13 +510,16 @@ class SqliteStore(GroupWriter):
 
     def after_commit(self) -> None:
         """Restart the WAL once it passes `wal_restart_bytes`, so it stays bounded under any steady load."""
-        if _size(self.wal_path) < self.wal_restart_bytes or self._db is None:
+        if self._db is None or _size(self.wal_path) < self.wal_restart_bytes:
             return
-        self._db.execute(f"PRAGMA busy_timeout = {RESTART_BUSY_MS}")
+        if not self._checkpointing.acquire(blocking=False):
+            return  # the checkpointer is copying: the next group looks again, and finds less left to copy
         try:
+            self._db.execute(f"PRAGMA busy_timeout = {RESTART_BUSY_MS}")
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         finally:
             self._db.execute("PRAGMA busy_timeout = 30000")
+            self._checkpointing.release()
         if not busy:
             self.wal_restarts += 1
 
@@ -476,7 +528,8 @@ class SqliteStore(GroupWriter):
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
             while not self._stopping.wait(CHECKPOINT_INTERVAL_S):
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                with self._checkpointing:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             connection.close()
