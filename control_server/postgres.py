@@ -1,11 +1,11 @@
 """The PostgreSQL store (psycopg 3): the store of a team, several servers on one database.
 
 Same seam and same promise as `SqliteStore`: one writer thread runs queued ops in group
-transactions (a savepoint each) and a caller hears back only after COMMIT; reads run on a
+transactions and a caller hears back only after COMMIT; reads run on a
 connection pool off the event loop. The ops themselves are shared with SQLite: their SQL uses `?`
 placeholders and the syntax both databases speak, and `_Connection` hands it to psycopg as `%s`.
 Driving psycopg's blocking connections from threads keeps that single copy of every op and lets
-a group share one round trip per statement batch (psycopg pipelines `executemany`).
+a group pipeline its statements: a round trip is paid only where an op reads a result (`_run_group`).
 
 Every server on the database serves, and they decide together through the database alone:
 - a write that decides for a run (a command submitted, approved, delivered or finished, a run's status,
@@ -21,18 +21,19 @@ Every server on the database serves, and they decide together through the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from control_server.store import SCHEMA_TEMPLATE, Db, GroupWriter, Result
+from control_server.store import SCHEMA_TEMPLATE, Db, GroupWriter, Result, _PendingWrite
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +92,64 @@ def _translate(sql: str) -> str:
 
 
 class _Connection:
-    """A psycopg connection seen as a `Db`: `?` placeholders, `executemany` returning its cursor."""
+    """A psycopg connection seen as a `Db`: `?` placeholders, `executemany` returning its cursor.
+
+    Inside `pipelined` a statement is sent without waiting for its answer: a round trip is paid only where an op
+    reads a result (a fetch, or `rowcount`), and every statement sent before it shares that round trip."""
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
+        self.pipeline: psycopg.Pipeline | None = None
+        self.writes = 0
+        """Statements sent other than a SELECT (which changes no row: a lock, an id, a notification at most)."""
 
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
-        return self.connection.execute(_translate(sql), parameters or None)
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any] | _Pipelined:
+        if not sql.startswith("SELECT"):
+            self.writes += 1
+        cursor = self.connection.execute(_translate(sql), parameters or None)
+        return cursor if self.pipeline is None else _Pipelined(cursor, self.pipeline)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any]:
+        self.writes += 1
         cursor = self.connection.cursor()
         cursor.executemany(_translate(sql), list(parameters))
         return cursor
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """Send statements without waiting, until the block ends (then every answer is read; errors raise there)."""
+        with self.connection.pipeline() as pipeline:
+            self.pipeline = pipeline
+            try:
+                yield
+            finally:
+                self.pipeline = None
+
+
+class _Pipelined:
+    """A statement's cursor in pipeline mode: fetches wait for its answer (psycopg does that), and so does
+    `rowcount`, which psycopg leaves at -1 until the answer is read."""
+
+    __slots__ = ("cursor", "pipeline")
+
+    def __init__(self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline) -> None:
+        self.cursor = cursor
+        self.pipeline = pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self.cursor.pgresult is None:
+            self.pipeline.sync()
+        return self.cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self.cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self.cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.cursor)
 
 
 class PostgresStore(GroupWriter):
@@ -189,8 +236,52 @@ class PostgresStore(GroupWriter):
         for start in range(0, len(self._kept), NOTIFY_PER_STATEMENT):
             payloads = self._kept[start : start + NOTIFY_PER_STATEMENT]
             calls = ", ".join(["pg_notify(?, ?)"] * len(payloads))
-            db.execute(f"SELECT {calls}", [value for payload in payloads for value in (CHANNEL, payload)]).fetchall()
+            db.execute(f"SELECT {calls}", [value for payload in payloads for value in (CHANNEL, payload)])
         self._kept.clear()
+
+    def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
+        """Run the group pipelined and without savepoints (`_run_pipelined`); where that cannot say which op failed
+        or cannot undo one alone, roll it back and run it again op by op, a savepoint each, where a failing op undoes
+        only itself (`GroupWriter._run_group`)."""
+        db = self.writer_db()
+        try:
+            with db.pipelined():
+                outcomes = self._run_pipelined(db, batch)
+        except psycopg.Error as exc:
+            if db.connection.broken or db.connection.closed:
+                raise
+            log.info("a statement of a pipelined group failed (%s); running the group again op by op", exc)
+            outcomes = None
+        if outcomes is not None:
+            return outcomes
+        self._abandon_group()
+        self._forget_undone()
+        return super()._run_group(batch)
+
+    def _run_pipelined(self, db: _Connection, batch: list[_PendingWrite]) -> list[tuple[bool, Any]] | None:
+        """Run the group with its statements sent without waiting, and commit: it costs a round trip per result an
+        op reads (plus one to start and one to commit) instead of one per statement, and no savepoints.
+
+        A failed statement's error arrives with a later answer, maybe in a later op's, so it names no op: it raises
+        here. An op that fails before writing (a refusal: a rate limit, an unknown command) has nothing to undo and
+        fails alone; one that fails after writing makes this return None, its writes still in the transaction."""
+        outcomes: list[tuple[bool, Any]] = []
+        db.execute("BEGIN")
+        self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
+        for pending in batch:
+            db.writes = 0
+            try:
+                outcomes.append((True, pending.op(db)))
+            except psycopg.Error:
+                raise
+            except Exception as exc:  # the op's own error goes back to its caller only
+                if db.writes:
+                    return None
+                outcomes.append((False, exc))
+            self.end_op(outcomes[-1][0])
+        self.end_group(db)
+        db.execute("COMMIT")
+        return outcomes
 
     def listen(self, deliver: Callable[[str | None], None]) -> None:
         """LISTEN now (nothing committed from here on is missed) and hand each notification to `deliver`."""
