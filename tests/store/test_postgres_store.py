@@ -103,6 +103,43 @@ def test_a_pipelined_group_runs_each_op_once_unless_one_fails_after_writing(post
     assert stored == {"a", "c", "d", "f"}
 
 
+def test_the_pipelined_writer_sends_and_reads_back_every_kind_of_value(postgres_cluster: LocalPostgres) -> None:
+    """Text with quotes and backslashes (in run ids too: they travel as an array to the run locks), every byte, floats,
+    big integers and NULL go through the writer's pipeline and come back as sent; a statement PostgreSQL refuses
+    fails its op alone, and the next groups still run."""
+    url = postgres_cluster.create_database("pg_values")
+    store = PostgresStore(url)
+    store.open()
+    odd = 'r "1", {a\\b}'
+    blob = bytes(range(256))
+
+    def roundtrip(db: Db) -> tuple[object, ...]:
+        db.execute("INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?)", (odd, 0.1, "é ' \" ?"))
+        db.execute("INSERT INTO metric_steps VALUES (?, ?, ?, ?, ?)", (2**62, -1, 1e-300, 7, blob))
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (1, odd, "log", 2.5, "{}"))
+        run = db.execute("SELECT run_id, created_at, body FROM runs").fetchone()
+        step = db.execute("SELECT series_id, step, time, packed FROM metric_steps").fetchone()
+        missing = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (1,)).fetchone()
+        return (*run, *step, *missing)
+
+    def refused(db: Db) -> None:
+        db.execute("INSERT INTO no_such_table VALUES (?)", (1,))
+
+    async def groups() -> list[object]:
+        first = await asyncio.gather(
+            store.write(roundtrip, run=odd), store.write(refused, run="x"), return_exceptions=True
+        )
+        return [*first, await store.write(lambda db: db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])]
+
+    try:
+        values, error, count = asyncio.run(groups())
+    finally:
+        store.close()
+    assert values == (odd, 0.1, "é ' \" ?", 2**62, -1, 1e-300, blob, None)
+    assert isinstance(error, psycopg.errors.UndefinedTable)
+    assert count == 1
+
+
 def test_a_database_of_a_newer_schema_is_refused(postgres_cluster: LocalPostgres) -> None:
     """A server never writes tables it does not know; it says which versions disagree."""
     url = postgres_cluster.create_database("pg_newer")
