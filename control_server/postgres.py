@@ -81,7 +81,7 @@ CHANNEL = "runsteer"
 MAX_NOTIFY_BYTES = 7900
 """What one notification may carry (PostgreSQL refuses payloads of 8,000 bytes or more)."""
 NOTIFY_PER_STATEMENT = 256
-"""Notifications sent by one statement (a select list holds at most 1,664 columns)."""
+"""Most notifications sent by one statement (a select list holds at most 1,664 columns); a power of two."""
 ID_BLOCK_SPARE = 16
 """Event ids drawn for a group beyond one per op (an op may emit several; more are drawn when needed)."""
 STALLED_WRITER_S = 30.0
@@ -398,12 +398,16 @@ class PostgresStore(GroupWriter):
         self._op_announcements.clear()
 
     def end_group(self, db: _Connection) -> None:
-        """Send the group's announcements (PostgreSQL delivers them at COMMIT, in this order): one statement with
-        a pair of plain text parameters per notification, cheaper to send than one text[] of them all."""
-        for start in range(0, len(self._kept), NOTIFY_PER_STATEMENT):
-            payloads = self._kept[start : start + NOTIFY_PER_STATEMENT]
-            calls = ", ".join(["pg_notify(?, ?)"] * len(payloads))
+        """Send the group's announcements (PostgreSQL delivers them at COMMIT, in this order): statements with a pair
+        of plain text parameters per notification, cheaper to send than one text[] of them all. Each statement sends
+        a power of two of them, so the writer prepares at most nine shapes of it."""
+        start = 0
+        while start < len(self._kept):
+            count = min(NOTIFY_PER_STATEMENT, 1 << ((len(self._kept) - start).bit_length() - 1))
+            payloads = self._kept[start : start + count]
+            calls = ", ".join(["pg_notify(?, ?)"] * count)
             db.execute(f"SELECT {calls}", [value for payload in payloads for value in (CHANNEL, payload)])
+            start += count
         self._kept.clear()
 
     def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
