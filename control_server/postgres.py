@@ -38,7 +38,7 @@ from psycopg.adapt import Transformer
 from psycopg.pq import ConnStatus, ExecStatus
 from psycopg_pool import ConnectionPool
 
-from control_server.store import SCHEMA_TEMPLATE, Db, GroupWriter, Result, _PendingWrite
+from control_server.store import SCHEMA_TEMPLATE, Cursor, Db, GroupWriter, Result, _PendingWrite
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,8 @@ class PostgresStore(GroupWriter):
         self._ids: deque[int] = deque()
         """Event ids drawn for the group being written (writer thread only)."""
         self._id_block = 0
+        self._drawn: Cursor | None = None
+        """The answer of the group's `runsteer_start_group`, until its ids are taken."""
         self._op_announcements: list[str] = []
         self._kept: list[str] = []
         """Announcements of the group's ops that stand, sent just before COMMIT."""
@@ -363,14 +365,15 @@ class PostgresStore(GroupWriter):
 
     def start_group(self, db: _Connection, runs: list[str], size: int) -> None:
         """Take the runs' advisory locks in the order of their keys, so two groups never wait on each other in a
-        cycle, then draw a block of event ids under them (`runsteer_start_group`, one round trip)."""
+        cycle, then draw a block of event ids under them (`runsteer_start_group`). Its answer is read when the first
+        id is needed: pipelined, that is with an op's first answer, so starting a group costs no round trip."""
         self._ids.clear()
         self._id_block = size + ID_BLOCK_SPARE
         self._kept.clear()
         self._op_announcements.clear()
+        self._drawn = None
         if runs:
-            rows = db.execute("SELECT runsteer_start_group(?::text[], ?::int)", (runs, self._id_block)).fetchall()
-            self._ids.extend(sorted(int(row[0]) for row in rows))
+            self._drawn = db.execute("SELECT runsteer_start_group(?::text[], ?::int)", (runs, self._id_block))
 
     def lock_names(self, db: Db) -> None:
         """Take NAMES_LOCK until the group commits (again within one group: PostgreSQL counts, nothing waits)."""
@@ -379,6 +382,9 @@ class PostgresStore(GroupWriter):
     def event_ids(self, db: Db, count: int) -> list[int]:
         """`count` ids from the database's sequence, drawn a block per group: under the group's run locks, so a
         run's ids increase in the order its writes commit."""
+        if self._drawn is not None:
+            self._ids.extend(sorted(int(row[0]) for row in self._drawn.fetchall()))
+            self._drawn = None
         if len(self._ids) < count:
             rows = db.execute(
                 "SELECT nextval('runsteer_event_ids') FROM generate_series(1, ?::int)",
