@@ -94,6 +94,9 @@ class EventLog:
         announced: list[tuple[str, int]] = []
 
         def run(db: Db) -> tuple[Result, list[Event]]:
+            for own in announced:  # run again after its group was undone: those were never sent
+                self._own.pop(own, None)
+            announced.clear()
             emit = Emitter(self.store, db)
             result = op(db, emit)
             if emit.events and self.store.shared:

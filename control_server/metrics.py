@@ -16,8 +16,16 @@ from functools import partial
 from control_server.errors import ApiError
 from control_server.events import Emitter, EventLog
 from control_server.runs import MAX_BRANCHES, RunRegistry
-from control_server.series import SeriesCache, bucketed, due_rollups, insert_steps, raw_steps, step_span
-from control_server.store import Db, Store
+from control_server.series import (
+    SeriesCache,
+    bucketed,
+    due_rollups,
+    insert_steps,
+    newest_step,
+    raw_steps,
+    step_span,
+)
+from control_server.store import Cursor, Db, Store
 from protocols.errors import ErrorDetail
 from protocols.events import MetricsEvent
 from protocols.records import MetricsAck, MetricsBatch, MetricSeries, MetricsHistory, MetricsSample
@@ -80,16 +88,22 @@ class MetricsService:
                 steps[sample.step] = (known[0], sample.values | known[1])
 
         def write(db: Db, emit: Emitter) -> int | None:
+            cache = self._writer_ids
+            newest: dict[str, Cursor] = {}
             if batch.batch_id is not None:
-                inserted = db.execute(
+                added = db.execute(
                     "INSERT INTO metric_batches VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, batch.batch_id)
-                ).rowcount
-                if inserted == 0:
+                )
+                # Asked before `added` is read, so a pipelined store (PostgreSQL) answers both in one round trip.
+                for branch in by_branch:
+                    known = cache.series.get((run_id, branch))
+                    if known is not None:
+                        newest[branch] = newest_step(db, known)
+                if added.rowcount == 0:
                     return None
             self._admit_series(db, run_id, batch)
-            cache = self._writer_ids
             stored = sum(
-                insert_steps(db, cache, cache.series_id(db, run_id, branch), steps)
+                insert_steps(db, cache, cache.series_id(db, run_id, branch), steps, newest.get(branch))
                 for branch, steps in by_branch.items()
             )
             for samples in self.events.sample_chunks(batch.samples):

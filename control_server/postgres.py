@@ -1,11 +1,11 @@
 """The PostgreSQL store (psycopg 3): the store of a team, several servers on one database.
 
 Same seam and same promise as `SqliteStore`: one writer thread runs queued ops in group
-transactions (a savepoint each) and a caller hears back only after COMMIT; reads run on a
+transactions and a caller hears back only after COMMIT; reads run on a
 connection pool off the event loop. The ops themselves are shared with SQLite: their SQL uses `?`
 placeholders and the syntax both databases speak, and `_Connection` hands it to psycopg as `%s`.
 Driving psycopg's blocking connections from threads keeps that single copy of every op and lets
-a group share one round trip per statement batch (psycopg pipelines `executemany`).
+a group pipeline its statements: a round trip is paid only where an op reads a result (`_run_group`).
 
 Every server on the database serves, and they decide together through the database alone:
 - a write that decides for a run (a command submitted, approved, delivered or finished, a run's status,
@@ -21,19 +21,25 @@ Every server on the database serves, and they decide together through the databa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import select
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+import psycopg.abc
+from psycopg import pq
+from psycopg.adapt import Transformer
+from psycopg.pq import ConnStatus, ExecStatus
 from psycopg_pool import ConnectionPool
 
 from control_server.series import MARKS_OF_EAGER_ROLLUPS
-from control_server.store import SCHEMA_TEMPLATE, Db, GroupWriter, Result
+from control_server.store import SCHEMA_TEMPLATE, Cursor, Db, GroupWriter, Result, _PendingWrite
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +82,7 @@ CHANNEL = "runsteer"
 MAX_NOTIFY_BYTES = 7900
 """What one notification may carry (PostgreSQL refuses payloads of 8,000 bytes or more)."""
 NOTIFY_PER_STATEMENT = 256
-"""Notifications sent by one statement (a select list holds at most 1,664 columns)."""
+"""Most notifications sent by one statement (a select list holds at most 1,664 columns); a power of two."""
 ID_BLOCK_SPARE = 16
 """Event ids drawn for a group beyond one per op (an op may emit several; more are drawn when needed)."""
 STALLED_WRITER_S = 30.0
@@ -92,18 +98,226 @@ def _translate(sql: str) -> str:
 
 
 class _Connection:
-    """A psycopg connection seen as a `Db`: `?` placeholders, `executemany` returning its cursor."""
+    """A psycopg connection seen as a `Db`: `?` placeholders, `executemany` returning its cursor.
+
+    Inside `pipelined` statements go through a `_Pipe` instead: sent without waiting for their answers."""
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.connection = connection
+        self.pipe: _Pipe | None = None
+        self.prepared: dict[str, bytes] = {}
+        """Statements the pipe has prepared on this connection, by SQL."""
+        self.writes = 0
+        """Statements sent other than a SELECT (which changes no row: a lock, an id, a notification at most)."""
 
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any]:
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> psycopg.Cursor[Any] | _Answer:
+        if not sql.startswith("SELECT"):
+            self.writes += 1
+        if self.pipe is not None:
+            return self.pipe.send(sql, parameters)
         return self.connection.execute(_translate(sql), parameters or None)
 
-    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any]:
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> psycopg.Cursor[Any] | _Answer:
+        self.writes += 1
+        if self.pipe is not None:
+            answer = _Answer(self.pipe)
+            answer.answered = True  # no rows: nothing to read
+            for row in parameters:
+                answer = self.pipe.send(sql, row)
+            return answer
         cursor = self.connection.cursor()
         cursor.executemany(_translate(sql), list(parameters))
         return cursor
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """Send statements without waiting, until the block ends; then every answer is read (an error raises)."""
+        pipe = self.pipe = _Pipe(self.connection, self.prepared)
+        try:
+            yield
+            pipe.finish()
+        except BaseException:
+            pipe.abandon()
+            raise
+        finally:
+            self.pipe = None
+
+
+MAX_PREPARED = 256
+"""Statements the writer's pipe prepares on its connection (others it sends unprepared)."""
+
+
+class _Pipe:
+    """A group's statements in libpq's pipeline mode: queued in its output buffer and sent together when an op
+    reads an answer, so a group pays one send and one wait per answer read. (psycopg's own pipeline sends and polls
+    once per statement, which cost the writer about half its time.) Each statement is prepared on first use."""
+
+    def __init__(self, connection: psycopg.Connection[Any], prepared: dict[str, bytes]) -> None:
+        self.connection = connection
+        self.pgconn = connection.pgconn
+        self.prepared = prepared
+        self.loader = Transformer(connection)
+        self.waiting: deque[_Answer | str] = deque()
+        """Answers not read yet, in the order sent: a statement's, or the SQL of a statement being prepared."""
+        self.pgconn.enter_pipeline_mode()
+
+    def send(self, sql: str, parameters: Sequence[Any]) -> _Answer:
+        values = [_text(value) for value in parameters]
+        name = self.prepared.get(sql)
+        if name is None and len(self.prepared) < MAX_PREPARED:
+            name = self.prepared[sql] = f"runsteer_{len(self.prepared)}".encode()
+            self.pgconn.send_prepare(name, _numbered(sql))
+            self.waiting.append(sql)
+        if name is None:
+            self.pgconn.send_query_params(_numbered(sql), values)
+        else:
+            self.pgconn.send_query_prepared(name, values)
+        answer = _Answer(self)
+        self.waiting.append(answer)
+        return answer
+
+    def read_until(self, answer: _Answer) -> None:
+        """Send what is queued and read answers up to `answer`'s (raising the first error among them)."""
+        self.pgconn.send_flush_request()
+        self._flush()
+        error: psycopg.Error | None = None
+        while not answer.answered:
+            result = self._next_result()
+            waiting = self.waiting.popleft()
+            if result.status == ExecStatus.FATAL_ERROR and error is None:
+                error = psycopg.errors.error_from_result(result, encoding=self.connection.info.encoding)
+            if isinstance(waiting, str):
+                if result.status != ExecStatus.COMMAND_OK:
+                    self.prepared.pop(waiting, None)
+                continue
+            waiting.take(result, self.loader)
+        if error is not None:
+            raise error
+
+    def finish(self) -> None:
+        """Send everything, read every answer (raising the first error) and leave pipeline mode."""
+        if self.waiting:
+            self.read_until(next(answer for answer in reversed(self.waiting) if isinstance(answer, _Answer)))
+        self._sync()
+
+    def abandon(self) -> None:
+        """After an error: skip what is left (the server does, up to the sync) and leave pipeline mode."""
+        if self.pgconn.status != ConnStatus.OK:
+            return
+        for waiting in self.waiting:
+            if isinstance(waiting, str):
+                self.prepared.pop(waiting, None)
+        with contextlib.suppress(psycopg.Error):
+            while self.waiting:
+                self._next_result()
+                self.waiting.popleft()
+        with contextlib.suppress(psycopg.Error):
+            self._sync()
+
+    def _sync(self) -> None:
+        self.pgconn.pipeline_sync()
+        self._flush()
+        while self._next_result(end=False).status != ExecStatus.PIPELINE_SYNC:
+            pass
+        self.pgconn.exit_pipeline_mode()
+
+    def _flush(self) -> None:
+        while self.pgconn.flush():
+            _wait(self.pgconn.socket, select.POLLOUT | select.POLLIN)
+            self.pgconn.consume_input()
+
+    def _next_result(self, *, end: bool = True) -> pq.abc.PGresult:
+        """The next result from the server; with `end`, also the end of that statement's results."""
+        result = self._result()
+        if result is None:
+            raise psycopg.OperationalError("the writer's connection answered nothing where a result was due")
+        if end and result.status != ExecStatus.PIPELINE_SYNC and self._result() is not None:
+            raise psycopg.OperationalError("a statement of the writer's pipeline had more than one result")
+        return result
+
+    def _result(self) -> pq.abc.PGresult | None:
+        while self.pgconn.is_busy():
+            if self.pgconn.status != ConnStatus.OK:
+                raise psycopg.OperationalError(f"the writer's connection was lost: {self.pgconn.get_error_message()}")
+            _wait(self.pgconn.socket, select.POLLIN)
+            self.pgconn.consume_input()
+        return self.pgconn.get_result()
+
+
+class _Answer:
+    """A statement's answer in a `_Pipe`, read when first asked for: its rows and the number of rows it changed."""
+
+    __slots__ = ("answered", "pipe", "position", "rowcount_", "rows")
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self.pipe = pipe
+        self.answered = False
+        self.rows: list[Any] = []
+        self.rowcount_ = -1
+        self.position = 0
+
+    def take(self, result: pq.abc.PGresult, loader: psycopg.abc.Transformer) -> None:
+        self.answered = True
+        if result.status == ExecStatus.TUPLES_OK:
+            loader.set_pgresult(result)
+            self.rows = loader.load_rows(0, result.ntuples, tuple)
+        self.rowcount_ = result.command_tuples if result.command_tuples is not None else -1
+
+    @property
+    def rowcount(self) -> int:
+        if not self.answered:
+            self.pipe.read_until(self)
+        return self.rowcount_
+
+    def fetchone(self) -> Any:
+        if not self.answered:
+            self.pipe.read_until(self)
+        if self.position >= len(self.rows):
+            return None
+        self.position += 1
+        return self.rows[self.position - 1]
+
+    def fetchall(self) -> list[Any]:
+        if not self.answered:
+            self.pipe.read_until(self)
+        rows, self.position = self.rows[self.position :], len(self.rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.fetchall())
+
+
+def _wait(socket: int, events: int) -> None:
+    poll = select.poll()
+    poll.register(socket, events)
+    poll.poll()
+
+
+@functools.lru_cache(maxsize=512)
+def _numbered(sql: str) -> bytes:
+    """`?` placeholders as libpq's `$1`, `$2`, ..."""
+    parts = sql.split("?")
+    return "".join(part + (f"${index}" if index < len(parts) else "") for index, part in enumerate(parts, 1)).encode()
+
+
+def _text(value: Any) -> bytes | None:
+    """A parameter in PostgreSQL's text format (its type is the one the statement gives it)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, int):
+        return str(value).encode()
+    if isinstance(value, float):
+        return repr(value).encode()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return b"\\x" + bytes(value).hex().encode()
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in value)
+        return ("{" + ",".join(quoted) + "}").encode()
+    raise psycopg.NotSupportedError(f"the writer's pipeline cannot send a {type(value).__name__} parameter")
 
 
 class PostgresStore(GroupWriter):
@@ -126,6 +340,8 @@ class PostgresStore(GroupWriter):
         self._ids: deque[int] = deque()
         """Event ids drawn for the group being written (writer thread only)."""
         self._id_block = 0
+        self._drawn: Cursor | None = None
+        """The answer of the group's `runsteer_start_group`, until its ids are taken."""
         self._op_announcements: list[str] = []
         self._kept: list[str] = []
         """Announcements of the group's ops that stand, sent just before COMMIT."""
@@ -150,14 +366,15 @@ class PostgresStore(GroupWriter):
 
     def start_group(self, db: _Connection, runs: list[str], size: int) -> None:
         """Take the runs' advisory locks in the order of their keys, so two groups never wait on each other in a
-        cycle, then draw a block of event ids under them (`runsteer_start_group`, one round trip)."""
+        cycle, then draw a block of event ids under them (`runsteer_start_group`). Its answer is read when the first
+        id is needed: pipelined, that is with an op's first answer, so starting a group costs no round trip."""
         self._ids.clear()
         self._id_block = size + ID_BLOCK_SPARE
         self._kept.clear()
         self._op_announcements.clear()
+        self._drawn = None
         if runs:
-            rows = db.execute("SELECT runsteer_start_group(?::text[], ?::int)", (runs, self._id_block)).fetchall()
-            self._ids.extend(sorted(int(row[0]) for row in rows))
+            self._drawn = db.execute("SELECT runsteer_start_group(?::text[], ?::int)", (runs, self._id_block))
 
     def lock_names(self, db: Db) -> None:
         """Take NAMES_LOCK until the group commits (again within one group: PostgreSQL counts, nothing waits)."""
@@ -166,6 +383,9 @@ class PostgresStore(GroupWriter):
     def event_ids(self, db: Db, count: int) -> list[int]:
         """`count` ids from the database's sequence, drawn a block per group: under the group's run locks, so a
         run's ids increase in the order its writes commit."""
+        if self._drawn is not None:
+            self._ids.extend(sorted(int(row[0]) for row in self._drawn.fetchall()))
+            self._drawn = None
         if len(self._ids) < count:
             rows = db.execute(
                 "SELECT nextval('runsteer_event_ids') FROM generate_series(1, ?::int)",
@@ -185,13 +405,61 @@ class PostgresStore(GroupWriter):
         self._op_announcements.clear()
 
     def end_group(self, db: _Connection) -> None:
-        """Send the group's announcements (PostgreSQL delivers them at COMMIT, in this order): one statement with
-        a pair of plain text parameters per notification, cheaper to send than one text[] of them all."""
-        for start in range(0, len(self._kept), NOTIFY_PER_STATEMENT):
-            payloads = self._kept[start : start + NOTIFY_PER_STATEMENT]
-            calls = ", ".join(["pg_notify(?, ?)"] * len(payloads))
-            db.execute(f"SELECT {calls}", [value for payload in payloads for value in (CHANNEL, payload)]).fetchall()
+        """Send the group's announcements (PostgreSQL delivers them at COMMIT, in this order): statements with a pair
+        of plain text parameters per notification, cheaper to send than one text[] of them all. Each statement sends
+        a power of two of them, so the writer prepares at most nine shapes of it."""
+        start = 0
+        while start < len(self._kept):
+            count = min(NOTIFY_PER_STATEMENT, 1 << ((len(self._kept) - start).bit_length() - 1))
+            payloads = self._kept[start : start + count]
+            calls = ", ".join(["pg_notify(?, ?)"] * count)
+            db.execute(f"SELECT {calls}", [value for payload in payloads for value in (CHANNEL, payload)])
+            start += count
         self._kept.clear()
+
+    def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
+        """Run the group pipelined and without savepoints (`_run_pipelined`); where that cannot say which op failed
+        or cannot undo one alone, roll it back and run it again op by op, a savepoint each, where a failing op undoes
+        only itself (`GroupWriter._run_group`)."""
+        db = self.writer_db()
+        try:
+            with db.pipelined():
+                outcomes = self._run_pipelined(db, batch)
+        except psycopg.Error as exc:
+            if db.connection.broken or db.connection.closed:
+                raise
+            log.info("a statement of a pipelined group failed (%s); running the group again op by op", exc)
+            outcomes = None
+        if outcomes is not None:
+            return outcomes
+        self._abandon_group()
+        self._forget_undone()
+        return super()._run_group(batch)
+
+    def _run_pipelined(self, db: _Connection, batch: list[_PendingWrite]) -> list[tuple[bool, Any]] | None:
+        """Run the group with its statements sent without waiting, and commit: it costs a round trip per result an
+        op reads (plus one to start and one to commit) instead of one per statement, and no savepoints.
+
+        A failed statement's error arrives with a later answer, maybe in a later op's, so it names no op: it raises
+        here. An op that fails before writing (a refusal: a rate limit, an unknown command) has nothing to undo and
+        fails alone; one that fails after writing makes this return None, its writes still in the transaction."""
+        outcomes: list[tuple[bool, Any]] = []
+        db.execute("BEGIN")
+        self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
+        for pending in batch:
+            db.writes = 0
+            try:
+                outcomes.append((True, pending.op(db)))
+            except psycopg.Error:
+                raise
+            except Exception as exc:  # the op's own error goes back to its caller only
+                if db.writes:
+                    return None
+                outcomes.append((False, exc))
+            self.end_op(outcomes[-1][0])
+        self.end_group(db)
+        db.execute("COMMIT")
+        return outcomes
 
     def listen(self, deliver: Callable[[str | None], None]) -> None:
         """LISTEN now (nothing committed from here on is missed) and hand each notification to `deliver`."""

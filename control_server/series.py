@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from control_server.store import SCHEMA, SCHEMA_VERSION, Db
+from control_server.store import SCHEMA, SCHEMA_VERSION, Cursor, Db
 
 ROLLUP_SHIFTS = tuple(range(4, 14))
 """Rollup bucket widths as bit shifts: every power of two from 16 to 8192 steps, so a downsampled read takes one
@@ -186,17 +186,27 @@ def unpack_bucket(packed: bytes, keys: tuple[str, ...], first_step: int, only: K
     }
 
 
+def newest_step(db: Db, series_id: int) -> Cursor:
+    """Ask for a series' newest step (None when it has none); the answer is read from the cursor."""
+    return db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (series_id,))
+
+
 def insert_steps(
-    db: Db, cache: SeriesCache, series_id: int, steps: Mapping[int, tuple[float, dict[str, float]]]
+    db: Db,
+    cache: SeriesCache,
+    series_id: int,
+    steps: Mapping[int, tuple[float, dict[str, float]]],
+    asked: Cursor | None = None,
 ) -> int:
     """Store the values not stored yet (first value wins per step and key); returns the count.
 
     Buckets that close with this write are left to `roll_up_series` (the series is noted in `cache.due`); a late
-    point for a bucket already rolled up rewrites that bucket and its parents here."""
+    point for a bucket already rolled up rewrites that bucket and its parents here. `asked`: `newest_step` asked
+    already (a pipelined store answers it with the caller's earlier questions)."""
     if not steps:
         return 0
     low, high = min(steps), max(steps)
-    previous_max = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (series_id,)).fetchone()[0]
+    previous_max = (newest_step(db, series_id) if asked is None else asked).fetchone()[0]
     existing: dict[int, tuple[float, dict[str, float]]] = {}
     if previous_max is not None and low <= previous_max:
         for step, time, keyset_id, packed in db.execute(

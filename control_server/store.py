@@ -335,25 +335,8 @@ class GroupWriter:
         self.close_writer_db()
 
     def _commit_group(self, batch: list[_PendingWrite]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
         try:
-            db = self.writer_db()
-            db.execute(self.begin)
-            self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
-            for pending in batch:
-                db.execute("SAVEPOINT op")
-                try:
-                    outcomes.append((True, pending.op(db)))
-                    db.execute("RELEASE SAVEPOINT op")
-                    self.end_op(True)
-                except Exception as exc:  # the op's own error goes back to its caller only
-                    db.execute("ROLLBACK TO SAVEPOINT op")
-                    db.execute("RELEASE SAVEPOINT op")
-                    self.end_op(False)
-                    self._forget_undone()
-                    outcomes.append((False, exc))
-            self.end_group(db)
-            db.execute("COMMIT")
+            outcomes = self._run_group(batch)
         except self.error as exc:  # the group itself failed: every write in it failed
             log.warning("store group commit failed: %s", exc)
             self._abandon_group()
@@ -366,6 +349,29 @@ class GroupWriter:
                 pending.loop.call_soon_threadsafe(_settle, pending.future, ok, value)
             elif not ok:
                 log.warning("store chore failed (it is handed out again when due): %s", value)
+
+    def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
+        """Run `batch` in one transaction, each op in its own savepoint, and commit; returns each op's (ok, result or
+        error). The driver's error escaping it means the group itself failed."""
+        outcomes: list[tuple[bool, Any]] = []
+        db = self.writer_db()
+        db.execute(self.begin)
+        self.start_group(db, sorted({pending.run for pending in batch if pending.run is not None}), len(batch))
+        for pending in batch:
+            db.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, pending.op(db)))
+                db.execute("RELEASE SAVEPOINT op")
+                self.end_op(True)
+            except Exception as exc:  # the op's own error goes back to its caller only
+                db.execute("ROLLBACK TO SAVEPOINT op")
+                db.execute("RELEASE SAVEPOINT op")
+                self.end_op(False)
+                self._forget_undone()
+                outcomes.append((False, exc))
+        self.end_group(db)
+        db.execute("COMMIT")
+        return outcomes
 
     def _abandon_group(self) -> None:
         """Roll back what is left of a failed group (or drop a broken connection)."""

@@ -51,6 +51,95 @@ def test_a_write_is_committed_when_it_returns_and_a_failing_op_undoes_only_itsel
     assert [type(outcome).__name__ for outcome in outcomes].count("UniqueViolation") == 1
 
 
+class Refused(Exception):
+    """An op's own refusal (a rate limit, an unknown command)."""
+
+
+def test_a_pipelined_group_runs_each_op_once_unless_one_fails_after_writing(postgres_cluster: LocalPostgres) -> None:
+    """One group of ops: a refusal before any write fails alone and the others run once; an op failing after it
+    wrote is undone by running the group again op by op, where only it fails and the others are committed."""
+    url = postgres_cluster.create_database("pg_pipelined")
+    store = PostgresStore(url)
+    store.open()
+    calls: dict[str, int] = {}
+
+    def op(run_id: str, *, refuse: str = "") -> Callable[[Db], str]:
+        def run(db: Db) -> str:
+            calls[run_id] = calls.get(run_id, 0) + 1
+            assert db.execute("SELECT COUNT(*) FROM runs WHERE run_id = ?", (run_id,)).fetchone() == (0,)
+            if refuse == "before":
+                raise Refused(run_id)
+            db.execute("INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?)", (run_id, time.time(), "{}"))
+            if refuse == "after":
+                raise Refused(run_id)
+            return run_id
+
+        return run
+
+    async def group(ops: list[Callable[[Db], str]]) -> list[object]:
+        """Run `ops` as one group: queued while the writer is held by an op that waits for them."""
+        release = threading.Event()
+        hold = asyncio.ensure_future(store.write(lambda db: release.wait(5)))
+        await asyncio.sleep(0.05)
+        writes = asyncio.gather(*(store.write(one) for one in ops), return_exceptions=True)
+        await asyncio.sleep(0.05)
+        release.set()
+        await hold
+        return await writes
+
+    try:
+        first = asyncio.run(group([op("a"), op("b", refuse="before"), op("c")]))
+        first_calls = dict(calls)
+        calls.clear()
+        second = asyncio.run(group([op("d"), op("e", refuse="after"), op("f")]))
+        with psycopg.connect(url) as other:
+            stored = {row[0] for row in other.execute("SELECT run_id FROM runs")}
+    finally:
+        store.close()
+    assert [str(outcome) for outcome in first] == ["a", "b", "c"] and isinstance(first[1], Refused)
+    assert first_calls == {"a": 1, "b": 1, "c": 1}
+    assert [str(outcome) for outcome in second] == ["d", "e", "f"] and isinstance(second[1], Refused)
+    assert calls == {"d": 2, "e": 2, "f": 1}  # the pipelined pass stopped at "e"
+    assert stored == {"a", "c", "d", "f"}
+
+
+def test_the_pipelined_writer_sends_and_reads_back_every_kind_of_value(postgres_cluster: LocalPostgres) -> None:
+    """Text with quotes and backslashes (in run ids too: they travel as an array to the run locks), every byte, floats,
+    big integers and NULL go through the writer's pipeline and come back as sent; a statement PostgreSQL refuses
+    fails its op alone, and the next groups still run."""
+    url = postgres_cluster.create_database("pg_values")
+    store = PostgresStore(url)
+    store.open()
+    odd = 'r "1", {a\\b}'
+    blob = bytes(range(256))
+
+    def roundtrip(db: Db) -> tuple[object, ...]:
+        db.execute("INSERT INTO runs (run_id, created_at, body) VALUES (?, ?, ?)", (odd, 0.1, "é ' \" ?"))
+        db.execute("INSERT INTO metric_steps VALUES (?, ?, ?, ?, ?)", (2**62, -1, 1e-300, 7, blob))
+        db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (1, odd, "log", 2.5, "{}"))
+        run = db.execute("SELECT run_id, created_at, body FROM runs").fetchone()
+        step = db.execute("SELECT series_id, step, time, packed FROM metric_steps").fetchone()
+        missing = db.execute("SELECT MAX(step) FROM metric_steps WHERE series_id = ?", (1,)).fetchone()
+        return (*run, *step, *missing)
+
+    def refused(db: Db) -> None:
+        db.execute("INSERT INTO no_such_table VALUES (?)", (1,))
+
+    async def groups() -> list[object]:
+        first = await asyncio.gather(
+            store.write(roundtrip, run=odd), store.write(refused, run="x"), return_exceptions=True
+        )
+        return [*first, await store.write(lambda db: db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])]
+
+    try:
+        values, error, count = asyncio.run(groups())
+    finally:
+        store.close()
+    assert values == (odd, 0.1, "é ' \" ?", 2**62, -1, 1e-300, blob, None)
+    assert isinstance(error, psycopg.errors.UndefinedTable)
+    assert count == 1
+
+
 def test_a_database_of_a_newer_schema_is_refused(postgres_cluster: LocalPostgres) -> None:
     """A server never writes tables it does not know; it says which versions disagree."""
     url = postgres_cluster.create_database("pg_newer")
