@@ -122,6 +122,9 @@ class GradientStats:
             for end, size, param in zip(accumulate(sizes), sizes, shards, strict=False)
         ]
         self._copied = False
+        self._fused_copy = device.type != "cpu"
+        """`torch._foreach_copy_` is one kernel on a GPU; on the CPU it has none, and one `copy_` per parameter takes
+        a third of its time."""
         self._grad_norms: list[Tensor] | None = None
 
     @torch.no_grad()
@@ -141,10 +144,11 @@ class GradientStats:
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
         if self.track_updates:
-            # One copy_ per parameter: on the CPU a third of the time of `torch._foreach_copy_`, which has no fused
-            # kernel there.
-            for before, param in zip(self._before, params, strict=True):
-                before.copy_(param)
+            if self._fused_copy:
+                torch._foreach_copy_(self._before, params)
+            else:
+                for before, param in zip(self._before, params, strict=True):
+                    before.copy_(param)
             self._copied = True
         self._grad_norms = list(norms)
 
