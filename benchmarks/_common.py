@@ -156,6 +156,27 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--preset` and `--device` of the built-in run, so a benchmark of it also runs `gpu-small` on a GPU."""
+    from trainer.run import PRESETS
+
+    parser.add_argument(
+        "--preset", choices=tuple(PRESETS), default="cpu-tiny", help="built-in run preset (%(default)s)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where it trains (default %(default)s)"
+    )
+
+
+def device_name(device: Any) -> str:
+    """A torch device as a figure's label: `cpu`, or `cuda:0 (NVIDIA H100 80GB HBM3)`."""
+    import torch
+
+    if device.type != "cuda":
+        return str(device)
+    return f"{device} ({torch.cuda.get_device_name(device)})"
+
+
 def write_summary(path: Path | None, summary: dict[str, Any]) -> None:
     if path is not None:
         path.write_text(json.dumps(summary, indent=2))

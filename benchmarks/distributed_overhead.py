@@ -1,11 +1,13 @@
-"""Step-time cost of the `Steer` hook under torchrun: the built-in `cpu-tiny` run on 2 DDP ranks (gloo, CPU).
+"""Step-time cost of the `Steer` hook under torchrun: the built-in `cpu-tiny` run on 2 DDP ranks (gloo, CPU), or
+`--preset gpu-small --device cuda` on a rank per GPU (NCCL; one rank on a one-GPU machine).
 
 Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
 model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`record`
 after it buffers the values; `poll` before the next makes one all-gather on the gloo side group that carries rank
 0's pending-command count and the values to reduce; the in-memory snapshot every 25 steps). It then times that
 collective alone. Prints
-figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores).
+figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores); on one GPU:
+`python -m benchmarks.distributed_overhead --preset gpu-small --device cuda --nproc-per-node 1`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmarks._common import REPO, Server, load_average
+from benchmarks._common import REPO, Server, add_run_arguments, device_name, load_average
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -34,7 +36,11 @@ def rank_main(args: argparse.Namespace) -> int:
     from trainer.run import BuiltinRun, RunConfig
 
     torch.set_num_threads(1)
-    run = BuiltinRun(RunConfig(server=args.server, steps=10**9, run_name="distributed-overhead"))
+    run = BuiltinRun(
+        RunConfig(
+            server=args.server, steps=10**9, run_name="distributed-overhead", preset=args.preset, device=args.device
+        )
+    )
     steer, ranks = run.steer, run.steer.ranks
     assert ranks is not None, "run me without torchrun: I start it"
     times: dict[str, list[float]] = {"plain": [], "steered": []}
@@ -83,7 +89,8 @@ def rank_main(args: argparse.Namespace) -> int:
     dist.all_gather_object(everyone, mine)
     if ranks.leader:
         print(
-            f"torch {torch.__version__}, {ranks.world} ranks (DDP, gloo, 1 thread each), {len(times['steered'])} steps "
+            f"torch {torch.__version__}, {args.preset} on {ranks.world} rank(s) (DDP on {dist.get_backend()}, "
+            f"{device_name(run.device)}, 1 thread each; gloo side channel), {len(times['steered'])} steps "
             f"of each kind in blocks of {args.block}, load average {load_average()}"
         )
         for rank, figures in enumerate(everyone):
@@ -114,6 +121,7 @@ def main() -> int:
     parser.add_argument("--nproc-per-node", type=int, default=2, help="ranks (default %(default)s)")
     parser.add_argument("--collectives", type=int, default=500, help="side-channel calls timed alone")
     parser.add_argument("--server", help=argparse.SUPPRESS)
+    add_run_arguments(parser)
     args = parser.parse_args()
     if "RANK" in os.environ:
         return rank_main(args)
@@ -121,7 +129,8 @@ def main() -> int:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
             "-m", "benchmarks.distributed_overhead", "--server", server.url, "--steps", str(args.steps),
-            "--block", str(args.block), "--collectives", str(args.collectives),
+            "--block", str(args.block), "--collectives", str(args.collectives), "--preset", args.preset,
+            "--device", args.device,
         ]  # fmt: skip
         return subprocess.run(command, cwd=REPO, check=False).returncode
 

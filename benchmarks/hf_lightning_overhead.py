@@ -10,7 +10,8 @@ its median, and its mean, which counts the due steps of the statistics taken eve
 that is sent `set_hparams` commands at random moments, how many step boundaries each took from the moment the
 server accepted it to the boundary it was applied at (1: the next one). Asserts nothing.
 
-Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both] [--steps 60] [--rounds 3]`.
+Run: `python -m benchmarks.hf_lightning_overhead [--framework hf|lightning|both] [--steps 60] [--rounds 3]`;
+`--device cuda` trains on the GPU.
 
 `--peer` adds, for HF, the same run under the peer "Interactive Training" (github.com/yuntian-group/
 interactive-training: `make_interactive(Trainer)`, its copy of HF's training loop and its four callbacks, timed at
@@ -150,9 +151,10 @@ def train(
     clock: Clock,
     workdir: Path,
     started: Callable[[Any], None] | None = None,
+    device: str = "cpu",
 ) -> Any:
-    """One run of `steps` steps; `kind` is `without`, `machinery`, `full` or `logits1`. Returns the steering
-    callback, which `started` is also handed before training starts."""
+    """One run of `steps` steps on `device` (`cpu` or `cuda`); `kind` is `without`, `machinery`, `full` or
+    `logits1`. Returns the steering callback, which `started` is also handed before training starts."""
     torch.manual_seed(0)
     blocks = domains()
     examples: DomainMixture[Any] = (
@@ -181,14 +183,14 @@ def train(
         if started is not None:
             started(callback)
     if kind == "peer":
-        return train_peer(steps, clock, workdir, examples, callbacks)
+        return train_peer(steps, clock, workdir, examples, callbacks, device)
     if framework == "hf":
-        model, args = hf_run(workdir / "hf", steps)
+        model, args = hf_run(workdir / "hf", steps, device)
         Trainer(model=model, args=args, train_dataset=examples, callbacks=callbacks).train()
     else:
         trainer = L.Trainer(
             max_steps=steps,
-            accelerator="cpu",
+            accelerator="gpu" if device == "cuda" else "cpu",
             devices=1,
             logger=False,
             enable_checkpointing=False,
@@ -203,7 +205,7 @@ def train(
     return callback
 
 
-def hf_run(output_dir: Path, steps: int) -> tuple[GPT2LMHeadModel, TrainingArguments]:
+def hf_run(output_dir: Path, steps: int, device: str) -> tuple[GPT2LMHeadModel, TrainingArguments]:
     """The tiny GPT-2 and its training arguments, the same for runsteer's runs and the peer's."""
     config = GPT2Config(
         vocab_size=256, n_positions=BLOCK, n_embd=64, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
@@ -217,19 +219,19 @@ def hf_run(output_dir: Path, steps: int) -> tuple[GPT2LMHeadModel, TrainingArgum
         logging_steps=10,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         disable_tqdm=True,
     )
     return GPT2LMHeadModel(config), args
 
 
-def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any]) -> None:
+def train_peer(steps: int, clock: Clock, workdir: Path, examples: Any, callbacks: list[Any], device: str) -> None:
     """The same HF run under the peer "Interactive Training" (`make_interactive(Trainer)`, its own copy of HF's
     training loop and its four callbacks, which are timed like ours). It is installed outside the project."""
     from interactive_training import callbacks as peer_callbacks  # the peer, installed apart
     from interactive_training import make_interactive
 
-    model, args = hf_run(workdir / "peer", steps)
+    model, args = hf_run(workdir / "peer", steps, device)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -294,7 +296,7 @@ class Latency:
     end of that step, seconds it took to reach the trainer)."""
 
 
-def command_latency(framework: str, steps: int, server: str, workdir: Path) -> Latency:
+def command_latency(framework: str, steps: int, server: str, workdir: Path, device: str) -> Latency:
     """For `set_hparams` commands sent at random moments of a steered run: boundaries from the server's acceptance
     (`created_at`, stamped before the command is stored), from the submitter's having the answer (`answered`: it is
     stored), from the server's handing it out to the trainer's poller (`delivered_at`) and from the poller's queuing
@@ -331,7 +333,7 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path) -> L
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    callback = train(framework, "full", steps, server, clock, workdir, started=hand_over)
+    callback = train(framework, "full", steps, server, clock, workdir, started=hand_over, device=device)
     sender.join(30)
     with Client(server) as client:
         records = [r for r in client.list_commands(callback.steer.run_id) if r.status == "applied"]
@@ -382,6 +384,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the four kinds (default %(default)s)")
     parser.add_argument("--latency-steps", type=int, default=150, help="steps of the command run (default %(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where they train (%(default)s)")
     parser.add_argument(
         "--peer",
         action="store_true",
@@ -400,14 +403,16 @@ def main() -> int:
             for round_index in range(args.rounds):
                 for kind in steps:
                     clock = Clock()
-                    train(framework, kind, args.steps, server.url, clock, Path(tmp) / f"{framework}{round_index}{kind}")
+                    workdir = Path(tmp) / f"{framework}{round_index}{kind}"
+                    train(framework, kind, args.steps, server.url, clock, workdir, device=args.device)
                     steps[kind] += clock.step_times()
                     if kind in hooks:
                         hooks[kind] += clock.hook_times()
-            latency = command_latency(framework, args.latency_steps, server.url, Path(tmp) / f"{framework}-latency")
+            workdir = Path(tmp) / f"{framework}-latency"
+            latency = command_latency(framework, args.latency_steps, server.url, workdir, args.device)
             base = statistics.median(steps["without"])
             print(
-                f"\n{framework}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+                f"\n{framework}: torch {torch.__version__}, {torch.get_num_threads()} thread(s), on {args.device}, "
                 f"load average {load_average()}, {args.rounds} rounds x {args.steps} steps per kind"
             )
             print(f"  median step without the callback        {base * 1e3:8.2f} ms")

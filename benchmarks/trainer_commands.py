@@ -1,4 +1,4 @@
-"""Command latency into a training `cpu-tiny` run, and the step time while a burst of 300 commands drains.
+"""Command latency into a training `cpu-tiny` run (or `--preset`), and the step time while 300 commands drain.
 
 A submitter thread sends `set_hparams` commands at random moments inside running steps; the training loop notes
 when each one was fetched (in the inbox) and applied (at a boundary). Then 300 commands are queued at once and
@@ -16,7 +16,15 @@ import time
 
 import torch
 
-from benchmarks._common import UNLIMITED, Server, format_ms, load_average, percentiles_ms
+from benchmarks._common import (
+    UNLIMITED,
+    Server,
+    add_run_arguments,
+    device_name,
+    format_ms,
+    load_average,
+    percentiles_ms,
+)
 from protocols.client import Client
 from trainer.run import BuiltinRun, RunConfig
 
@@ -26,10 +34,13 @@ def main() -> int:
     parser.add_argument("--commands", type=int, default=200, help="commands for the latency figures")
     parser.add_argument("--burst", type=int, default=300, help="commands in the burst")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default %(default)s)")
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with Server() as server, Client(server.url) as client:
-        run = BuiltinRun(RunConfig(server=server.url, steps=10**9, run_name="commands"))
+        run = BuiltinRun(
+            RunConfig(server=server.url, steps=10**9, run_name="commands", preset=args.preset, device=args.device)
+        )
         steer = run.steer
         client.set_policy(steer.run_id, UNLIMITED)
         submitted: dict[str, tuple[float, float, int]] = {}
@@ -92,7 +103,8 @@ def main() -> int:
         steer.close()
 
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} on {device_name(run.device)}, "
+        f"load average {load_average()}; "
         f"median step {typical * 1e3:.1f} ms"
     )
     delivered = [applied[c] - submitted[c][1] for c in submitted]

@@ -1,9 +1,10 @@
-"""Step-time cost of the `Steer` hook and of the full metric set, on the built-in `cpu-tiny` run.
+"""Step-time cost of the `Steer` hook and of the full metric set, on the built-in run (`cpu-tiny`, or `--preset`).
 
 Three kinds of step train the same model, interleaved in blocks in one process so that machine load hits them
 alike: a plain loop step with the loss only (`clip_grad_norm_`, `loss.item()`), the built-in step with every
 metric of the README's table read back each step, and that step steered (`poll` before, `record` after, the I/O
-threads running). Prints figures; asserts nothing. Run: `python -m benchmarks.trainer_overhead` (~2.5 min).
+threads running). Prints figures; asserts nothing. Run: `python -m benchmarks.trainer_overhead` (~2.5 min);
+on a GPU: `--preset gpu-small --device cuda`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks._common import Server, load_average
+from benchmarks._common import Server, add_run_arguments, device_name, load_average
 from trainer.run import BuiltinRun, RunConfig
 
 
 def loss_only_step(run: BuiltinRun) -> float:
     """What a plain loop does: forward, cross-entropy, backward, clip, step; reads the loss back, nothing else."""
-    inputs, targets, _ = run.sampler.next_batch()
-    logits = run.model(inputs)
+    inputs, targets, _ = (t.to(run.device, non_blocking=True) for t in run.sampler.next_batch())
+    with run.autocast():
+        logits = run.model(inputs)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     torch.autograd.backward(loss)
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.steer.grad_clip)
@@ -43,10 +45,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="steps of each kind (default %(default)s)")
     parser.add_argument("--block", type=int, default=10, help="steps per interleaved block (default %(default)s)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    add_run_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with Server() as server:
-        run = BuiltinRun(RunConfig(server=server.url, steps=10**9, run_name="overhead"))
+        run = BuiltinRun(
+            RunConfig(server=server.url, steps=10**9, run_name="overhead", preset=args.preset, device=args.device)
+        )
         steer = run.steer
         times: dict[str, list[float]] = {"loss only": [], "full metrics": [], "steered": []}
         cpu_times: dict[str, list[float]] = {kind: [] for kind in times}
@@ -86,7 +91,7 @@ def main() -> int:
     cpu_median = {kind: statistics.median(samples) * 1e3 for kind, samples in cpu_times.items()}
     steered_steps = len(times["steered"])
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {run.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} on {device_name(run.device)}, "
         f"{steered_steps} steps of each kind in blocks of {args.block}, load average {load_average()}"
     )
     for kind, value in median.items():

@@ -113,8 +113,8 @@ class Ranks:
 
     @classmethod
     def detect(cls, model: nn.Module, config: DistributedConfig | None = None) -> Ranks | None:
-        """The side channel when this process is one of several ranks of an initialised group, else None."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        """The side channel when this process is a rank of an initialised group (one of one included), else None."""
+        if not (dist.is_available() and dist.is_initialized()):
             return None
         return cls(sharded=is_sharded(model), config=config)
 
@@ -411,9 +411,10 @@ def end_on_sigterm() -> None:
 
 def place(device: torch.device, timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Under torchrun, join the process group (NCCL on CUDA, gloo on the CPU) and pick this rank's GPU;
-    returns (rank, world size, device). Outside torchrun: (0, 1, `device`)."""
+    returns (rank, world size, device). Outside torchrun: (0, 1, `device`). One rank under torchrun joins a group of
+    one too, so a single GPU runs the distributed path (NCCL for the model, the gloo side channel) as N would."""
     rank, world, local_rank = world_of_env()
-    if world < 2:
+    if world < 2 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return rank, world, device
     where = torch.device("cuda", local_rank) if device.type == "cuda" else device
     if not dist.is_initialized():
@@ -435,8 +436,8 @@ def _leave() -> None:
 
 
 def replicate(model: nn.Module, device: torch.device) -> nn.Module:
-    """The model wrapped for data parallelism (DDP) when several ranks run, else the model itself."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    """The model wrapped for data parallelism (DDP) when it trains in a process group, else the model itself."""
+    if not (dist.is_available() and dist.is_initialized()):
         return model
     from torch.nn.parallel import DistributedDataParallel
 

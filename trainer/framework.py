@@ -119,8 +119,11 @@ class FrameworkSteer:
         if losses:
             extra["loss"] = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
             losses.clear()
-        # The one host-device sync of the step: the health metrics and the loss come back in one transfer.
-        steer.record(done - 1, **(health.end_step(**extra) if health is not None else extra))
+        if health is not None:
+            # The health metrics and the loss go to the host in one transfer, read a step later (no wait on CUDA).
+            steer.record_values(done - 1, health.finish_step(**extra))
+        else:
+            steer.record(done - 1, **extra)
         return self.boundary(done)
 
     def boundary(self, step: int) -> Boundary:

@@ -12,7 +12,9 @@ modules, and measures, with no change to the model's code:
   norm) is NaN or infinite, else 0.0.
 
 Every value stays on the device until `end_step`, which reads them all back in one transfer: one host-device
-sync per step. Call the methods from the hooks the loop offers, in this order each optimizer step:
+sync per step (`finish_step` starts the same transfer without waiting for it; `Steer` reads it a step later, so
+on CUDA the loop never waits for the GPU). Call the methods from the hooks the loop offers, in this order each
+optimizer step:
 
 ```python
 health = Health(model, attention_every=10, logit_every=10)
@@ -53,7 +55,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import GradientNorms, GradientStats, all_finite, logit_scalars, read_scalars
+from trainer.metrics import GradientNorms, GradientStats, HostValues, all_finite, logit_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -239,6 +241,11 @@ class Health:
 
     def end_step(self, **extra: Tensor | float) -> dict[str, float]:
         """Every value of the step (and `extra`, such as the loss) as floats, in one host-device transfer."""
+        return self.finish_step(**extra).read()
+
+    def finish_step(self, **extra: Tensor | float) -> HostValues:
+        """Every value of the step (and `extra`) gathered and on its way to the host in one transfer, read when
+        needed: on CUDA a step later costs no wait (`Steer` does so)."""
         self._detach_attention()
         if self.gradients.pending:
             # The optimizer did not step (a GradScaler skipped it): the update is zero and reported as such.
@@ -258,11 +265,7 @@ class Health:
                 scalars[f"attn_logit_max/{layer}"] = mode.value
         norms = self._norms
         self._reset()
-        values = {**read_scalars(scalars, gradients=norms), **floats} if scalars or norms is not None else floats
-        values["nonfinite_grad"] = float(not math.isfinite(values.get("grad_norm", 0.0)))
-        values["nonfinite_param"] = float(not math.isfinite(values.get("param_norm", 0.0)))
-        values["nonfinite"] = float(not all_finite(values))
-        return values
+        return HostValues(scalars, floats, then=_flag_nonfinite, gradients=norms)
 
     # Hooks for loops that are not ours
 
@@ -326,6 +329,13 @@ class Health:
         self._logit_batches = 0
         for mode in self._modes.values():
             mode.value = None
+
+
+def _flag_nonfinite(values: dict[str, float]) -> None:
+    """Add the non-finite flags: of the gradient norm, of the parameter norm, of any value."""
+    values["nonfinite_grad"] = float(not math.isfinite(values.get("grad_norm", 0.0)))
+    values["nonfinite_param"] = float(not math.isfinite(values.get("param_norm", 0.0)))
+    values["nonfinite"] = float(not all_finite(values))
 
 
 def _logits_of(output: Any) -> Tensor | None:

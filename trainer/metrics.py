@@ -1,13 +1,14 @@
-"""The per-step health metrics, computed with fused kernels and one host-device sync per step.
+"""The per-step health metrics, computed with fused kernels and read back in one transfer per step.
 
-Every value is gathered as a 0-d device tensor and read back with a single `tolist()` at the end of the
-step, so that on CUDA the training thread waits on the device once, not once per metric.
+Every value is gathered as a 0-d device tensor and brought to the host in a single copy at the end of the step,
+so that on CUDA the training thread waits on the device at most once, not once per metric (`HostValues` does not
+wait at all: its copy runs behind the step's kernels and is read a step later).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
@@ -199,8 +200,8 @@ class GradientStats:
 
 @dataclass
 class GradientNorms:
-    """One step's per-parameter norms (0-d float32 device tensors), which `read_scalars` brings back with the step's
-    other values and finishes into `grad_norm`, `grad_norm/<block>`, `param_norm` and `update_ratio`."""
+    """One step's per-parameter norms (0-d float32 device tensors), which `read_scalars` or `HostValues` bring back
+    with the step's other values and finishes into `grad_norm`, `grad_norm/<block>`, `param_norm` and `update_ratio`."""
 
     stats: GradientStats
     norms: list[Tensor]
@@ -225,10 +226,7 @@ def read_scalars(
 ) -> dict[str, float]:
     """Bring every device value to the host at once (one sync): `scalars`, `loss/<domain>` for domains in the batch,
     and the gradient statistics finished from their per-parameter norms."""
-    tensors = [_as_scalar(value) for value in scalars.values()]
-    if gradients is not None:
-        tensors += gradients.norms
-    stacked = torch.stack(tensors)
+    stacked = _stacked(scalars, gradients)
     if domains and domain_sums is not None and domain_counts is not None:
         stacked = torch.cat([stacked, domain_sums.float(), domain_counts.float()])
     flat = stacked.tolist()
@@ -241,6 +239,58 @@ def read_scalars(
         sums, counts = flat[end : end + len(domains)], flat[end + len(domains) :]
         values.update({f"loss/{name}": s / c for name, s, c in zip(domains, sums, counts, strict=True) if c > 0})
     return values
+
+
+class HostValues:
+    """A step's device scalars (and floats) on their way to the host in one transfer. On CUDA the copy is queued
+    behind the step's kernels into pinned memory, so gathering them does not wait for the GPU; `read` waits only
+    for a copy that has not landed yet (a step later it has, and the loop never stalls on the device)."""
+
+    def __init__(
+        self,
+        scalars: dict[str, Tensor],
+        floats: dict[str, float],
+        then: Callable[[dict[str, float]], None] | None = None,
+        gradients: GradientNorms | None = None,
+    ) -> None:
+        self.names = list(scalars)
+        self.gradients = gradients
+        """Finished into named values once read (see `GradientStats`)."""
+        self.floats = floats
+        self.then = then
+        """Called on the values once read (e.g. to add flags computed from them)."""
+        self._event: torch.cuda.Event | None = None
+        self._host: Tensor | None = None
+        if scalars or gradients is not None:
+            stacked = _stacked(scalars, gradients)
+            if stacked.is_cuda:
+                self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                self._host.copy_(stacked, non_blocking=True)
+                self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                self._event.record()
+            else:
+                self._host = stacked
+
+    def read(self) -> dict[str, float]:
+        """The values as floats (the device ones first, then the floats handed over)."""
+        if self._event is not None:
+            self._event.synchronize()
+        flat = self._host.tolist() if self._host is not None else []
+        values = dict(zip(self.names, flat, strict=False))
+        if self.gradients is not None:
+            values.update(self.gradients.finish(flat[len(self.names) :]))
+        values.update(self.floats)
+        if self.then is not None:
+            self.then(values)
+        return values
+
+
+def _stacked(scalars: dict[str, Tensor], gradients: GradientNorms | None = None) -> Tensor:
+    """The values as one float32 vector, in the dict's order, then the gradient statistics' norms (one kernel)."""
+    tensors = [_as_scalar(value) for value in scalars.values()]
+    if gradients is not None:
+        tensors += gradients.norms
+    return torch.stack(tensors)
 
 
 def _as_scalar(value: Tensor) -> Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +40,7 @@ from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, 
 from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
-from trainer.metrics import as_floats
+from trainer.metrics import HostValues, as_floats
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
@@ -142,6 +141,8 @@ class Steer:
         self._unreduced: list[Sample] = []
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
+        self._unread: tuple[int, HostValues] | None = None
+        """In one process, the last step's health values still on their way to the host (see `record_values`)."""
         self.health = health
         """With one, every `record` adds the model's health metrics (trainer/health.py) in the same transfer, and the
         optimizer clips to `grad_clip` by itself (in its step pre-hook)."""
@@ -194,36 +195,48 @@ class Steer:
             # for a run that goes wrong before its first periodic snapshot (a learning rate far too high does its
             # damage during warm-up).
             self._last_periodic = (live.branch, step)
+            self._read_unread()  # a checkpoint is unhealthy if the values before it were not finite
             live.save_checkpoint(to_disk=to_disk and step != 0)
         if self.health is not None:
             self.health.begin_step(step)
         return step
 
     def record(self, step: int, /, **values: float | Tensor) -> None:
-        """Buffer one step's metrics, such as `loss=` (a tensor is read with one sync each, or all in one with
-        `health`). `step` is positional only, so that Python matches no keyword against it: a call passing many
-        values costs less."""
+        """Buffer one step's metrics, such as `loss=` (a tensor is read with one sync each; with `health`, all in one
+        transfer, read a step later). `step` is positional only, so that Python matches no keyword against it: a
+        call passing many values costs less."""
         given = values  # a fresh dict (the keyword arguments), which this call may change
-        finite = None
+        if "lr" not in given:
+            given["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.health is not None:
-            floats = self.health.end_step(**given)
-        else:
-            finite = as_floats(given)
-            floats = cast("dict[str, float]", given)
-        if "lr" not in floats:
-            floats["lr"] = lr = float(self.live.optimizer.param_groups[0]["lr"])
-            finite = finite and math.isfinite(lr)
+            self.record_values(step, self.health.finish_step(**given))
+            return
+        self._read_unread()  # samples go out in the order they were recorded (the first value of a step wins)
+        finite = as_floats(given)
+        floats = cast("dict[str, float]", given)
         if self.ranks is not None:
             # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
             self._unreduced.append((step, floats))
             return
         self.live.record(step, floats, finite)
 
+    def record_values(self, step: int, values: HostValues) -> None:
+        """Buffer one step's values gathered by `Health.finish_step`. In one process they are read at the next
+        record, or sooner when a command, a checkpoint or the end needs them: on CUDA their copy has landed by then,
+        so the loop never waits for the GPU to finish a step. Under torchrun they are read now (reduced at the next
+        boundary)."""
+        self._read_unread()
+        if self.ranks is None:
+            self._unread = (step, values)
+        else:
+            self._unreduced.append((step, values.read()))
+
     def close(self, status: str = "finished", message: str = "") -> bool:
         """Mark the run finished (or `status`), send what is queued and stop the I/O threads."""
         if self._closed:
             return True
         self._closed = True
+        self._read_unread()
         if self.ranks is not None and status == "finished":
             try:
                 self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
@@ -265,6 +278,7 @@ class Steer:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
         values recorded since the last boundary are reduced and sent at the next one)."""
+        self._read_unread()
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)
@@ -281,6 +295,7 @@ class Steer:
 
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
         """Snapshot the run now and report it to the server."""
+        self._read_unread()
         return self.live.save_checkpoint(tag, to_disk=to_disk)
 
     # What loops read of the live run
@@ -326,6 +341,7 @@ class Steer:
         """Apply the commands due at the boundary before `step`, hold while paused; returns the run's step (moved by a
         rollback), raises `StopTraining` on stop."""
         live = self.live
+        self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
         self._apply_due(0.0)
         if live.paused:
             wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
@@ -335,6 +351,13 @@ class Steer:
         if live.stopped:
             raise StopTraining(f"stopped by command at step {live.step}")
         return live.step
+
+    def _read_unread(self) -> None:
+        """Record the values `record_values` left on their way to the host."""
+        if self._unread is not None:
+            step, values = self._unread
+            self._unread = None
+            self.live.record(step, values.read())
 
     def _take_inbox(self) -> None:
         if self.io.inbox.empty():

@@ -125,3 +125,36 @@ def test_recorded_ints_bools_and_tensors_arrive_as_floats_and_a_nan_marks_the_ch
     assert healthy.healthy and healthy.metrics == {"loss": 2.5, "tokens": 512.0, "lr": 0.1}
     assert all(type(value) is float for value in healthy.metrics.values())
     assert not unhealthy.healthy and unhealthy.metrics == {"tokens": 7.0, "warm": 0.0, "lr": 0.1}
+
+
+def test_health_values_reach_the_run_before_a_command_or_a_snapshot_that_needs_them(
+    server_url: str, client: Client
+) -> None:
+    """With `health` a step's values are read at the next record (on CUDA their copy never makes the loop wait), but
+    a command at the boundary comes after them: the step before a rollback is stored on the branch it trained on,
+    and the snapshot right after a non-finite step is marked unhealthy."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = torch.randn(8, 4)
+    config = SteerConfig(run_name="read-later", io=FAST_IO, snapshot_every=4)
+    with Steer(model, optimizer, health=Health(model), server=server_url, config=config) as steer:
+        for i in range(9):
+            step = steer.poll(i)
+            if i == 3:
+                deliver(client, steer, {"type": "rollback", "step": 0})
+            poison = float("nan") if step == 3 and steer.branch != "main" else 1.0
+            loss = model(inputs).pow(2).mean() * poison
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steer.record(step, loss=loss)
+        steer.flush()
+        assert steer.run_id is not None
+        run_id, branch = steer.run_id, steer.branch
+    main = client.metrics_history(run_id, branch="main").series
+    assert main["grad_norm"].steps == [0, 1, 2, 3], "the step before the rollback is stored on its own branch"
+    assert branch == "main.r0"
+    assert client.metrics_history(run_id, branch=branch).series["grad_norm"].steps[:3] == [0, 1, 2]
+    snapshots = {info.step: info for info in client.list_checkpoints(run_id, branch=branch)}
+    assert snapshots[4].healthy is False, "the snapshot after the non-finite step 3 is unhealthy"
