@@ -107,7 +107,8 @@ class FrameworkSteer:
     def note_loss(self, loss: Any) -> None:
         """Keep a micro-batch's loss tensor (read once per step, in `end_step`)."""
         if isinstance(loss, Tensor):
-            self._losses.append(loss.detach())
+            # Lightning hands it over detached already: a detach is a tensor call, which costs microseconds.
+            self._losses.append(loss.detach() if loss.requires_grad else loss)
 
     def end_step(self, done: int) -> Boundary | None:
         """After `done` optimizer steps: record the step just done, then apply commands at the boundary."""
