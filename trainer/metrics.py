@@ -201,7 +201,7 @@ class GradientStats:
 @dataclass
 class GradientNorms:
     """One step's per-parameter norms (0-d float32 device tensors), which `read_scalars` or `HostValues` bring back
-    with the step's other values and finishes into `grad_norm`, `grad_norm/<block>`, `param_norm` and `update_ratio`."""
+    with the step's other values and finish into `grad_norm`, `grad_norm/<block>`, `param_norm` and `update_ratio`."""
 
     stats: GradientStats
     norms: list[Tensor]
@@ -209,6 +209,7 @@ class GradientNorms:
     """False when the optimizer stepped without `before_step` (no gradient norms among `norms`)."""
 
     def finish(self, norms: list[float]) -> dict[str, float]:
+        """The named values from `norms` read back as floats, in the order of `self.norms`."""
         return self.stats.finish(norms, self.with_gradients)
 
 
