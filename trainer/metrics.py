@@ -125,7 +125,7 @@ class GradientStats:
         self._copied = False
         self._fused_copy = device.type != "cpu"
         """`torch._foreach_copy_` is one kernel on a GPU; on the CPU it has none, and one `copy_` per parameter takes
-        a third of its time."""
+        less than half its time."""
         self._grad_norms: list[Tensor] | None = None
 
     @torch.no_grad()
