@@ -291,9 +291,12 @@ class Latency:
     """Seconds from the server's acceptance to the trainer's queuing, per command."""
     handed: list[float]
     """Seconds from the server's handing the command out to the trainer's queuing, per command."""
-    late: list[tuple[float, float]]
+    inside: list[float]
+    """Seconds from the server's acceptance to its handing the command out (the submission stored, the waiting long
+    poll woken, the delivery stored), per command."""
+    late: list[tuple[float, float, float]]
     """For each command applied later than the boundary after its acceptance: (seconds from its acceptance to the
-    end of that step, seconds it took to reach the trainer)."""
+    end of that step, seconds it took to reach the trainer, seconds of those inside the server)."""
 
 
 def command_latency(framework: str, steps: int, server: str, workdir: Path, device: str) -> Latency:
@@ -358,10 +361,12 @@ def command_latency(framework: str, steps: int, server: str, workdir: Path, devi
     for record, at in arrived:
         done = bisect.bisect_right(clock.wall_ends, record.created_at)
         if record.applied_step - done > 1 and done < len(clock.wall_ends):
-            late.append((clock.wall_ends[done] - record.created_at, at - record.created_at))
+            inside = (record.delivered_at or record.created_at) - record.created_at
+            late.append((clock.wall_ends[done] - record.created_at, at - record.created_at, inside))
     delays = [at - record.created_at for record, at in arrived]
     handed = [at - record.delivered_at for record, at in arrived if record.delivered_at is not None]
-    return Latency(boundaries, delays, handed, late)
+    inside = [record.delivered_at - record.created_at for record, _ in arrived if record.delivered_at is not None]
+    return Latency(boundaries, delays, handed, inside, late)
 
 
 def spread(seconds: list[float]) -> str:
@@ -441,12 +446,13 @@ def main() -> int:
             if latency.delays:
                 print(
                     "  from the server's acceptance to the trainer's queue: "
-                    f"{spread(latency.delays)}; from the server's handing it out: {spread(latency.handed)}"
+                    f"{spread(latency.delays)}; from the server's handing it out: {spread(latency.handed)}; inside the "
+                    f"server (stored, the long poll woken, the delivery stored): {spread(latency.inside)}"
                 )
-            for lead, delay in latency.late:
+            for lead, delay, inside in latency.late:
                 print(
                     f"  late from acceptance: accepted {lead * 1e3:.2f} ms before its step's end, "
-                    f"{delay * 1e3:.2f} ms on its way to the trainer"
+                    f"{delay * 1e3:.2f} ms on its way to the trainer ({inside * 1e3:.2f} ms inside the server)"
                 )
     return 0
 

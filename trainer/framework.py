@@ -9,8 +9,7 @@ stop, move its step counter after a rollback, or take a new clipping threshold.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +23,8 @@ METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvw
 """The characters a metric name may hold (protocols' `MetricName`); a framework's log entry with others is left out."""
 
 
-@dataclass(frozen=True)
-class Boundary:
-    """What a step boundary asks of the framework."""
+class Boundary(NamedTuple):
+    """What a step boundary asks of the framework (a named tuple: built every step, and the cheapest to build)."""
 
     step: int
     """The run's step; after a rollback it differs from the framework's counter, which must be set to it."""
@@ -109,7 +107,8 @@ class FrameworkSteer:
     def note_loss(self, loss: Any) -> None:
         """Keep a micro-batch's loss tensor (read once per step, in `end_step`)."""
         if isinstance(loss, Tensor):
-            self._losses.append(loss.detach())
+            # Lightning hands it over detached already: a detach is a tensor call, which costs microseconds.
+            self._losses.append(loss.detach() if loss.requires_grad else loss)
 
     def end_step(self, done: int) -> Boundary | None:
         """After `done` optimizer steps: record the step just done, then apply commands at the boundary."""

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import GradientStats, HostValues, all_finite, logit_scalars
+from trainer.metrics import GradientNorms, GradientStats, HostValues, all_finite, logit_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -198,7 +198,7 @@ class Health:
         self.blocks = blocks if blocks is not None else find_blocks(model)
         self.gradients = GradientStats(self.blocks, track_updates=track_updates)
         self.attention = find_attention(model) if attention_every > 0 else {}
-        self._scalars: dict[str, Tensor] = {}
+        self._norms: GradientNorms | None = None
         self._logit_max: Tensor | None = None
         self._logit_z_sum: Tensor | None = None
         self._logit_batches = 0
@@ -217,13 +217,12 @@ class Health:
                 self._attention_hooks.append(module.register_forward_pre_hook(self._enter(layer)))
                 self._attention_hooks.append(module.register_forward_hook(self._leave(layer), always_call=True))
 
-    @torch.no_grad()
     def observe_logits(self, logits: Tensor) -> None:
         """Take one forward's output logits (B, T, vocab) or (N, vocab): folds in their max and mean log Z (on due
         steps; on others it returns at once)."""
         if not self._logits_due:
             return
-        scalars = logit_scalars(logits)
+        scalars = logit_scalars(logits)  # detached: what follows records nothing for autograd
         if self._logit_max is None or self._logit_z_sum is None:
             self._logit_max, self._logit_z_sum = scalars["logit_max"], scalars["logit_z"]
         else:
@@ -231,14 +230,14 @@ class Health:
             self._logit_z_sum = self._logit_z_sum + scalars["logit_z"]
         self._logit_batches += 1
 
-    def before_optimizer_step(self, max_norm: float = 0.0) -> Tensor:
-        """Gradient norms of the gradients as they are now (clipped to `max_norm` first when it is > 0, the norm
-        reported being the pre-clip one); copies the parameters for `update_ratio`. Returns the global norm."""
-        return self.gradients.before_step(max_norm)
+    def before_optimizer_step(self, max_norm: float = 0.0) -> None:
+        """Gradient norms of the gradients as they are now (clipped to `max_norm` afterwards when it is > 0, the
+        norms reported being the pre-clip ones); copies the parameters for `update_ratio`."""
+        self.gradients.before_step(max_norm)
 
     def after_optimizer_step(self) -> None:
         """Parameter norm and update ratio, once the optimizer has written the parameters."""
-        self._scalars.update(self.gradients.after_step())
+        self._norms = self.gradients.after_step()
 
     def end_step(self, **extra: Tensor | float) -> dict[str, float]:
         """Every value of the step (and `extra`, such as the loss) as floats, in one host-device transfer."""
@@ -251,7 +250,7 @@ class Health:
         if self.gradients.pending:
             # The optimizer did not step (a GradScaler skipped it): the update is zero and reported as such.
             self.after_optimizer_step()
-        scalars = dict(self._scalars)
+        scalars: dict[str, Tensor] = {}
         floats: dict[str, float] = {}
         for name, value in extra.items():
             if isinstance(value, Tensor):
@@ -264,8 +263,9 @@ class Health:
         for layer, mode in self._modes.items():
             if mode.value is not None:
                 scalars[f"attn_logit_max/{layer}"] = mode.value
+        norms = self._norms
         self._reset()
-        return HostValues(scalars, floats, then=_flag_nonfinite)
+        return HostValues(scalars, floats, then=_flag_nonfinite, gradients=norms)
 
     # Hooks for loops that are not ours
 
@@ -324,7 +324,7 @@ class Health:
         self._attention_hooks.clear()
 
     def _reset(self) -> None:
-        self._scalars = {}
+        self._norms = None
         self._logit_max = self._logit_z_sum = None
         self._logit_batches = 0
         for mode in self._modes.values():

@@ -123,8 +123,9 @@ OutItem = SampleItem | SavedItem | ResultItem | RunReport | RunState | FlushItem
 
 
 def to_sample(item: SampleItem) -> MetricsSample:
-    """The wire sample; NaN and infinite values are named in `nonfinite` instead of sent."""
-    values = {name: value for name, value in item.values.items() if math.isfinite(value)}
+    """The wire sample (every value a float: the training thread may hand over ints and bools as they were given);
+    NaN and infinite values are named in `nonfinite` instead of sent."""
+    values = {name: float(value) for name, value in item.values.items() if math.isfinite(value)}
     nonfinite = [name for name in item.values if name not in values]
     return MetricsSample(branch=item.branch, step=item.step, time=item.time, values=values, nonfinite=nonfinite)
 

@@ -77,8 +77,8 @@ class SteerCallback(SteeredCallback, Callback):
         self._follow(self.run.boundary(trainer.global_step), trainer, trainer.global_step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        """Start the step's health metrics."""
-        self.run.begin_step(trainer.global_step)
+        """Start the step's health metrics (the step is the last boundary's: `global_step` is a chain of properties)."""
+        self.run.begin_step(self._stepped)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Gradient norms (before Lightning clips) and the learning rate this step uses."""

@@ -43,6 +43,8 @@ class Sampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+_new_sample = tuple.__new__
+
 LR_TABLE_STEPS = 64
 """How many steps' learning rates `apply_schedule` works out at once."""
 
@@ -313,14 +315,17 @@ class LiveRun:
 
     # Metrics and reports
 
-    def record(self, step: int, values: dict[str, float]) -> None:
+    def record(self, step: int, values: dict[str, float], finite: bool | None = None) -> None:
         """Hand one step's values to the server (through `emit_sample`) and remember them: the next checkpoint carries
-        them and is unhealthy if any was non-finite. The caller hands the dict over: nothing changes it afterwards."""
-        finite = all_finite(values)
+        them and is unhealthy if any was non-finite (`finite`, when the caller knows it already). The caller hands the
+        dict over: nothing changes it afterwards."""
+        if finite is None:
+            finite = all_finite(values)
         if not finite:
             self._healthy_since_checkpoint = False
         self._last_values, self._last_finite = values, finite
-        self.emit_sample(SampleItem(self.branch, step, time.time(), values))
+        # tuple.__new__ builds the named tuple without running its Python-level constructor.
+        self.emit_sample(_new_sample(SampleItem, (self.branch, step, time.time(), values)))
 
     def report(self, item: RunReport) -> None:
         """Hand a report to the server (through `emit`)."""
@@ -388,11 +393,8 @@ class LiveRun:
             tag=tag,
             to_disk=to_disk,
             healthy=self._healthy_since_checkpoint,
-            metrics=(
-                dict(self._last_values)
-                if self._last_finite
-                else {k: v for k, v in self._last_values.items() if math.isfinite(v)}
-            ),
+            # Floats, finite ones: a recorded int or bool is kept as it was given (see `as_floats`).
+            metrics={k: float(v) for k, v in self._last_values.items() if self._last_finite or math.isfinite(v)},
         )
         self._healthy_since_checkpoint = True
         self.emit(SavedItem(info, evicted))

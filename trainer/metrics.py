@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -90,19 +90,24 @@ def logit_scalars(logits: Tensor, lse: Tensor | None = None) -> dict[str, Tensor
 class GradientStats:
     """Gradient norms (global and per block), clipping, parameter norm and update ratio for fixed parameters.
 
-    The update ratio needs the parameters from before the optimizer step; they are copied into views of one
-    flat buffer allocated once, the update is formed in place there after the step, and its norm is a single
-    reduction over that buffer.
+    The device computes only each parameter's norms (one fused `torch._foreach_norm` over the gradients, one over the
+    parameters and the update); they come back with the step's other values in one transfer, and the block, global
+    and parameter norms and the ratio are finished on the host from them (`GradientNorms.finish`): a few float
+    operations there, instead of a dozen tensor calls, each costing microseconds on the CPU. The update ratio needs
+    the parameters from before the optimizer step; they are copied into views of one flat buffer allocated once, and
+    the update is formed in place there after the step.
     """
 
     def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]], *, track_updates: bool = True) -> None:
         self.names = [name for name, _ in blocks]
         self.params: list[Tensor] = [param for _, params in blocks for param in params if param.requires_grad]
         device = self.params[0].device
-        block_of = [index for index, (_, params) in enumerate(blocks) for param in params if param.requires_grad]
-        self._block_index = torch.tensor(block_of, device=device)
-        self._block_keys = [f"grad_norm/{name}" for name in self.names]
-        self._per_block = torch.zeros(len(self.names), device=device)
+        counts = [sum(1 for param in params if param.requires_grad) for _, params in blocks]
+        # The parameters are listed block by block, so a block's norms are one slice of them.
+        self._block_slices = [
+            (f"grad_norm/{name}", end - count, end)
+            for name, count, end in zip(self.names, counts, accumulate(counts), strict=True)
+        ]
         self.track_updates = track_updates
         """Without it, no copy of the parameters is kept and `update_ratio` is not reported."""
         self.sharded = any(is_dtensor(param) for param in self.params)
@@ -118,46 +123,69 @@ class GradientStats:
             for end, size, param in zip(accumulate(sizes), sizes, shards, strict=False)
         ]
         self._copied = False
-        self._scalars: dict[str, Tensor] = {}
+        self._fused_copy = device.type != "cpu"
+        """`torch._foreach_copy_` is one kernel on a GPU; on the CPU it has none, and one `copy_` per parameter takes
+        less than half its time."""
+        self._grad_norms: list[Tensor] | None = None
 
     @torch.no_grad()
-    def before_step(self, max_norm: float) -> Tensor:
-        """After backward, before the optimizer: measure gradient norms and clip; returns the pre-clip norm."""
+    def before_step(self, max_norm: float) -> None:
+        """After backward, before the optimizer: measure the gradients' norms (before clipping) and clip to
+        `max_norm` when it is > 0; copies the parameters for the update ratio."""
         params = self._shards(self.params)
-        grads = self._shards([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
-        squares = torch.stack(torch._foreach_norm(grads)).float().square_()
-        per_block = self._per_block.zero_().index_add_(0, self._block_index, squares).sqrt()
-        total = squares.sum().sqrt()
+        grads = self._shards(cast("list[Tensor]", [param.grad for param in self.params]))  # None: no gradient
+        try:
+            norms = torch._foreach_norm(grads, dtype=torch.float32)
+        except TypeError:  # a parameter that got no gradient this step counts as one whose gradient is zero
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+            norms = torch._foreach_norm(grads, dtype=torch.float32)
         if max_norm > 0.0:
-            # Reuse the norm just computed instead of letting clip_grad_norm_ compute it again (sharded: its shard's).
-            norm = self._global_norm() if self.sharded else total
+            # The norm just computed, not computed again by clip_grad_norm_ (sharded: the norm over every shard).
+            norm = self._global_norm() if self.sharded else torch.linalg.vector_norm(torch.stack(norms))
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
         if self.track_updates:
-            torch._foreach_copy_(self._before, params)
+            if self._fused_copy:
+                torch._foreach_copy_(self._before, params)
+            else:
+                for before, param in zip(self._before, params, strict=True):
+                    before.copy_(param)
             self._copied = True
-        self._scalars = {"grad_norm": total, **dict(zip(self._block_keys, per_block.unbind(), strict=True))}
-        return total
+        self._grad_norms = list(norms)
 
     @property
     def pending(self) -> bool:
         """True between `before_step` and `after_step`."""
-        return bool(self._scalars)
+        return self._grad_norms is not None
 
     @torch.no_grad()
-    def after_step(self) -> dict[str, Tensor]:
-        """After the optimizer step: parameter norm and update ratio, plus the gradient norms of `before_step`.
-
-        The update ratio is reported only when `before_step` copied the parameters since the last call.
-        """
+    def after_step(self) -> GradientNorms:
+        """After the optimizer step: the norms of the parameters and of their update, beside the gradients' norms of
+        `before_step`, still on the device. The update ratio is reported only when `before_step` copied the parameters
+        since the last call."""
         params = self._shards(self.params)
-        param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
-        scalars, self._scalars = {**self._scalars, "param_norm": param_norm}, {}
+        measured = params
         if self._copied:
             torch._foreach_sub_(self._before, params)
-            scalars["update_ratio"] = torch.linalg.vector_norm(self._flat_before) / (param_norm + 1e-12)
+            measured = [*params, self._flat_before]
             self._copied = False
-        return scalars
+        grad_norms, self._grad_norms = self._grad_norms or [], None
+        return GradientNorms(self, [*grad_norms, *torch._foreach_norm(measured, dtype=torch.float32)], bool(grad_norms))
+
+    def finish(self, norms: list[float], with_gradients: bool) -> dict[str, float]:
+        """The named values from the per-parameter norms of `after_step`, once on the host."""
+        count = len(self.params)
+        values: dict[str, float] = {}
+        if with_gradients:
+            grads, norms = norms[:count], norms[count:]
+            values["grad_norm"] = math.hypot(*grads)
+            for key, start, end in self._block_slices:
+                values[key] = math.hypot(*grads[start:end])
+        param_norm = math.hypot(*norms[:count])
+        values["param_norm"] = param_norm
+        if len(norms) > count:
+            values["update_ratio"] = norms[count] / (param_norm + 1e-12)
+        return values
 
     def _shards(self, tensors: list[Tensor]) -> list[Tensor]:
         """This rank's shards of DTensors (looked up each time: FSDP2 may replace them), else the tensors."""
@@ -170,6 +198,21 @@ class GradientStats:
         return norm.full_tensor() if is_dtensor(norm) else norm
 
 
+@dataclass
+class GradientNorms:
+    """One step's per-parameter norms (0-d float32 device tensors), which `read_scalars` or `HostValues` bring back
+    with the step's other values and finish into `grad_norm`, `grad_norm/<block>`, `param_norm` and `update_ratio`."""
+
+    stats: GradientStats
+    norms: list[Tensor]
+    with_gradients: bool
+    """False when the optimizer stepped without `before_step` (no gradient norms among `norms`)."""
+
+    def finish(self, norms: list[float]) -> dict[str, float]:
+        """The named values from `norms` read back as floats, in the order of `self.norms`."""
+        return self.stats.finish(norms, self.with_gradients)
+
+
 def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
     """True for a DTensor (an FSDP2 shard), without importing torch.distributed for plain tensors."""
     return type(tensor).__name__ == "DTensor"
@@ -180,15 +223,21 @@ def read_scalars(
     domains: list[str] | None = None,
     domain_sums: Tensor | None = None,
     domain_counts: Tensor | None = None,
+    gradients: GradientNorms | None = None,
 ) -> dict[str, float]:
-    """Bring every device value to the host at once (one sync); `loss/<domain>` for domains in the batch."""
-    stacked = _stacked(scalars)
+    """Bring every device value to the host at once (one sync): `scalars`, `loss/<domain>` for domains in the batch,
+    and the gradient statistics finished from their per-parameter norms."""
+    stacked = _stacked(scalars, gradients)
     if domains and domain_sums is not None and domain_counts is not None:
         stacked = torch.cat([stacked, domain_sums.float(), domain_counts.float()])
     flat = stacked.tolist()
     values = dict(zip(scalars, flat, strict=False))
+    end = len(scalars)
+    if gradients is not None:
+        end += len(gradients.norms)
+        values.update(gradients.finish(flat[len(scalars) : end]))
     if domains and domain_sums is not None:
-        sums, counts = flat[len(scalars) : len(scalars) + len(domains)], flat[len(scalars) + len(domains) :]
+        sums, counts = flat[end : end + len(domains)], flat[end + len(domains) :]
         values.update({f"loss/{name}": s / c for name, s, c in zip(domains, sums, counts, strict=True) if c > 0})
     return values
 
@@ -203,15 +252,18 @@ class HostValues:
         scalars: dict[str, Tensor],
         floats: dict[str, float],
         then: Callable[[dict[str, float]], None] | None = None,
+        gradients: GradientNorms | None = None,
     ) -> None:
         self.names = list(scalars)
+        self.gradients = gradients
+        """Finished into named values once read (see `GradientStats`)."""
         self.floats = floats
         self.then = then
         """Called on the values once read (e.g. to add flags computed from them)."""
         self._event: torch.cuda.Event | None = None
         self._host: Tensor | None = None
-        if scalars:
-            stacked = _stacked(scalars)
+        if scalars or gradients is not None:
+            stacked = _stacked(scalars, gradients)
             if stacked.is_cuda:
                 self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
                 self._host.copy_(stacked, non_blocking=True)
@@ -224,16 +276,22 @@ class HostValues:
         """The values as floats (the device ones first, then the floats handed over)."""
         if self._event is not None:
             self._event.synchronize()
-        values = dict(zip(self.names, self._host.tolist(), strict=True)) if self._host is not None else {}
+        flat = self._host.tolist() if self._host is not None else []
+        values = dict(zip(self.names, flat, strict=False))
+        if self.gradients is not None:
+            values.update(self.gradients.finish(flat[len(self.names) :]))
         values.update(self.floats)
         if self.then is not None:
             self.then(values)
         return values
 
 
-def _stacked(scalars: dict[str, Tensor]) -> Tensor:
-    """The values as one float32 vector, in the dict's order (one kernel)."""
-    return torch.stack([_as_scalar(value) for value in scalars.values()])
+def _stacked(scalars: dict[str, Tensor], gradients: GradientNorms | None = None) -> Tensor:
+    """The values as one float32 vector, in the dict's order, then the gradient statistics' norms (one kernel)."""
+    tensors = [_as_scalar(value) for value in scalars.values()]
+    if gradients is not None:
+        tensors += gradients.norms
+    return torch.stack(tensors)
 
 
 def _as_scalar(value: Tensor) -> Tensor:
@@ -241,6 +299,25 @@ def _as_scalar(value: Tensor) -> Tensor:
     if value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad:
         return value
     return value.detach().float().reshape(())
+
+
+def as_floats(values: dict[str, Any]) -> bool:
+    """Make the values floats in place (a tensor is read with one sync each); returns whether every one is finite.
+
+    The common case costs one `sum`: when it is a float, no value is a tensor or another type with arithmetic of its
+    own, and what is not a float is an int or a bool, which those who build wire models from the values take as
+    floats (`to_sample`, the checkpoint's metrics). Otherwise each value that is not a float is converted.
+    """
+    try:
+        total = sum(values.values())
+    except TypeError:  # a string, say: `float` says what is wrong with it
+        total = None
+    if type(total) is not float:
+        for name, value in values.items():
+            if type(value) is not float:
+                values[name] = float(value)
+        total = sum(values.values())
+    return math.isfinite(total) or all(math.isfinite(value) for value in values.values())
 
 
 def all_finite(values: dict[str, float]) -> bool:

@@ -221,12 +221,13 @@ class BuiltinRun:
             for group, lr in zip(self.optimizer.param_groups, saved, strict=True):
                 group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        scalars = {**out.scalars, **self.stats.after_step()}
+        norms = self.stats.after_step()
+        scalars = dict(out.scalars)
         if measure:
             for layer, value in enumerate(self.model.attention_logit_max()):
                 scalars[f"attn_logit_max/{layer}"] = value
         # The one host-device sync of the step: every metric comes back in a single transfer.
-        values = read_scalars(scalars, self.sampler.names, out.domain_sums, out.domain_counts)
+        values = read_scalars(scalars, self.sampler.names, out.domain_sums, out.domain_counts, norms)
         elapsed = time.perf_counter() - started
         group = self.optimizer.param_groups[0]
         values["lr"] = float(group["lr"])

@@ -40,12 +40,10 @@ from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, 
 from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
-from trainer.metrics import HostValues
+from trainer.metrics import HostValues, as_floats
 from trainer.schedule import Schedule
 
 log = logging.getLogger("runsteer.trainer")
-
-_FLOAT_TYPE = frozenset({float})
 
 
 class StopTraining(Exception):
@@ -184,51 +182,43 @@ class Steer:
         apply fetched commands in order, hold while paused; returns the run's step, raises `StopTraining` on stop."""
         live = self.live
         live.step = step
-        # The common case, nothing fetched and one process, is tested here without a call: this runs every step.
-        if self._pending or self.ranks is not None or not self.io.inbox.empty():
-            self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
-            self._apply_due(0.0)
-        if live.paused:
-            wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
-            while live.paused and not live.stopped:
-                self._apply_due(wait_s)
-        self._offset += live.step - step
-        if live.stopped:
-            raise StopTraining(f"stopped by command at step {live.step}")
+        # The common case, nothing fetched, not paused and one process, is tested here with one call at most: this
+        # runs every step.
+        if self._pending or self.ranks is not None or live.paused or live.stopped or not self.io.inbox.empty():
+            step = self._take_commands(step)
         live.apply_schedule()
-        step = live.step
-        to_disk = self._periodic_checkpoint_due(step)
-        if to_disk is not None and (live.branch, step) != self._last_periodic:
+        config = self.config
+        snapshot_every, checkpoint_every = config.snapshot_every, config.checkpoint_every
+        to_disk = bool(checkpoint_every) and not step % checkpoint_every
+        if (to_disk or (snapshot_every and not step % snapshot_every)) and (live.branch, step) != self._last_periodic:
+            # A periodic file, or an in-memory snapshot. Step 0 is kept in memory only: the earliest healthy state,
+            # for a run that goes wrong before its first periodic snapshot (a learning rate far too high does its
+            # damage during warm-up).
             self._last_periodic = (live.branch, step)
             self._read_unread()  # a checkpoint is unhealthy if the values before it were not finite
-            live.save_checkpoint(to_disk=to_disk)
+            live.save_checkpoint(to_disk=to_disk and step != 0)
         if self.health is not None:
             self.health.begin_step(step)
         return step
 
-    def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
-        """Buffer one step's metrics (a tensor is read with one sync each; with `health`, all in one transfer, read
-        a step later)."""
+    def record(self, step: int, /, **values: float | Tensor) -> None:
+        """Buffer one step's metrics, such as `loss=` (a tensor is read with one sync each; with `health`, all in one
+        transfer, read a step later). `step` is positional only, so that Python matches no keyword against it: a
+        call passing many values costs less."""
         given = values  # a fresh dict (the keyword arguments), which this call may change
-        if loss is not None:
-            given["loss"] = loss
         if "lr" not in given:
             given["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.health is not None:
             self.record_values(step, self.health.finish_step(**given))
             return
         self._read_unread()  # samples go out in the order they were recorded (the first value of a step wins)
-        # Values that are floats already are left as they are.
-        if set(map(type, given.values())) != _FLOAT_TYPE:
-            for name, value in given.items():
-                if type(value) is not float:
-                    given[name] = float(value)
+        finite = as_floats(given)
         floats = cast("dict[str, float]", given)
         if self.ranks is not None:
             # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
             self._unreduced.append((step, floats))
             return
-        self.live.record(step, floats)
+        self.live.record(step, floats, finite)
 
     def record_values(self, step: int, values: HostValues) -> None:
         """Buffer one step's values gathered by `Health.finish_step`. In one process they are read at the next
@@ -347,6 +337,21 @@ class Steer:
 
     # Internals
 
+    def _take_commands(self, step: int) -> int:
+        """Apply the commands due at the boundary before `step`, hold while paused; returns the run's step (moved by a
+        rollback), raises `StopTraining` on stop."""
+        live = self.live
+        self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
+        self._apply_due(0.0)
+        if live.paused:
+            wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
+            while live.paused and not live.stopped:
+                self._apply_due(wait_s)
+        self._offset += live.step - step
+        if live.stopped:
+            raise StopTraining(f"stopped by command at step {live.step}")
+        return live.step
+
     def _read_unread(self) -> None:
         """Record the values `record_values` left on their way to the host."""
         if self._unread is not None:
@@ -427,20 +432,3 @@ class Steer:
 
     def _emit(self, item: OutItem) -> None:
         self.io.outbox.put(item)
-
-    def _periodic_checkpoint_due(self, step: int) -> bool | None:
-        """Whether `step` is due for a periodic file (True) or in-memory snapshot (False), or neither (None).
-
-        Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first periodic
-        snapshot (a learning rate far too high does its damage during warm-up).
-        """
-        config = self.config
-        if not (config.snapshot_every or config.checkpoint_every):
-            return None
-        if step == 0:
-            return False
-        if config.checkpoint_every and step % config.checkpoint_every == 0:
-            return True
-        if config.snapshot_every and step % config.snapshot_every == 0:
-            return False
-        return None

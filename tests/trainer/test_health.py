@@ -283,3 +283,28 @@ def test_float_values_handed_to_end_step_pass_through_without_a_device_read() ->
         values = health.end_step(loss=2.5, lr=1e-3)
     assert counter.calls == []
     assert values == {"loss": 2.5, "lr": 1e-3, "nonfinite_grad": 0.0, "nonfinite_param": 0.0, "nonfinite": 0.0}
+
+
+def test_frozen_and_unused_parameters_count_as_zero_gradients_and_the_rest_match_torch() -> None:
+    """A frozen child and a child the forward skips report a zero gradient norm; the others, the global norm, the
+    parameter norm (trainable parameters) and the update ratio equal their definitions."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"frozen": nn.Linear(4, 4), "used": nn.Linear(4, 4), "unused": nn.Linear(4, 4)})
+    model["frozen"].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    health = Health(model)
+    health.watch_optimizer(optimizer)
+    health.begin_step(0)
+    model["used"](model["frozen"](torch.randn(3, 4))).square().sum().backward()
+    used = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model["used"].parameters()])))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    optimizer.step()
+    values = health.end_step()
+    assert values["grad_norm/frozen"] == values["grad_norm/unused"] == 0.0
+    assert values["grad_norm/used"] == pytest.approx(used, rel=1e-5) == pytest.approx(values["grad_norm"], rel=1e-6)
+    param_norm = float(torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in trainable])))
+    deltas = [(p.detach() - b).norm() for p, b in zip(trainable, before, strict=True)]
+    update = float(torch.linalg.vector_norm(torch.stack(deltas)))
+    assert values["param_norm"] == pytest.approx(param_norm, rel=1e-5)
+    assert values["update_ratio"] == pytest.approx(update / param_norm, rel=1e-4)

@@ -102,6 +102,31 @@ def test_the_plain_hook_with_health_records_health_and_clips_in_the_optimizer(se
     assert series["grad_norm"].values[3] > 1e-3, "grad_norm is the norm before clipping"
 
 
+def test_recorded_ints_bools_and_tensors_arrive_as_floats_and_a_nan_marks_the_checkpoint(
+    server_url: str, client: Client
+) -> None:
+    """`record` takes ints, bools and 0-d tensors beside floats: the server stores floats, the next snapshot's metrics
+    are floats, and a NaN among them makes that snapshot unhealthy and is sent as non-finite, not as a value."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = SteerConfig(run_name="types", io=FAST_IO)
+    with Steer(model, optimizer, server=server_url, config=config) as steer:
+        steer.record(0, loss=1.5, tokens=512, warm=True)
+        steer.record(1, loss=torch.tensor(2.5), tokens=512)
+        healthy = steer.save_checkpoint(to_disk=False)
+        steer.record(2, loss=float("nan"), tokens=7, warm=False)
+        unhealthy = steer.save_checkpoint(to_disk=False)
+        steer.flush()
+        assert steer.run_id is not None
+        series = client.metrics_history(steer.run_id).series
+    assert series["loss"].steps == [0, 1] and series["loss"].values == [1.5, 2.5]
+    assert series["tokens"].values == [512.0, 512.0, 7.0] and series["warm"].values == [1.0, 0.0]
+    assert all(type(value) is float for value in series["tokens"].values + series["warm"].values)
+    assert healthy.healthy and healthy.metrics == {"loss": 2.5, "tokens": 512.0, "lr": 0.1}
+    assert all(type(value) is float for value in healthy.metrics.values())
+    assert not unhealthy.healthy and unhealthy.metrics == {"tokens": 7.0, "warm": 0.0, "lr": 0.1}
+
+
 def test_health_values_reach_the_run_before_a_command_or_a_snapshot_that_needs_them(
     server_url: str, client: Client
 ) -> None:
