@@ -2,7 +2,7 @@
 # The CUDA figures in one go, on a machine with an NVIDIA GPU: the built-in `gpu-small` run (hook and metric cost,
 # rollback), the same run under torchrun with a rank per GPU (NCCL for the model, the gloo side channel) and the
 # Hugging Face and Lightning callbacks. Prints figures; asserts nothing. Run from the repository root:
-# `bash benchmarks/cuda.sh` (under 2 minutes on one H200); PYTHON names the interpreter (default python3).
+# `bash benchmarks/cuda.sh` (about 3 minutes on one H200); PYTHON names the interpreter (default python3).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
@@ -20,3 +20,4 @@ figures benchmarks.distributed_overhead --preset gpu-small --device cuda --nproc
 figures benchmarks.trainer_commands --preset gpu-small --device cuda --commands 100
 figures benchmarks.trainer_rollback --preset gpu-small --device cuda --repeats 10
 figures benchmarks.hf_lightning_overhead --device cuda --rounds 2 --steps 60 --latency-steps 200
+figures benchmarks.health_readback
