@@ -36,7 +36,7 @@ from protocols.errors import RunsteerError
 from protocols.records import CheckpointInfo, LogReport, RunRegistration, StatusReport
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
-from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
+from trainer.distributed import DistributedConfig, FollowerIO, Meeting, RankCheckpoints, Ranks, Sample
 from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
@@ -140,6 +140,11 @@ class Steer:
         self._offset = 0
         self._pending: deque[CommandRecord] = deque()
         self._unreduced: list[Sample] = []
+        self._meeting: Meeting | None = None
+        """Under torchrun, the collective issued at the last boundary, awaited at the next."""
+        self._announced: list[CommandRecord] | None = None
+        """Under torchrun, once that collective is finished: the commands it announced, applied at this boundary on
+        every rank (rank 0's records; an empty list elsewhere, whose ranks learn them from rank 0), or None."""
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
         self.health = health
@@ -182,7 +187,9 @@ class Steer:
         live = self.live
         live.step = step
         # The common case, nothing fetched and one process, is tested here without a call: this runs every step.
-        if self._pending or self.ranks is not None or not self.io.inbox.empty():
+        if self.ranks is not None:
+            self._meet()
+        elif self._pending or not self.io.inbox.empty():
             self._apply_due(0.0)
         if live.paused:
             wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
@@ -199,6 +206,8 @@ class Steer:
             live.save_checkpoint(to_disk=to_disk)
         if self.health is not None:
             self.health.begin_step(step)
+        if self.ranks is not None:
+            self._announce()
         return step
 
     def record(self, step: int, loss: float | Tensor | None = None, **values: float | Tensor) -> None:
@@ -218,7 +227,7 @@ class Steer:
         if "lr" not in floats:
             floats["lr"] = float(self.live.optimizer.param_groups[0]["lr"])
         if self.ranks is not None:
-            # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
+            # Reduced across ranks in the collective the next boundary issues anyway (see `_meet`).
             self._unreduced.append((step, floats))
             return
         self.live.record(step, floats)
@@ -230,12 +239,12 @@ class Steer:
         self._closed = True
         if self.ranks is not None and status == "finished":
             try:
-                self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
+                self._settle()  # every rank ends here alike: the last steps' metrics go out reduced
             except RuntimeError as exc:
                 log.warning("runsteer: the last metrics could not be reduced across ranks: %s", exc)
-        if self._unreduced:
-            for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
-                self.live.record(step, values)
+        leftover = [*self._meeting.samples, *self._unreduced] if self._meeting is not None else self._unreduced
+        for step, values in leftover:  # a rank failed: no collective; rank 0 reports its own values
+            self.live.record(step, values)
         for handle in self._health_hooks:
             handle.remove()
         self.live.checkpoints.close()
@@ -268,7 +277,7 @@ class Steer:
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
-        values recorded since the last boundary are reduced and sent at the next one)."""
+        values recorded since the last boundary are reduced and sent one boundary later, see `_meet`)."""
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)
@@ -284,7 +293,10 @@ class Steer:
         self.io.outbox.put(LogReport(level=level, message=message[:2000], step=self.live.step))  # type: ignore[arg-type]
 
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
-        """Snapshot the run now and report it to the server."""
+        """Snapshot the run now and report it to the server (under torchrun, call it on every rank alike: the values
+        recorded before it are reduced first, so the checkpoint knows whether they were finite)."""
+        if self.ranks is not None:
+            self._settle()
         return self.live.save_checkpoint(tag, to_disk=to_disk)
 
     # What loops read of the live run
@@ -336,8 +348,8 @@ class Steer:
                 return
 
     def _apply_due(self, wait_s: float) -> None:
-        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank,
-        each answered `applied` only when every rank applied it."""
+        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank at
+        once (while paused), each answered `applied` only when every rank applied it."""
         if wait_s > 0.0:
             with contextlib.suppress(queue.Empty):
                 self._pending.append(self.io.inbox.get(timeout=wait_s))
@@ -345,8 +357,10 @@ class Steer:
         if not self._pending and self.ranks is None:
             return
         due = self._due()
-        if self.ranks is not None:
-            due = self._exchange(due)
+        self._apply(self._exchange(due) if self.ranks is not None else due)
+
+    def _apply(self, due: list[CommandRecord]) -> None:
+        """Apply `due` in order and queue each result (under torchrun, every rank's outcomes combined)."""
         applied: list[CommandRecord] = []
         results: list[CommandResult] = []
         for record in due:
@@ -361,14 +375,56 @@ class Steer:
             self.io.outbox.put(ResultItem(record.id, result))
             self.io.outbox.put(self.live.run_state())
 
-    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
-        """Hand rank 0's commands to every rank and report the metrics recorded since the last boundary, reduced."""
+    def _meet(self) -> None:
+        """Under torchrun, at a boundary: finish the collective issued at the last one and apply on every rank the
+        commands it announced, so each command applies one boundary after rank 0 had it, and the collective's
+        latency hides behind the step. Such a boundary, and one due for a periodic checkpoint, first reduces the
+        values recorded since the last one (a collective waited for at once): a command or a checkpoint then sees
+        every value recorded before it, as in one process, and every value is reported on the branch it was
+        recorded on (only a command changes the branch)."""
+        self._collect()
+        announced, self._announced = self._announced, None
+        if announced is not None or self._periodic_checkpoint_due(self.live.step) is not None:
+            self._apply(self._exchange(announced or []))
+
+    def _announce(self) -> None:
+        """Issue this boundary's collective, awaited at the next: rank 0's commands due (applied there) and the
+        values recorded since the last boundary."""
         assert self.ranks is not None
-        samples, self._unreduced = self._unreduced, []
-        due, reduced = self.ranks.exchange(due, samples)
+        records: list[CommandRecord] = []
+        if self.ranks.leader:
+            self._take_inbox()
+            records = self._due()
+        self._meeting = self.ranks.start(records, self._unreduced)
+        self._unreduced = []
+
+    def _collect(self) -> None:
+        """Wait for the collective issued at the last boundary (done long since, as a rule), report the values it
+        reduced and keep the commands it announced for this boundary."""
+        if self._meeting is None:
+            return
+        assert self.ranks is not None
+        size, reduced = self.ranks.finish(self._meeting)
+        if size:
+            self._announced = self._meeting.records
+        self._meeting = None
+        for step, values in reduced:
+            self.live.record(step, values)
+
+    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
+        """Hand rank 0's commands to every rank and report the values recorded since the last boundary, reduced (one
+        collective, waited for at once)."""
+        assert self.ranks is not None
+        due, reduced = self.ranks.exchange(due, self._unreduced)
+        self._unreduced = []
         for step, values in reduced:
             self.live.record(step, values)
         return due
+
+    def _settle(self) -> None:
+        """Report every value recorded so far, reduced across ranks (collectives: every rank calls this alike)."""
+        self._collect()
+        self._exchange([])
 
     def _due(self) -> list[CommandRecord]:
         """The next commands to apply, in order: at most `max_commands_per_step`, none applied before."""
