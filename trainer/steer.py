@@ -277,7 +277,7 @@ class Steer:
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
-        values recorded since the last boundary are reduced and sent one boundary later, see `_meet`)."""
+        values recorded since the last boundary are reduced and sent at the boundary after the next, see `_meet`)."""
         item = FlushItem()
         self.io.outbox.put(item)
         return item.done.wait(timeout_s)

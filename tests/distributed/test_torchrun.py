@@ -97,6 +97,12 @@ def test_every_command_lands_on_both_ranks_alike_and_as_in_one_process(
         losses = [history.series["loss"] for history in histories]
         assert losses[0].steps == losses[1].steps == steps, (branch, losses[0].steps, losses[1].steps)
         assert losses[0].values == pytest.approx(losses[1].values, rel=1e-5)
+    # A checkpoint knows the values of the step just before it, reduced, though an ordinary boundary reduces later.
+    main_loss = client.metrics_history(run_of(client, two), keys=["loss"]).series["loss"]
+    for job in (two, one):
+        (mid,) = [info for info in client.list_checkpoints(run_of(client, job)) if info.tag == "mid"]
+        assert (mid.step, mid.healthy) == (3, True)
+        assert mid.metrics["loss"] == pytest.approx(main_loss.values[main_loss.steps.index(2)], rel=1e-5)
 
 
 def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(
