@@ -39,6 +39,8 @@ def rank_main(args: argparse.Namespace) -> int:
     steer, ranks = run.steer, run.steer.ranks
     assert ranks is not None, "run me without torchrun: I start it"
     times: dict[str, list[float]] = {"plain": [], "steered": []}
+    process_cpu: dict[str, float] = {"plain": 0.0, "steered": 0.0}
+    """CPU of every thread of this rank (training, I/O, gloo) by kind of block."""
     hook: list[float] = []
     hook_cpu: list[float] = []
     iteration = 0
@@ -46,6 +48,7 @@ def rank_main(args: argparse.Namespace) -> int:
         run.train_step(iteration)
     for block in range(2 * args.steps // args.block):
         kind = ("plain", "steered")[block % 2]
+        block_cpu = time.process_time()
         for _ in range(args.block):
             started = time.perf_counter()
             if kind == "plain":
@@ -61,6 +64,7 @@ def rank_main(args: argparse.Namespace) -> int:
                 hook_cpu.append(polled_cpu - cpu_started + time.thread_time() - recording_cpu)
             times[kind].append(time.perf_counter() - started)
             iteration += 1
+        process_cpu[kind] += time.process_time() - block_cpu
     steer.close()
     empty: list[float] = []
     reduce: list[float] = []
@@ -88,6 +92,8 @@ def rank_main(args: argparse.Namespace) -> int:
         "empty": statistics.median(empty),
         "reduce": statistics.median(reduce),
         "overlapped": statistics.median(overlapped),
+        "process_plain": process_cpu["plain"] / len(times["plain"]),
+        "process_steered": process_cpu["steered"] / len(times["steered"]),
     }
     everyone: list[dict[str, float]] = [{} for _ in range(ranks.world)]
     dist.all_gather_object(everyone, mine)
@@ -102,7 +108,9 @@ def rank_main(args: argparse.Namespace) -> int:
                 f"  rank {rank}: plain {step_ms:.2f} ms/step, steered {steered_ms:.2f} ms/step "
                 f"({100 * (steered_ms / step_ms - 1):+.2f}%); in poll + record median {hook_us:.0f} us, "
                 f"p99 {figures['hook_p99'] * 1e6:.0f} us; training-thread CPU in them median "
-                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step)"
+                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step); CPU of "
+                f"all its threads per step {figures['process_plain'] * 1e3:.2f} ms plain, "
+                f"{figures['process_steered'] * 1e3:.2f} ms steered"
             )
         print(
             "  (wall time in poll + record includes waiting there for the slower rank, which DDP's all-reduce "
