@@ -5,8 +5,9 @@ rank over a CPU `gloo` side group created beside the user's process group (NCCL 
 no GPU sync. Each boundary issues one small all-reduce without waiting for it (`Ranks.start`): rank 0's payload
 length and the metrics recorded since the last boundary (reduced there, so reporting them costs no collective of
 its own). The next boundary waits for it (`Ranks.finish`; it finished during the step, so its latency is hidden)
-and, when it announced commands, fetches them in a broadcast and applies them on every rank: a command applies
-one boundary after rank 0 had it, on every rank alike. The outcomes are gathered back: a command is `applied`
+and, when it announced commands, makes one more all-reduce (the values recorded since) and a broadcast of the
+commands, waited for at once, and every rank applies them: a command applies one boundary after rank 0 had it,
+on every rank alike. The outcomes are gathered back: a command is `applied`
 only when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it
 in one short collective per slice, waited for at once, so no rank sits in a collective for long and a pause may
 outlast any process group timeout. Side-group collectives get their own, long timeout
