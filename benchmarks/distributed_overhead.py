@@ -3,10 +3,11 @@
 
 Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
 model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`record`
-after it buffers the values; `poll` before the next makes one all-gather on the gloo side group that carries rank
-0's pending-command count and the values to reduce; the in-memory snapshot every 25 steps). It then times that
-collective alone. Prints
-figures; asserts nothing. Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores); on one GPU:
+after it buffers the values; `poll` before the next finishes the all-reduce on the gloo side group that the poll
+before issued, and issues the next, carrying rank 0's pending-command count and the values to reduce; the
+in-memory snapshot every 25 steps, whose boundary reduces its values at once). It then times that collective
+alone, waited for at once and issued at one boundary and finished at the next. Prints figures; asserts nothing.
+Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores); on one GPU:
 `python -m benchmarks.distributed_overhead --preset gpu-small --device cuda --nproc-per-node 1`.
 """
 
@@ -44,6 +45,8 @@ def rank_main(args: argparse.Namespace) -> int:
     steer, ranks = run.steer, run.steer.ranks
     assert ranks is not None, "run me without torchrun: I start it"
     times: dict[str, list[float]] = {"plain": [], "steered": []}
+    process_cpu: dict[str, float] = {"plain": 0.0, "steered": 0.0}
+    """CPU of every thread of this rank (training, I/O, gloo) by kind of block."""
     hook: list[float] = []
     hook_cpu: list[float] = []
     iteration = 0
@@ -51,6 +54,7 @@ def rank_main(args: argparse.Namespace) -> int:
         run.train_step(iteration)
     for block in range(2 * args.steps // args.block):
         kind = ("plain", "steered")[block % 2]
+        block_cpu = time.process_time()
         for _ in range(args.block):
             started = time.perf_counter()
             if kind == "plain":
@@ -66,8 +70,11 @@ def rank_main(args: argparse.Namespace) -> int:
                 hook_cpu.append(polled_cpu - cpu_started + time.thread_time() - recording_cpu)
             times[kind].append(time.perf_counter() - started)
             iteration += 1
+        process_cpu[kind] += time.process_time() - block_cpu
+    steer.close()
     empty: list[float] = []
     reduce: list[float] = []
+    overlapped: list[float] = []
     for _ in range(args.collectives):
         started = time.perf_counter()
         ranks.exchange([], [])
@@ -75,7 +82,13 @@ def rank_main(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         ranks.exchange([], [(iteration, values)])
         reduce.append(time.perf_counter() - started)
-    steer.close()
+        started = time.thread_time()
+        meeting = ranks.start([], [(iteration, dict(values))])
+        issued = time.thread_time()
+        time.sleep(0.002)  # the step, during which the collective completes
+        finishing = time.thread_time()
+        ranks.finish(meeting)
+        overlapped.append(issued - started + time.thread_time() - finishing)
     mine = {
         "plain": statistics.median(times["plain"]),
         "steered": statistics.median(times["steered"]),
@@ -84,6 +97,9 @@ def rank_main(args: argparse.Namespace) -> int:
         "hook_cpu": statistics.median(hook_cpu),
         "empty": statistics.median(empty),
         "reduce": statistics.median(reduce),
+        "overlapped": statistics.median(overlapped),
+        "process_plain": process_cpu["plain"] / len(times["plain"]),
+        "process_steered": process_cpu["steered"] / len(times["steered"]),
     }
     everyone: list[dict[str, float]] = [{} for _ in range(ranks.world)]
     dist.all_gather_object(everyone, mine)
@@ -99,7 +115,9 @@ def rank_main(args: argparse.Namespace) -> int:
                 f"  rank {rank}: plain {step_ms:.2f} ms/step, steered {steered_ms:.2f} ms/step "
                 f"({100 * (steered_ms / step_ms - 1):+.2f}%); in poll + record median {hook_us:.0f} us, "
                 f"p99 {figures['hook_p99'] * 1e6:.0f} us; training-thread CPU in them median "
-                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step)"
+                f"{figures['hook_cpu'] * 1e6:.0f} us ({figures['hook_cpu'] * 1e5 / step_ms:.3f}% of a step); CPU of "
+                f"all its threads per step {figures['process_plain'] * 1e3:.2f} ms plain, "
+                f"{figures['process_steered'] * 1e3:.2f} ms steered"
             )
         print(
             "  (wall time in poll + record includes waiting there for the slower rank, which DDP's all-reduce "
@@ -107,9 +125,12 @@ def rank_main(args: argparse.Namespace) -> int:
         )
         per_step = everyone[0]["reduce"] * 1e3
         print(
-            f"  the boundary's one collective, timed alone (median of {args.collectives}): "
-            f"{everyone[0]['empty'] * 1e6:.0f} us with nothing to carry, {per_step * 1e3:.0f} us with a step's "
-            f"values to reduce = {100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step"
+            f"  the boundary's one collective, timed alone (median of {args.collectives}): waited for at once (a "
+            f"boundary that applies commands or saves a checkpoint) {everyone[0]['empty'] * 1e6:.0f} us with nothing "
+            f"to carry, {per_step * 1e3:.0f} us with a step's values to reduce = "
+            f"{100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step; issued at one boundary and "
+            f"finished at the next, training-thread CPU "
+            + ", ".join(f"{figures['overlapped'] * 1e6:.0f} us on rank {rank}" for rank, figures in enumerate(everyone))
         )
     return 0
 

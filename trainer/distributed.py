@@ -2,11 +2,14 @@
 
 Rank 0 alone talks to the server. At each step boundary it hands the commands its I/O thread fetched to every
 rank over a CPU `gloo` side group created beside the user's process group (NCCL or gloo alike), so steering adds
-no GPU sync: one small all-gather per boundary carries rank 0's payload length and the metrics recorded since the
-last boundary (reduced there, so reporting them costs no collective of its own), and the payload follows only when
-there is one. Every rank applies the same commands in the same order, and the outcomes are gathered back: a
-command is `applied` only when every rank applied it. While paused, rank 0 waits for commands in short slices and
-every rank meets it in one short collective per slice, so no rank sits in a collective for long and a pause may
+no GPU sync. Each boundary issues one small all-reduce without waiting for it (`Ranks.start`): rank 0's payload
+length and the metrics recorded since the last boundary (reduced there, so reporting them costs no collective of
+its own). The next boundary waits for it (`Ranks.finish`; it finished during the step, so its latency is hidden)
+and, when it announced commands, makes one more all-reduce (the values recorded since) and a broadcast of the
+commands, waited for at once, and every rank applies them: a command applies one boundary after rank 0 had it,
+on every rank alike. The outcomes are gathered back: a command is `applied`
+only when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it
+in one short collective per slice, waited for at once, so no rank sits in a collective for long and a pause may
 outlast any process group timeout. Side-group collectives get their own, long timeout
 (`DistributedConfig.side_timeout_s`): rank 0 may be writing a checkpoint file while the others wait for it.
 """
@@ -14,6 +17,7 @@ outlast any process group timeout. Side-group collectives get their own, long ti
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import queue
 import signal
@@ -21,7 +25,7 @@ import sys
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -63,6 +67,34 @@ _records = TypeAdapter(list[CommandRecord])
 
 Sample = tuple[int, dict[str, float]]
 """One `record` call: the step and its values."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which of a sample's values are reduced, in the order every rank sends them, and how."""
+
+    keys: tuple[str, ...]
+    reductions: tuple[Reduction | None, ...]
+    checksum: int
+    """Of `keys`: the ranks compare it to find a rank that recorded other names."""
+    scale: int | None
+    """The index of `param_norm` in `keys`: the denominators of the ratios."""
+
+
+@dataclass
+class Meeting:
+    """A boundary's collective between `Ranks.start` and `Ranks.finish`, with what it carries."""
+
+    work: dist.Work
+    """The all-reduce of `Ranks`' table: one row per rank, each filled by its rank, the sum seen by every rank."""
+    samples: list[Sample]
+    layouts: list[Layout]
+    flat: list[float]
+    """This rank's values to reduce, in the order of the layouts."""
+    payload: bytes
+    """Rank 0's commands as JSON (empty on other ranks)."""
+    records: list[CommandRecord]
+    """Rank 0's commands announced (empty on other ranks: they learn them from the payload)."""
 
 
 @dataclass
@@ -108,7 +140,12 @@ class Ranks:
         # Every rank must create every group, in the same order; this one carries only small CPU tensors.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.config.side_timeout_s))
         self._capacity = 16
-        """Values to reduce that the boundary's one all-gather carries; grows when a boundary needs more."""
+        """Values to reduce that the boundary's one all-reduce carries; grows when a boundary needs more."""
+        self._layouts: dict[tuple[str, ...], Layout] = {}
+        self._table = torch.zeros(0)
+        self._sum = dist.AllreduceOptions()
+        self._sum.reduceOp = dist.ReduceOp(dist.ReduceOp.SUM)
+        self._in_flight = False
         end_on_sigterm()
 
     @classmethod
@@ -123,59 +160,95 @@ class Ranks:
         """Rank 0: the one that talks to the server."""
         return self.rank == 0
 
-    def exchange(self, records: list[CommandRecord], samples: list[Sample]) -> tuple[list[CommandRecord], list[Sample]]:
-        """At a boundary: rank 0's commands on every rank, and the samples recorded since the last boundary reduced
-        across ranks (see `REDUCTIONS`).
-
-        One all-gather of a small fixed-size vector per call: rank 0's payload length, a checksum of the names
-        recorded, their count and the values to reduce. The commands follow in a broadcast only when there are
-        some, and the values in a second all-gather only when more were recorded than the vector holds (which
-        then grows for the next boundaries, on every rank alike).
-        """
+    def start(self, records: list[CommandRecord], samples: list[Sample]) -> Meeting:
+        """Issue a boundary's collective without waiting for it: rank 0's command payload length, a checksum of the
+        steps and names recorded since the last one, their count and the values to reduce (see `REDUCTIONS`), all
+        in one all-reduce of a small table in which every rank fills its own row. `finish` waits for it."""
+        if self._in_flight:
+            raise RuntimeError("a boundary's collective is still in flight; finish it before starting the next")
         payload = _records.dump_json(records) if self.leader and records else b""
-        names = [sorted(key for key in values if reduction_of(key) is not None) for _, values in samples]
-        flat = [values[key] for (_, values), keys in zip(samples, names, strict=True) for key in keys]
-        layout = repr([(step, keys) for (step, _), keys in zip(samples, names, strict=True)])
-        local = torch.zeros(3 + self._capacity, dtype=torch.float64)
-        local[:3] = torch.tensor([len(payload), zlib.crc32(layout.encode()), len(flat)], dtype=torch.float64)
-        local[3 : 3 + min(len(flat), self._capacity)] = torch.tensor(flat[: self._capacity], dtype=torch.float64)
-        table = self._all_gather(local)
-        if not (bool((table[:, 1] == table[0, 1]).all()) and bool((table[:, 2] == table[0, 2]).all())):
+        layouts = [self._layout(values) for _, values in samples]
+        pairs = list(zip(samples, layouts, strict=True))
+        flat = [values[key] for (_, values), layout in pairs for key in layout.keys]
+        checksum = zlib.crc32(repr([(step, layout.checksum) for (step, _), layout in pairs]).encode())
+        row = [len(payload), checksum, len(flat), *flat[: self._capacity]]
+        if self._table.shape != (self.world, 3 + self._capacity):
+            self._table = torch.zeros(self.world, 3 + self._capacity, dtype=torch.float64)
+        # The table is reused and written through numpy, and the group is called directly: `torch.zeros`,
+        # `torch.tensor` and the checks of `dist.all_reduce` cost the training thread more than the collective.
+        table = self._table.numpy()
+        table.fill(0.0)
+        table[self.rank, : len(row)] = row
+        work = self.group.allreduce([self._table], self._sum)
+        self._in_flight = True
+        return Meeting(work, samples, layouts, flat, payload, records if self.leader else [])
+
+    def finish(self, meeting: Meeting) -> tuple[int, list[Sample]]:
+        """Wait for `meeting`'s collective; returns rank 0's payload length (0: no commands) and, on rank 0, the
+        samples it carried, reduced across ranks (the other ranks report nothing and get an empty list). When more
+        values were recorded than the table holds, they follow in a second all-gather and the table grows for the
+        next boundaries, on every rank alike."""
+        meeting.work.wait()
+        self._in_flight = False
+        rows: list[list[float]] = self._table.numpy().tolist()
+        first = rows[0]
+        if any(row[1] != first[1] or row[2] != first[2] for row in rows):
             raise RuntimeError(
                 "the ranks recorded different metrics since the last step boundary; record the same names at the "
                 "same steps on every rank"
             )
-        count = int(table[0, 2])
+        count = int(first[2])
         if count > self._capacity:
             self._capacity = 1 << (count - 1).bit_length()
-            table = torch.cat([table[:, :3], self._all_gather(torch.tensor(flat, dtype=torch.float64))], dim=1)
+            gathered = [torch.empty(count, dtype=torch.float64) for _ in range(self.world)]
+            dist.all_gather(gathered, torch.tensor(meeting.flat, dtype=torch.float64), group=self.group)
+            rows = [[*row[:3], *values.tolist()] for row, values in zip(rows, gathered, strict=True)]
+        if not self.leader:
+            return int(first[0]), []  # rank 0 alone reports the run's values
+        by_column = list(zip(*rows, strict=True))
         reduced: list[Sample] = []
         column = 3
-        for (step, values), keys in zip(samples, names, strict=True):
-            columns = {key: table[:, column + index] for index, key in enumerate(keys)}
-            column += len(keys)
-            scale = columns.get("param_norm")
+        for (step, values), layout in zip(meeting.samples, meeting.layouts, strict=True):
+            columns = by_column[column : column + len(layout.keys)]
+            column += len(layout.keys)
+            scale = columns[layout.scale] if layout.scale is not None else None
             combined = dict(values)
-            for key, values_of_ranks in columns.items():
-                how = reduction_of(key)
+            for key, how, values_of_ranks in zip(layout.keys, layout.reductions, columns, strict=True):
                 combined[key] = combine_values(values_of_ranks, how, sharded=self.sharded, denominators=scale)
             reduced.append((step, combined))
-        size = int(table[0, 0])
-        if size == 0:
-            return [], reduced
+        return int(first[0]), reduced
+
+    def commands(self, meeting: Meeting, size: int) -> list[CommandRecord]:
+        """Rank 0's commands of `meeting` (whose payload is `size` bytes long) on every rank, in one broadcast."""
         buffer = (
-            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            torch.frombuffer(bytearray(meeting.payload), dtype=torch.uint8)
             if self.leader
             else torch.empty(size, dtype=torch.uint8)
         )
         dist.broadcast(buffer, src=0, group=self.group)
-        return (records if self.leader else _records.validate_json(buffer.numpy().tobytes())), reduced
+        return meeting.records if self.leader else _records.validate_json(buffer.numpy().tobytes())
 
-    def _all_gather(self, local: Tensor) -> Tensor:
-        """Every rank's `local` (of the same size on every rank), one row per rank."""
-        rows = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(rows, local, group=self.group)
-        return torch.stack(rows)
+    def exchange(self, records: list[CommandRecord], samples: list[Sample]) -> tuple[list[CommandRecord], list[Sample]]:
+        """A boundary's collective, waited for at once: rank 0's commands on every rank, and the samples reduced
+        (see `start`); the commands follow in a broadcast only when there are some."""
+        meeting = self.start(records, samples)
+        size, reduced = self.finish(meeting)
+        return (self.commands(meeting, size) if size else []), reduced
+
+    def _layout(self, values: dict[str, float]) -> Layout:
+        """The names of `values` that are reduced, in one order on every rank, with their reductions (cached by the
+        names recorded: a loop records the same few sets of names step after step)."""
+        names = tuple(values)
+        layout = self._layouts.get(names)
+        if layout is None:
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            keys = tuple(sorted(key for key in names if reduction_of(key) is not None))
+            reductions = tuple(reduction_of(key) for key in keys)
+            scale = keys.index("param_norm") if "param_norm" in keys else None
+            layout = Layout(keys, reductions, zlib.crc32(repr(keys).encode()), scale)
+            self._layouts[names] = layout
+        return layout
 
     def agree(self, results: list[CommandResult]) -> list[CommandResult]:
         """Every rank's outcome of the same commands combined on rank 0 (others get their own back)."""
@@ -202,21 +275,23 @@ def reduction_of(key: str) -> Reduction | None:
 
 
 def combine_values(
-    column: Tensor, how: Reduction | None, *, sharded: bool, denominators: Tensor | None = None
+    column: Sequence[float], how: Reduction | None, *, sharded: bool, denominators: Sequence[float] | None = None
 ) -> float:
     """One value from every rank's: mean, sum, max, a norm over shards, or a ratio of norms over shards given each
-    rank's denominator norm (the last two: rank 0's when not sharded)."""
+    rank's denominator norm (the last two: rank 0's when not sharded). NaN and infinities carry through as in torch."""
     if how == "ratio" and sharded and denominators is not None:
-        return float((column * denominators).square().sum().sqrt() / denominators.square().sum().sqrt())
+        numerator = math.sqrt(sum((value * scale) ** 2 for value, scale in zip(column, denominators, strict=True)))
+        denominator = math.sqrt(sum(scale * scale for scale in denominators))
+        return numerator / denominator if denominator else (math.inf if numerator else math.nan)
     if how == "mean":
-        return float(column.mean())
+        return sum(column) / len(column)
     if how == "sum":
-        return float(column.sum())
+        return sum(column)
     if how == "max":
-        return float(column.max())
+        return math.nan if any(value != value for value in column) else max(column)
     if how == "norm" and sharded:
-        return float(column.square().sum().sqrt())
-    return float(column[0])
+        return math.sqrt(sum(value * value for value in column))
+    return column[0]
 
 
 def combine(outcomes: list[CommandResult]) -> CommandResult:

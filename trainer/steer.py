@@ -36,7 +36,7 @@ from protocols.errors import RunsteerError
 from protocols.records import CheckpointInfo, LogReport, RunRegistration, StatusReport
 from trainer.appliers import apply_command
 from trainer.checkpoints import CheckpointStore
-from trainer.distributed import DistributedConfig, FollowerIO, RankCheckpoints, Ranks, Sample
+from trainer.distributed import DistributedConfig, FollowerIO, Meeting, RankCheckpoints, Ranks, Sample
 from trainer.health import Health
 from trainer.io import FlushItem, IOConfig, IOWorker, OutItem, ResultItem, Transport
 from trainer.live import Evaluator, LiveRun, Sampler
@@ -139,6 +139,11 @@ class Steer:
         self._offset = 0
         self._pending: deque[CommandRecord] = deque()
         self._unreduced: list[Sample] = []
+        self._meeting: Meeting | None = None
+        """Under torchrun, the collective issued at the last boundary, awaited at the next."""
+        self._announced: list[CommandRecord] | None = None
+        """Under torchrun, once that collective is finished: the commands it announced, applied at this boundary on
+        every rank (rank 0's records; an empty list elsewhere, whose ranks learn them from rank 0), or None."""
         self._closed = False
         self._last_periodic: tuple[str, int] | None = None
         self._unread: tuple[int, HostValues] | None = None
@@ -184,21 +189,21 @@ class Steer:
         live.step = step
         # The common case, nothing fetched, not paused and one process, is tested here with one call at most: this
         # runs every step.
-        if self._pending or self.ranks is not None or live.paused or live.stopped or not self.io.inbox.empty():
+        if self.ranks is not None:
+            self._meet()
+            step = self._take_commands(step)
+        elif self._pending or live.paused or live.stopped or not self.io.inbox.empty():
             step = self._take_commands(step)
         live.apply_schedule()
-        config = self.config
-        snapshot_every, checkpoint_every = config.snapshot_every, config.checkpoint_every
-        to_disk = bool(checkpoint_every) and not step % checkpoint_every
-        if (to_disk or (snapshot_every and not step % snapshot_every)) and (live.branch, step) != self._last_periodic:
-            # A periodic file, or an in-memory snapshot. Step 0 is kept in memory only: the earliest healthy state,
-            # for a run that goes wrong before its first periodic snapshot (a learning rate far too high does its
-            # damage during warm-up).
+        to_disk = self._periodic_checkpoint_due(step)
+        if to_disk is not None and (live.branch, step) != self._last_periodic:
             self._last_periodic = (live.branch, step)
             self._read_unread()  # a checkpoint is unhealthy if the values before it were not finite
-            live.save_checkpoint(to_disk=to_disk and step != 0)
+            live.save_checkpoint(to_disk=to_disk)
         if self.health is not None:
             self.health.begin_step(step)
+        if self.ranks is not None:
+            self._announce()
         return step
 
     def record(self, step: int, /, **values: float | Tensor) -> None:
@@ -215,7 +220,7 @@ class Steer:
         finite = as_floats(given)
         floats = cast("dict[str, float]", given)
         if self.ranks is not None:
-            # Reduced across ranks at the next boundary, in the collective that boundary makes anyway.
+            # Reduced across ranks in the collective the next boundary issues anyway (see `_meet`).
             self._unreduced.append((step, floats))
             return
         self.live.record(step, floats, finite)
@@ -239,12 +244,12 @@ class Steer:
         self._read_unread()
         if self.ranks is not None and status == "finished":
             try:
-                self._exchange([])  # every rank ends here alike: the last step's metrics go out reduced
+                self._settle()  # every rank ends here alike: the last steps' metrics go out reduced
             except RuntimeError as exc:
                 log.warning("runsteer: the last metrics could not be reduced across ranks: %s", exc)
-        if self._unreduced:
-            for step, values in self._unreduced:  # a rank failed: no collective; rank 0 reports its own values
-                self.live.record(step, values)
+        leftover = [*self._meeting.samples, *self._unreduced] if self._meeting is not None else self._unreduced
+        for step, values in leftover:  # a rank failed: no collective; rank 0 reports its own values
+            self.live.record(step, values)
         for handle in self._health_hooks:
             handle.remove()
         self.live.checkpoints.close()
@@ -277,7 +282,7 @@ class Steer:
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything recorded so far was sent; False if that did not happen in time (under torchrun,
-        values recorded since the last boundary are reduced and sent at the next one)."""
+        values recorded since the last boundary are reduced and sent at the boundary after the next, see `_meet`)."""
         self._read_unread()
         item = FlushItem()
         self.io.outbox.put(item)
@@ -294,8 +299,11 @@ class Steer:
         self.io.outbox.put(LogReport(level=level, message=message[:2000], step=self.live.step))  # type: ignore[arg-type]
 
     def save_checkpoint(self, tag: str | None = None, *, to_disk: bool = True) -> CheckpointInfo:
-        """Snapshot the run now and report it to the server."""
+        """Snapshot the run now and report it to the server (under torchrun, call it on every rank alike: the values
+        recorded before it are reduced first, so the checkpoint knows whether they were finite)."""
         self._read_unread()
+        if self.ranks is not None:
+            self._settle()
         return self.live.save_checkpoint(tag, to_disk=to_disk)
 
     # What loops read of the live run
@@ -341,8 +349,9 @@ class Steer:
         """Apply the commands due at the boundary before `step`, hold while paused; returns the run's step (moved by a
         rollback), raises `StopTraining` on stop."""
         live = self.live
-        self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
-        self._apply_due(0.0)
+        if self.ranks is None:  # under torchrun `_meet` applied what was due
+            self._read_unread()  # a command (a rollback, a pause) acts after the last step's values are recorded
+            self._apply_due(0.0)
         if live.paused:
             wait_s = 0.05 if self.ranks is None else self.ranks.config.pause_slice_s
             while live.paused and not live.stopped:
@@ -351,6 +360,19 @@ class Steer:
         if live.stopped:
             raise StopTraining(f"stopped by command at step {live.step}")
         return live.step
+
+    def _periodic_checkpoint_due(self, step: int) -> bool | None:
+        """Whether `step` is due for a periodic file (True) or in-memory snapshot (False), or neither (None).
+
+        Step 0 is kept in memory only: the earliest healthy state, for a run that goes wrong before its first periodic
+        snapshot (a learning rate far too high does its damage during warm-up).
+        """
+        config = self.config
+        if config.checkpoint_every and not step % config.checkpoint_every:
+            return step != 0
+        if config.snapshot_every and not step % config.snapshot_every:
+            return False
+        return None
 
     def _read_unread(self) -> None:
         """Record the values `record_values` left on their way to the host."""
@@ -369,8 +391,8 @@ class Steer:
                 return
 
     def _apply_due(self, wait_s: float) -> None:
-        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank,
-        each answered `applied` only when every rank applied it."""
+        """Apply the commands due now (waiting up to `wait_s` for one); under torchrun rank 0's, on every rank at
+        once (while paused), each answered `applied` only when every rank applied it."""
         if wait_s > 0.0:
             with contextlib.suppress(queue.Empty):
                 self._pending.append(self.io.inbox.get(timeout=wait_s))
@@ -378,8 +400,10 @@ class Steer:
         if not self._pending and self.ranks is None:
             return
         due = self._due()
-        if self.ranks is not None:
-            due = self._exchange(due)
+        self._apply(self._exchange(due) if self.ranks is not None else due)
+
+    def _apply(self, due: list[CommandRecord]) -> None:
+        """Apply `due` in order and queue each result (under torchrun, every rank's outcomes combined)."""
         applied: list[CommandRecord] = []
         results: list[CommandResult] = []
         for record in due:
@@ -394,14 +418,56 @@ class Steer:
             self.io.outbox.put(ResultItem(record.id, result))
             self.io.outbox.put(self.live.run_state())
 
-    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
-        """Hand rank 0's commands to every rank and report the metrics recorded since the last boundary, reduced."""
+    def _meet(self) -> None:
+        """Under torchrun, at a boundary: finish the collective issued at the last one and apply on every rank the
+        commands it announced, so each command applies one boundary after rank 0 had it, and the collective's
+        latency hides behind the step. Such a boundary, and one due for a periodic checkpoint, first reduces the
+        values recorded since the last one (a collective waited for at once): a command or a checkpoint then sees
+        every value recorded before it, as in one process, and every value is reported on the branch it was
+        recorded on (only a command changes the branch)."""
+        self._collect()
+        announced, self._announced = self._announced, None
+        if announced is not None or self._periodic_checkpoint_due(self.live.step) is not None:
+            self._apply(self._exchange(announced or []))
+
+    def _announce(self) -> None:
+        """Issue this boundary's collective, awaited at the next: rank 0's commands due (applied there) and the
+        values recorded since the last boundary."""
         assert self.ranks is not None
-        samples, self._unreduced = self._unreduced, []
-        due, reduced = self.ranks.exchange(due, samples)
+        records: list[CommandRecord] = []
+        if self.ranks.leader:
+            self._take_inbox()
+            records = self._due()
+        self._meeting = self.ranks.start(records, self._unreduced)
+        self._unreduced = []
+
+    def _collect(self) -> None:
+        """Wait for the collective issued at the last boundary (done long since, as a rule), report the values it
+        reduced and keep the commands it announced for this boundary."""
+        if self._meeting is None:
+            return
+        assert self.ranks is not None
+        size, reduced = self.ranks.finish(self._meeting)
+        if size:
+            self._announced = self._meeting.records
+        self._meeting = None
+        for step, values in reduced:
+            self.live.record(step, values)
+
+    def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
+        """Hand rank 0's commands to every rank and report the values recorded since the last boundary, reduced (one
+        collective, waited for at once)."""
+        assert self.ranks is not None
+        due, reduced = self.ranks.exchange(due, self._unreduced)
+        self._unreduced = []
         for step, values in reduced:
             self.live.record(step, values)
         return due
+
+    def _settle(self) -> None:
+        """Report every value recorded so far, reduced across ranks (collectives: every rank calls this alike)."""
+        self._collect()
+        self._exchange([])
 
     def _due(self) -> list[CommandRecord]:
         """The next commands to apply, in order: at most `max_commands_per_step`, none applied before."""

@@ -1,9 +1,9 @@
 """A hand-written loop with the `Steer` hook on an FSDP2 (`fully_shard`) model, as torchrun starts it.
 
-Rank 0 submits the planned commands through the server at fixed iterations. The hook's health metrics measure the
-gradients (and clip them once a `grad_clip` is set). Every rank writes the full parameters and optimizer state after
-each planned boundary, and the true global gradient norm of each step before and after the optimizer's step
-pre-hook clipped it, to `DIR/rank<r>.pt`.
+Rank 0 submits the planned commands through the server in time for fixed iterations (`lead`). The hook's health
+metrics measure the gradients (and clip them once a `grad_clip` is set). Every rank writes the full parameters and
+optimizer state after each planned boundary, and the true global gradient norm of each step before and after the
+optimizer's step pre-hook clipped it, to `DIR/rank<r>.pt`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 
 from protocols.client import Client
 from tests.distributed.sharding import full
-from tests.distributed.worker import FAST_IO, deliver
+from tests.distributed.worker import FAST_IO, deliver, lead
 from trainer.health import Health
 from trainer.steer import Steer, SteerConfig
 
@@ -58,7 +58,7 @@ def main() -> None:
     with Client(args.server) as client, Steer(model, optimizer, health=health, config=config) as steer:
         for iteration in range(args.steps):
             if rank == 0:
-                for command in plan.get(iteration, []):
+                for command in plan.get(iteration + lead(steer), []):
                     deliver(client, steer, command)
             step = steer.poll(iteration)
             if iteration in plan:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
-from tests.distributed.worker import FAST_IO, deliver
+from tests.distributed.worker import FAST_IO, deliver, lead
 from trainer.steer import Steer, SteerConfig
 
 FSDP_PLAN: dict[int, list[dict[str, Any]]] = {
@@ -23,9 +23,10 @@ FSDP_PLAN: dict[int, list[dict[str, Any]]] = {
     4: [{"type": "rollback", "step": 3}],
     6: [{"type": "rollback", "step": 4}],
 }
-"""By boundary (counted from 1), each applied at the next: a learning-rate change and a sharded save at step 3, a
-later save at step 4 (so only the file still holds step 3), a rollback to step 3 at the fifth boundary (from the
-DCP directory), and at the seventh a rollback to the new branch's step-4 snapshot (from each rank's ring)."""
+"""By boundary (counted from 1), each applied at the next (handed over `lead` boundaries earlier): a learning-rate
+change and a sharded save at step 3, a later save at step 4 (so only the file still holds step 3), a rollback to
+step 3 at the fifth boundary (from the DCP directory), and at the seventh a rollback to the new branch's step-4
+snapshot (from each rank's ring)."""
 CAPTURED = (3, 5, 6, 7)
 """The boundaries after which the FSDP2 workers keep the full state: each checkpoint taken and the rollback to it."""
 DDP_PLAN: dict[int, list[dict[str, Any]]] = {2: [{"type": "set_hparams", "lr": 5e-4}]}
@@ -80,9 +81,9 @@ def full(state: Any) -> Any:
 
 class Script:
     """Called by a framework callback placed after `SteerCallback`: rank 0 hands the plan's commands to the server
-    at their boundary (applied at the next one, on every rank); every rank keeps the full state right after a
-    boundary that applied commands, and each step's global gradient norm, parameter norm and update ratio computed
-    directly from the full tensors."""
+    in time for their boundary (applied at the next one, on every rank); every rank keeps the full state right
+    after a boundary that applied commands, and each step's global gradient norm, parameter norm and update ratio
+    computed directly from the full tensors."""
 
     def __init__(self, client: Client, rank: int, *, sharded: bool) -> None:
         self.client = client
@@ -122,7 +123,7 @@ class Script:
                 "optimizer": full(optimizer.state_dict()),
             }
         if self.rank == 0:
-            for command in self.plan.get(self.boundaries, []):
+            for command in self.plan.get(self.boundaries + lead(steer), []):
                 deliver(self.client, steer, command)
 
     def save(self, steer: Steer | None, model: nn.Module, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import signal
 from pathlib import Path
@@ -56,7 +57,7 @@ def test_a_rejection_every_rank_agrees_on_stays_a_rejection() -> None:
 def test_values_combine_by_their_meaning() -> None:
     """Mean loss, summed throughput, slowest step; shard norms and ratios of shard norms combine, replicated ones
     are taken as they are."""
-    column = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    column = [3.0, 4.0]
     assert combine_values(column, "mean", sharded=False) == 3.5
     assert combine_values(column, "sum", sharded=False) == 7.0
     assert combine_values(column, "max", sharded=False) == 4.0
@@ -64,9 +65,14 @@ def test_values_combine_by_their_meaning() -> None:
     assert combine_values(column, "norm", sharded=False) == 3.0
     assert combine_values(column, None, sharded=True) == 3.0
     # Update ratios of shards whose parameter norms are 1 and 2: updates of norm 3 and 8 over parameters of norm √5.
-    shard_norms = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    shard_norms = [1.0, 2.0]
     assert combine_values(column, "ratio", sharded=True, denominators=shard_norms) == pytest.approx((73 / 5) ** 0.5)
     assert combine_values(column, "ratio", sharded=False, denominators=shard_norms) == 3.0
+    # A NaN or an infinity on one rank carries through, whichever rank it is on.
+    for how in ("mean", "sum", "max"):
+        assert math.isnan(combine_values([1.0, math.nan], how, sharded=False))
+        assert math.isnan(combine_values([math.nan, 1.0], how, sharded=False))
+    assert combine_values([1.0, math.inf], "norm", sharded=True) == math.inf
 
 
 def test_the_ranks_slices_make_up_the_global_batch_through_mix_changes_and_skips() -> None:
@@ -131,7 +137,7 @@ def test_the_launcher_passes_every_other_flag_on() -> None:
 
 
 def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Path) -> None:
-    """The boundary's all-gather has room for 16 values; a boundary with more sends them in a second all-gather and
+    """The boundary's all-reduce has room for 16 values; a boundary with more sends them in a second all-gather and
     the room grows for the next ones, values and commands intact (a group of one rank: the collectives are real)."""
     previous = signal.getsignal(signal.SIGTERM)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -146,6 +152,31 @@ def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Pa
         assert commands == [record] and reduced == samples
         assert ranks._capacity == 32
         assert ranks.exchange([], samples[:3]) == ([], samples[:3])
+    finally:
+        dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tmp_path: Path) -> None:
+    """`start` issues the collective and returns at once; `finish` hands back the announced commands' size and the
+    values reduced, and a second `start` before `finish` is refused (the table is reused)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ranks = Ranks()
+        samples = [(3, {"loss": 2.5, "lr": 0.1, "attn_logit_max/0": 4.0}), (4, {"loss": float("nan"), "lr": 0.1})]
+        record = CommandRecord(
+            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
+            status="delivered", created_at=1.0, updated_at=1.0,
+        )  # fmt: skip
+        meeting = ranks.start([record], samples)
+        with pytest.raises(RuntimeError, match="still in flight"):
+            ranks.start([], [])
+        size, reduced = ranks.finish(meeting)
+        assert size > 0 and ranks.commands(meeting, size) == [record]
+        assert [step for step, _ in reduced] == [3, 4] and reduced[0][1] == samples[0][1]
+        assert math.isnan(reduced[1][1]["loss"]) and reduced[1][1]["lr"] == 0.1
+        assert ranks.finish(ranks.start([], [])) == (0, [])
     finally:
         dist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)

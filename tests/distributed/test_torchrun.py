@@ -90,10 +90,19 @@ def test_every_command_lands_on_both_ranks_alike_and_as_in_one_process(
     assert len(records) == 8
     single_records = client.list_commands(run_of(client, one))
     assert all(record.status == "applied" for record in single_records)
-    # The loss rank 0 reports is the mean over ranks: the loss of the whole global batch.
-    losses = [client.metrics_history(run_of(client, job), keys=["loss"]).series["loss"] for job in (two, one)]
-    assert losses[0].steps == losses[1].steps == [0, 1, 2, 3, 4]
-    assert losses[0].values == pytest.approx(losses[1].values, rel=1e-5)
+    # The loss rank 0 reports is the mean over ranks (the loss of the whole global batch), each at its own step and
+    # on its own branch, though reduced a boundary or two after it was recorded.
+    for branch, steps in (("main", [0, 1, 2, 3, 4]), ("main.r3", [3, 4, 5, 6, 7])):
+        histories = [client.metrics_history(run_of(client, job), keys=["loss"], branch=branch) for job in (two, one)]
+        losses = [history.series["loss"] for history in histories]
+        assert losses[0].steps == losses[1].steps == steps, (branch, losses[0].steps, losses[1].steps)
+        assert losses[0].values == pytest.approx(losses[1].values, rel=1e-5)
+    # A checkpoint knows the values of the step just before it, reduced, though an ordinary boundary reduces later.
+    main_loss = client.metrics_history(run_of(client, two), keys=["loss"]).series["loss"]
+    for job in (two, one):
+        (mid,) = [info for info in client.list_checkpoints(run_of(client, job)) if info.tag == "mid"]
+        assert (mid.step, mid.healthy) == (3, True)
+        assert mid.metrics["loss"] == pytest.approx(main_loss.values[main_loss.steps.index(2)], rel=1e-5)
 
 
 def test_a_killed_rank_ends_the_run_failed_within_the_heartbeat_timeout(

@@ -1,8 +1,8 @@
 """The built-in run as torchrun starts it, for the distributed tests: `torchrun ... worker.py --out DIR ...`.
 
-With `--plan`, rank 0 submits each planned command through the server at its loop iteration and waits until its
-I/O thread fetched it, so the command lands at a known step; every rank then writes its final state to
-`DIR/rank<r>.pt` for the test to compare. Without a plan the run trains until a command or a fault ends it.
+With `--plan`, rank 0 submits each planned command through the server in time for its loop iteration (`lead`)
+and waits until its I/O thread fetched it, so the command lands at a known step; every rank then writes its final
+state to `DIR/rank<r>.pt` for the test to compare. Without a plan the run trains until a command or a fault ends it.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def lead(steer: Steer) -> int:
+    """How many boundaries before the one meant to apply a command rank 0 hands it over: one under torchrun (every
+    rank learns of it at the next boundary and applies it at the one after), none in one process."""
+    return 1 if steer.ranks is not None else 0
+
+
 def deliver(client: Client, steer: Steer, command: dict[str, Any]) -> None:
-    """Submit `command` and wait until the poller fetched it, so the next `poll` applies it."""
+    """Submit `command` and wait until the poller fetched it, so the next boundary takes it (`lead`)."""
     assert steer.run_id is not None
     before = steer.io.inbox.qsize()
     client.submit(steer.run_id, command)
@@ -84,7 +90,7 @@ def main() -> None:
     with Client(args.server) as client, steer:
         for iteration in range(args.steps):
             if run.rank == 0:
-                for command in plan.get(iteration, []):
+                for command in plan.get(iteration + lead(steer), []):
                     deliver(client, steer, command)
             step = steer.poll(iteration)
             steer.record(step, **run.train_step(step))
