@@ -416,6 +416,9 @@ WAL_KEEP_BYTES = 4 * 2**20
 RESTART_BUSY_MS = 0
 """How long a restart waits for readers still on old frames: not at all. Every commit waits while it does, and
 readers are short: a restart that finds one is tried again after the next group."""
+WAL_FORCE_FACTOR = 2
+"""Past this many times `wal_restart_bytes`, a restart waits for the checkpointer and for the readers (SQLite's busy
+handler) instead of trying again later: readers that never all pause at once must not grow the WAL without bound."""
 
 
 class SqliteStore(GroupWriter):
@@ -516,15 +519,19 @@ class SqliteStore(GroupWriter):
 
     def after_commit(self) -> None:
         """Restart the WAL once it passes `wal_restart_bytes`, so it stays bounded under any steady load."""
-        if self._db is None or _size(self.wal_path) < self.wal_restart_bytes:
+        size = _size(self.wal_path)
+        if self._db is None or size < self.wal_restart_bytes:
             return
-        if not self._checkpointing.acquire(blocking=False):
+        wait = size >= WAL_FORCE_FACTOR * self.wal_restart_bytes
+        if not self._checkpointing.acquire(blocking=wait):
             return  # the checkpointer is copying: the next group looks again, and finds less left to copy
         try:
-            self._db.execute(f"PRAGMA busy_timeout = {RESTART_BUSY_MS}")
+            if not wait:
+                self._db.execute(f"PRAGMA busy_timeout = {RESTART_BUSY_MS}")
             busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         finally:
-            self._db.execute("PRAGMA busy_timeout = 30000")
+            if not wait:
+                self._db.execute("PRAGMA busy_timeout = 30000")
             self._checkpointing.release()
         if not busy:
             self.wal_restarts += 1
