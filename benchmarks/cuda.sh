@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA figures in one go, on a machine with an NVIDIA GPU: the built-in `gpu-small` run (hook and metric cost,
 # rollback), the same run under torchrun with a rank per GPU (NCCL for the model, the gloo side channel) and the
-# Hugging Face and Lightning callbacks. Prints figures; asserts nothing. Run from the repository root:
+# Hugging Face and Lightning callbacks, after the tests that need a GPU. Prints figures; asserts nothing. Run from the repository root:
 # `bash benchmarks/cuda.sh` (about 3 minutes on one H200); PYTHON names the interpreter (default python3).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -10,6 +10,8 @@ gpus=$(nvidia-smi -L | wc -l)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'lightning', lightning.__version__)"
+echo "== the CUDA tests"
+"$python" -m pytest -q -p no:cacheprovider tests/trainer/test_cuda.py 2>&1
 figures() {
     echo "== python -m $*"
     timeout 300 "$python" -m "$@" 2>&1
