@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA figures in one go, on a machine with an NVIDIA GPU: the built-in `gpu-small` run (hook and metric cost,
 # rollback), the same run under torchrun with a rank per GPU (NCCL for the model, the gloo side channel) and the
-# Hugging Face and Lightning callbacks, after the tests that need a GPU. Prints figures; asserts nothing. Run from the repository root:
-# `bash benchmarks/cuda.sh` (about 3 minutes on one H200); PYTHON names the interpreter (default python3).
+# Hugging Face and Lightning callbacks, after the tests that need a GPU. Prints figures; asserts nothing. Run from
+# the repository root: `bash benchmarks/cuda.sh` (about 3 minutes on one H200); PYTHON names the interpreter
+# (default python3).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 python=${PYTHON:-python3}
