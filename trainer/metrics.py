@@ -231,11 +231,7 @@ def read_scalars(
     if domains and domain_sums is not None and domain_counts is not None:
         stacked = torch.cat([stacked, domain_sums.float(), domain_counts.float()])
     flat = stacked.tolist()
-    values = dict(zip(scalars, flat, strict=False))
-    end = len(scalars)
-    if gradients is not None:
-        end += len(gradients.norms)
-        values.update(gradients.finish(flat[len(scalars) : end]))
+    values, end = _unpacked(flat, list(scalars), gradients)
     if domains and domain_sums is not None:
         sums, counts = flat[end : end + len(domains)], flat[end + len(domains) :]
         values.update({f"loss/{name}": s / c for name, s, c in zip(domains, sums, counts, strict=True) if c > 0})
@@ -276,14 +272,22 @@ class HostValues:
         """The values as floats (the device ones first, then the floats handed over)."""
         if self._event is not None:
             self._event.synchronize()
-        flat = self._host.tolist() if self._host is not None else []
-        values = dict(zip(self.names, flat, strict=False))
-        if self.gradients is not None:
-            values.update(self.gradients.finish(flat[len(self.names) :]))
+        values, _ = _unpacked(self._host.tolist() if self._host is not None else [], self.names, self.gradients)
         values.update(self.floats)
         if self.then is not None:
             self.then(values)
         return values
+
+
+def _unpacked(flat: list[float], names: list[str], gradients: GradientNorms | None) -> tuple[dict[str, float], int]:
+    """The values `_stacked` packed, read back: the named ones, then the gradient statistics finished from their
+    norms; and where they end in `flat`."""
+    values = dict(zip(names, flat, strict=False))
+    end = len(names)
+    if gradients is not None:
+        end += len(gradients.norms)
+        values.update(gradients.finish(flat[len(names) : end]))
+    return values, end
 
 
 def _stacked(scalars: dict[str, Tensor], gradients: GradientNorms | None = None) -> Tensor:

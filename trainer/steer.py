@@ -191,8 +191,7 @@ class Steer:
         # runs every step.
         if self.ranks is not None:
             self._meet()
-            step = self._take_commands(step)
-        elif self._pending or live.paused or live.stopped or not self.io.inbox.empty():
+        if self.ranks is not None or self._pending or live.paused or live.stopped or not self.io.inbox.empty():
             step = self._take_commands(step)
         live.apply_schedule()
         to_disk = self._periodic_checkpoint_due(step)
@@ -451,8 +450,7 @@ class Steer:
         if size:
             self._announced = self._meeting.records
         self._meeting = None
-        for step, values in reduced:
-            self.live.record(step, values)
+        self._report(reduced)
 
     def _exchange(self, due: list[CommandRecord]) -> list[CommandRecord]:
         """Hand rank 0's commands to every rank and report the values recorded since the last boundary, reduced (one
@@ -460,9 +458,13 @@ class Steer:
         assert self.ranks is not None
         due, reduced = self.ranks.exchange(due, self._unreduced)
         self._unreduced = []
+        self._report(reduced)
+        return due
+
+    def _report(self, reduced: list[Sample]) -> None:
+        """Record the values reduced across ranks."""
         for step, values in reduced:
             self.live.record(step, values)
-        return due
 
     def _settle(self) -> None:
         """Report every value recorded so far, reduced across ranks (collectives: every rank calls this alike)."""
