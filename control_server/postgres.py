@@ -39,7 +39,7 @@ from psycopg.pq import ConnStatus, ExecStatus
 from psycopg_pool import ConnectionPool
 
 from control_server.series import MARKS_OF_EAGER_ROLLUPS
-from control_server.store import SCHEMA_TEMPLATE, Cursor, Db, GroupWriter, Result, _PendingWrite
+from control_server.store import SCHEMA_TEMPLATE, Cursor, Db, GroupWriter, PendingWrite, Result
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ class PostgresStore(GroupWriter):
             start += count
         self._kept.clear()
 
-    def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
+    def _run_group(self, batch: list[PendingWrite]) -> list[tuple[bool, Any]]:
         """Run the group pipelined and without savepoints (`_run_pipelined`); where that cannot say which op failed
         or cannot undo one alone, roll it back and run it again op by op, a savepoint each, where a failing op undoes
         only itself (`GroupWriter._run_group`)."""
@@ -436,7 +436,7 @@ class PostgresStore(GroupWriter):
         self._forget_undone()
         return super()._run_group(batch)
 
-    def _run_pipelined(self, db: _Connection, batch: list[_PendingWrite]) -> list[tuple[bool, Any]] | None:
+    def _run_pipelined(self, db: _Connection, batch: list[PendingWrite]) -> list[tuple[bool, Any]] | None:
         """Run the group with its statements sent without waiting, and commit: it costs a round trip per result an
         op reads (plus one to start and one to commit) instead of one per statement, and no savepoints.
 

@@ -203,7 +203,9 @@ SCHEMA = SCHEMA_TEMPLATE.format(**SQLITE_TYPES)
 
 
 @dataclass
-class _PendingWrite:
+class PendingWrite:
+    """One op queued for the writer thread, with what its caller awaits and the run whose lock it takes."""
+
     op: Callable[[Any], Any]
     future: asyncio.Future[Any] | None
     """None for a chore's op: nobody awaits it."""
@@ -234,7 +236,7 @@ class GroupWriter:
 
     def __init__(self, *, max_batch: int) -> None:
         self.max_batch = max_batch
-        self._writes: queue.SimpleQueue[_PendingWrite | object] = queue.SimpleQueue()
+        self._writes: queue.SimpleQueue[PendingWrite | object] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self.commits = 0
         self.writes = 0
@@ -266,7 +268,7 @@ class GroupWriter:
         once that transaction is committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        self._writes.put(_PendingWrite(op, future, loop, run))
+        self._writes.put(PendingWrite(op, future, loop, run))
         return await future
 
     def start_group(self, db: Any, runs: list[str], size: int) -> None:
@@ -306,7 +308,7 @@ class GroupWriter:
                 ops = [op for chore in self._chores for op in chore(CHORE_OPS)]
                 if ops:
                     started = time.monotonic()
-                    self._commit_group([_PendingWrite(op, None, None, run) for run, op in ops])
+                    self._commit_group([PendingWrite(op, None, None, run) for run, op in ops])
                     self.after_commit()
                     chores_at = time.monotonic() + (time.monotonic() - started) * CHORE_REST
                     continue
@@ -315,12 +317,12 @@ class GroupWriter:
                 item = self._writes.get(timeout=max(0.0, chores_at - time.monotonic()) if chores_due else None)
             except queue.Empty:
                 continue
-            batch: list[_PendingWrite] = []
+            batch: list[PendingWrite] = []
             while True:
                 if item is _STOP:
                     stopping = True
                     break
-                assert isinstance(item, _PendingWrite)
+                assert isinstance(item, PendingWrite)
                 batch.append(item)
                 if len(batch) >= self.max_batch:
                     break
@@ -334,7 +336,7 @@ class GroupWriter:
                 chores_due = bool(self._chores)  # a write may have made some due
         self.close_writer_db()
 
-    def _commit_group(self, batch: list[_PendingWrite]) -> None:
+    def _commit_group(self, batch: list[PendingWrite]) -> None:
         try:
             outcomes = self._run_group(batch)
         except self.error as exc:  # the group itself failed: every write in it failed
@@ -350,7 +352,7 @@ class GroupWriter:
             elif not ok:
                 log.warning("store chore failed (it is handed out again when due): %s", value)
 
-    def _run_group(self, batch: list[_PendingWrite]) -> list[tuple[bool, Any]]:
+    def _run_group(self, batch: list[PendingWrite]) -> list[tuple[bool, Any]]:
         """Run `batch` in one transaction, each op in its own savepoint, and commit; returns each op's (ok, result or
         error). The driver's error escaping it means the group itself failed."""
         outcomes: list[tuple[bool, Any]] = []
