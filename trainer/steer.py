@@ -227,8 +227,8 @@ class Steer:
     def record_values(self, step: int, values: HostValues) -> None:
         """Buffer one step's values gathered by `Health.finish_step`. In one process they are read at the next
         record, or sooner when a command, a checkpoint or the end needs them: on CUDA their copy has landed by then,
-        so the loop never waits for the GPU to finish a step. Under torchrun they are read now (reduced at the next
-        boundary)."""
+        so the loop never waits for the GPU to finish a step. Under torchrun they are read now (reduced in the
+        collective the next boundary issues, see `_meet`)."""
         self._read_unread()
         if self.ranks is None:
             self._unread = (step, values)
