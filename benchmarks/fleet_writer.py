@@ -24,6 +24,7 @@ from typing import Any
 
 from benchmarks._common import load_average
 from control_server.cli import tune_gc
+from control_server.metrics import note_batch, recent_batches
 from control_server.series import FINEST, SeriesCache, catch_up, due_rollups, insert_steps
 from control_server.store import Db, SqliteStore
 
@@ -67,6 +68,8 @@ async def drive(store: TimedStore, cache: SeriesCache, runs: int, duration_s: fl
             steps = {step: (1.0, {key: step + k for k, key in enumerate(keys)}) for step in range(first_step)}
             insert_steps(db, cache, series_id, steps)
             catch_up(db, cache, series_id)
+            for step in range(first_step):  # a batch per step, as the fleet posts them
+                note_batch(db, f"run-{run}", f"batch-{step}", recent_batches(db, f"run-{run}"))
             ids.append(series_id)
         return ids
 
@@ -82,7 +85,7 @@ async def drive(store: TimedStore, cache: SeriesCache, runs: int, duration_s: fl
         values = {key: step * 1e-3 + k for k, key in enumerate(keys)}
 
         def op(db: Db) -> int:
-            db.execute("INSERT INTO metric_batches VALUES (?, ?) ON CONFLICT DO NOTHING", (f"run-{run}", f"{step}"))
+            note_batch(db, f"run-{run}", f"batch-{step}", recent_batches(db, f"run-{run}"))
             return insert_steps(db, cache, ids[run], {step: (time.time(), values)})
 
         queued = time.perf_counter()

@@ -43,6 +43,36 @@ MAX_METRIC_SERIES = 65_536
 """Most (branch, name) series one run may have, e.g. 16 branches of 4,096 metrics or 1,024 of 64."""
 
 
+RECENT_BATCH_IDS = 32
+"""Batch ids kept per run, its newest: a batch resent with one of them is acknowledged and not stored again.
+
+A sender resends a batch only until it is acknowledged, and the reference trainer makes its next batch only then,
+so a resend (after any outage) is of the run's newest batch; the rest leave room for senders with several batches
+in flight. Keeping every id instead grew a table by a row per batch forever, its random keys about a sixth of the
+writer's time at 1,000 runs. A resend the window misses stores nothing either (the first value of a step wins);
+only its samples reach watchers twice."""
+
+
+def recent_batches(db: Db, run_id: str) -> Cursor:
+    """Ask for the run's recent batch ids (`note_batch` reads the answer)."""
+    return db.execute("SELECT batch_ids FROM metric_recent_batches WHERE run_id = ?", (run_id,))
+
+
+def note_batch(db: Db, run_id: str, batch_id: str, recent: Cursor) -> bool:
+    """Add `batch_id` to the run's recent ones (`recent`: what `recent_batches` asked); False when it is one of them
+    already. Runs in a write holding the run's lock, so no other server adds one meanwhile."""
+    row = recent.fetchone()
+    kept = row[0].split("\n") if row is not None else []
+    if batch_id in kept:
+        return False
+    db.execute(
+        "INSERT INTO metric_recent_batches VALUES (?, ?) "
+        "ON CONFLICT (run_id) DO UPDATE SET batch_ids = excluded.batch_ids",
+        (run_id, "\n".join([batch_id, *kept[: RECENT_BATCH_IDS - 1]])),
+    )
+    return True
+
+
 class TooManyPoints(ApiError):
     status = 422
     code = "too_many_points"
@@ -91,15 +121,13 @@ class MetricsService:
             cache = self._writer_ids
             newest: dict[str, Cursor] = {}
             if batch.batch_id is not None:
-                added = db.execute(
-                    "INSERT INTO metric_batches VALUES (?, ?) ON CONFLICT DO NOTHING", (run_id, batch.batch_id)
-                )
-                # Asked before `added` is read, so a pipelined store (PostgreSQL) answers both in one round trip.
+                recent = recent_batches(db, run_id)
+                # Asked before `recent` is read, so a pipelined store (PostgreSQL) answers both in one round trip.
                 for branch in by_branch:
                     known = cache.series.get((run_id, branch))
                     if known is not None:
                         newest[branch] = newest_step(db, known)
-                if added.rowcount == 0:
+                if not note_batch(db, run_id, batch.batch_id, recent):
                     return None
             self._admit_series(db, run_id, batch)
             stored = sum(

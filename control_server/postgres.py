@@ -43,7 +43,7 @@ from control_server.store import SCHEMA_TEMPLATE, Cursor, Db, GroupWriter, Pendi
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the tables below, kept in `runsteer_schema`; a database of a newer version is refused."""
 
 POSTGRES_TYPES = {
@@ -544,6 +544,8 @@ class PostgresStore(GroupWriter):
                     connection.execute("ALTER TABLE commands ADD COLUMN created_at DOUBLE PRECISION NOT NULL DEFAULT 0")
                     connection.execute("UPDATE commands SET created_at = (body::json->>'created_at')::float8")
                 connection.execute(SCHEMA)
-                if version:  # before 3, every closed bucket was rolled up as it closed: mark them so
+                if 0 < version < 3:  # before 3, every closed bucket was rolled up as it closed: mark them so
                     connection.execute(MARKS_OF_EAGER_ROLLUPS)
+                if version < 4:  # every batch id ever stored, a row each; a run's recent ones replace them
+                    connection.execute("DROP TABLE IF EXISTS metric_batches")
                 connection.execute("INSERT INTO runsteer_schema VALUES (%s)", (SCHEMA_VERSION,))

@@ -558,7 +558,8 @@ def _regroup(buckets: Mapping[int, Bucket], shift: int, width: int) -> dict[int,
 
 
 def migrate_sqlite(db: Any) -> None:
-    """Bring a SQLite file to SCHEMA_VERSION: create the tables, and repack a row-per-value history (version 1)."""
+    """Bring a SQLite file to SCHEMA_VERSION: create the tables, repack a row-per-value history (version 1), mark
+    the rollups stored before the marks (3), drop the batch ids kept forever (4)."""
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise RuntimeError(
@@ -571,8 +572,10 @@ def migrate_sqlite(db: Any) -> None:
     db.executescript(SCHEMA)
     if old:
         _repack_v1(db)
-    if version < SCHEMA_VERSION:
+    if version < 4:  # the marks came with schema 4
         db.execute(MARKS_OF_EAGER_ROLLUPS)
+    if version < 5:  # every batch id ever stored, a row each; a run's recent ones replace them
+        db.execute("DROP TABLE IF EXISTS metric_batches")
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 

@@ -109,7 +109,7 @@ class Store(Protocol):
         ...
 
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Bumped with every change to the tables; an older file is migrated on open (see `migrate_sqlite`)."""
 
 SCHEMA_TEMPLATE = """
@@ -180,17 +180,17 @@ CREATE TABLE IF NOT EXISTS metric_rollup_marks (
     series_id {int} PRIMARY KEY,
     through_step {int} NOT NULL
 );
-CREATE TABLE IF NOT EXISTS metric_batches (
-    run_id TEXT NOT NULL,
-    batch_id TEXT NOT NULL,
-    PRIMARY KEY (run_id, batch_id)
-){clustered};
+CREATE TABLE IF NOT EXISTS metric_recent_batches (
+    run_id TEXT PRIMARY KEY,
+    batch_ids TEXT NOT NULL
+);
 """
 """The tables of both stores, with each dialect's types filled in (`SQLITE_TYPES`, `postgres.POSTGRES_TYPES`).
 Metrics are a row per (run, branch, step) holding every value of that step packed (see `series`), so a
 step of 40 values is one row and one index entry instead of forty. Their rows stay in SQLite's rowid order
 (appended, so pages fill up) with the key in a small index beside them: clustering them by key filled pages
-about half, and spilled the larger rollup rows to overflow pages."""
+about half, and spilled the larger rollup rows to overflow pages. A run's recent metrics batch ids are one row,
+rewritten in place (see `metrics.RECENT_BATCH_IDS`)."""
 
 SQLITE_TYPES = {
     "real": "REAL",

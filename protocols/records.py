@@ -48,7 +48,8 @@ class MetricsBatch(WireModel):
 
     samples: list[MetricsSample] = Field(min_length=1, max_length=10_000)
     batch_id: Name | None = None
-    """Unique per run; a batch whose id was already stored is acknowledged and not stored again."""
+    """Unique per run; a batch resent with the id of one of the run's recent batches (the server keeps the newest
+    few dozen) is acknowledged and not stored again."""
 
 
 class MetricsRecord(MetricsSample):

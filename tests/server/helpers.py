@@ -64,15 +64,15 @@ def raw_request(
         connection.close()
 
 
-def row_counts(db: Path | str) -> dict[str, int]:
+def row_counts(db: Path | str, tables: tuple[str, ...] = STORE_TABLES) -> dict[str, int]:
     """Rows per store table, read straight from the store (read-only, beside the server's connections)."""
     if isinstance(db, str) and db.startswith("postgresql://"):
         import psycopg
 
         with psycopg.connect(db) as pg:
-            return {table: pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in STORE_TABLES}  # type: ignore[index]
+            return {table: pg.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in tables}  # type: ignore[index]
     connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in STORE_TABLES}
+        return {table: connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in tables}
     finally:
         connection.close()

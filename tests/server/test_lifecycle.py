@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
+from control_server.metrics import RECENT_BATCH_IDS
 from protocols import CommandResult, MetricsBatch, MetricsSample, RunRegistration, SetHparams
 from protocols.client import Client
+from tests.server.helpers import row_counts
 
 pytestmark = pytest.mark.both_stores
 
@@ -64,6 +67,25 @@ def test_submit_with_wait_returns_the_final_record(client: Client, server_url: s
     thread.join(10)
     assert record.status == "rejected"
     assert record.message == "no such group"
+
+
+def test_a_batch_resent_among_the_runs_recent_ids_is_stored_once(client: Client, store_db: Path | str) -> None:
+    """A resend of any of the run's last RECENT_BATCH_IDS batches is a duplicate; one older than those stores nothing
+    either (the first value of a step wins); the run keeps one row of ids however many batches it sent."""
+    run_id = register(client, "resends")
+
+    def batch(index: int, loss: float) -> MetricsBatch:
+        sample = MetricsSample(step=index, time=1.0, values={"loss": loss})
+        return MetricsBatch(samples=[sample], batch_id=f"b-{index}")
+
+    for index in range(RECENT_BATCH_IDS):
+        assert client.push_metrics(run_id, batch(index, index)).stored_values == 1
+    assert all(client.push_metrics(run_id, batch(index, -1.0)).duplicate for index in (0, RECENT_BATCH_IDS - 1))
+    client.push_metrics(run_id, batch(RECENT_BATCH_IDS, 0.0))
+    late = client.push_metrics(run_id, batch(0, -1.0))
+    assert not late.duplicate and late.stored_values == 0
+    assert client.metrics_history(run_id, keys=["loss"]).series["loss"].values[:2] == [0.0, 1.0]
+    assert row_counts(store_db, ("metric_recent_batches",)) == {"metric_recent_batches": 1}
 
 
 def test_metrics_round_trip_and_downsample(client: Client) -> None:
