@@ -20,7 +20,7 @@ from control_server.errors import ConflictError, Forbidden, NotFoundError
 from control_server.events import Emitter, EventLog
 from control_server.policy import check_command, check_rate
 from control_server.runs import RunRegistry
-from control_server.store import Db, Store
+from control_server.store import Db, Result, Store
 from protocols.commands import CommandDecision, CommandEnvelope, CommandRecord, CommandResult
 from protocols.constants import FINAL_COMMAND_STATUSES, OPEN_COMMAND_STATUSES, CommandStatus
 from protocols.errors import ErrorDetail
@@ -102,7 +102,7 @@ class CommandService:
             emit(lambda event_id, at: _command_event(record, event_id, at))
             return record, True
 
-        record, created = await self.events.write(run_id, op)
+        record, created = await self._write(run_id, op)
         if not created:
             return self._same_or_conflict(record, envelope), False
         self._tell(record, None)
@@ -258,7 +258,7 @@ class CommandService:
             _update(db, changed, emit)
             return changed, record
 
-        record, previous = await self.events.write(run_id, op)
+        record, previous = await self._write(run_id, op)
         if previous is not None:
             self._tell(record, previous)
         return record
@@ -286,11 +286,17 @@ class CommandService:
                     pairs.append((record, record))
             return pairs
 
-        pairs = await self.events.write(run_id, op)
+        pairs = await self._write(run_id, op)
         for record, previous in pairs:
             if record is not previous:
                 self._tell(record, previous)
         return [record for record, _ in pairs]
+
+    async def _write(self, run_id: str, op: Callable[[Db, Emitter], Result]) -> Result:
+        """Every command write (submit, approval, hand-out, result) goes ahead of other writes in the store's queue:
+        a submitter waiting for the result and a trainer long-polling wait on each of them, in turn, while the
+        metrics of a fleet keep hundreds of writes queued."""
+        return await self.events.write(run_id, op, urgent=True)
 
     async def _existing(self, run_id: str, command_id: str) -> CommandRecord | None:
         """The command as it stands: from memory when no other server changes it, else from the table."""

@@ -89,8 +89,9 @@ class EventLog:
 
             store.listen(heard)
 
-    async def write(self, run_id: str, op: Callable[[Db, Emitter], Result]) -> Result:
-        """Run `op` holding the run's lock; once committed, publish what it emitted (see the module docstring)."""
+    async def write(self, run_id: str, op: Callable[[Db, Emitter], Result], *, urgent: bool = False) -> Result:
+        """Run `op` holding the run's lock (ahead of other writes when `urgent`, see `Store.write`); once committed,
+        publish what it emitted (see the module docstring)."""
         announced: list[tuple[str, int]] = []
 
         def run(db: Db) -> tuple[Result, list[Event]]:
@@ -104,7 +105,7 @@ class EventLog:
             return result, emit.events
 
         try:
-            result, events = await self.store.write(run, run=run_id)
+            result, events = await self.store.write(run, run=run_id, urgent=urgent)
         except BaseException:
             for own in announced:
                 self._own.pop(own, None)
