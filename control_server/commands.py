@@ -50,6 +50,8 @@ class CommandService:
         self._open: dict[str, dict[str, CommandRecord]] = {}
         self._queue_changed: dict[str, asyncio.Event] = {}
         self._finished: dict[tuple[str, str], asyncio.Event] = {}
+        self._polls: dict[str, list[int]] = {}
+        """The `after_seq` of each long-poll waiting on this server, per run (read by the writer, see `_handed_now`)."""
         self._load_open(store.read_now(_open_rows))
         events.watchers.append(self._watch)
         events.resyncs.append(self._resync)
@@ -77,11 +79,11 @@ class CommandService:
         status: CommandStatus = "pending_approval" if held else "queued"
         limit = run.policy.rate_limit
 
-        def op(db: Db, emit: Emitter) -> tuple[CommandRecord, bool]:
+        def op(db: Db, emit: Emitter) -> tuple[CommandRecord, CommandRecord | None, bool]:
             # Under the run's lock: a submission of the same id on another server, or in this group, came first.
             first = _stored(db, run_id, command_id) if envelope.id is not None else None
             if first is not None:
-                return first, False
+                return first, None, False
             now = time.time()
             check_rate(db, run_id, limit, now)
             record = CommandRecord(
@@ -95,18 +97,34 @@ class CommandService:
                 created_at=now,
                 updated_at=now,
             )
+            handed = self._handed_now(record, now)
+            stored = handed or record
             db.execute(
                 "INSERT INTO commands (seq, status, body, run_id, id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (record.seq, record.status, record.model_dump_json(), run_id, command_id, now),
+                (stored.seq, stored.status, stored.model_dump_json(), run_id, command_id, now),
             )
             emit(lambda event_id, at: _command_event(record, event_id, at))
-            return record, True
+            if handed is not None:
+                emit(lambda event_id, at: _command_event(handed, event_id, at))
+            return record, handed, True
 
-        record, created = await self._write(run_id, op)
+        record, handed, created = await self._write(run_id, op)
         if not created:
             return self._same_or_conflict(record, envelope), False
         self._tell(record, None)
+        if handed is not None:
+            self._tell(handed, record)
         return record, True
+
+    def _handed_now(self, record: CommandRecord, now: float) -> CommandRecord | None:
+        """`record` delivered, when a long-poll of this server waits for it (None: it stays queued), in the write
+        that stores it: the trainer then gets it with no write of its own (see `_deliver`). Should that long-poll
+        end before it answers, the command is handed out again by the next, as every delivered one is."""
+        if record.status != "queued" or not any(
+            after < record.seq for after in list(self._polls.get(record.run_id, ()))
+        ):
+            return None
+        return _delivered(record, now)
 
     async def get(self, run_id: str, command_id: str, *, wait_s: float = 0.0) -> CommandRecord:
         """A command's record; with `wait_s`, waits up to that long for it to finish."""
@@ -161,10 +179,16 @@ class CommandService:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
+            waiting = self._polls.setdefault(run_id, [])
+            waiting.append(after_seq)
             try:
                 await asyncio.wait_for(changed.wait(), remaining)
             except TimeoutError:
                 return []
+            finally:
+                waiting.remove(after_seq)
+                if not waiting and self._polls.get(run_id) is waiting:
+                    del self._polls[run_id]
 
     async def report_result(self, run_id: str, command_id: str, result: CommandResult) -> CommandRecord:
         """Finish a delivered command with the trainer's result; a repeated identical result is harmless."""
@@ -264,22 +288,23 @@ class CommandService:
         return record
 
     async def _deliver(self, run_id: str, after_seq: int) -> list[CommandRecord]:
-        """Mark the stored queued commands after `after_seq` delivered; returns them with those delivered before."""
+        """Mark the stored queued commands after `after_seq` delivered; returns them with those delivered before.
+
+        When none is queued (a command submitted while the long-poll waited was delivered as it was stored), they
+        are only read: the trainer waits for no write."""
+        if not any(
+            record.seq > after_seq and record.status == "queued" for record in self._open.get(run_id, {}).values()
+        ):
+            found = await self.store.read(lambda db: _handed_out(db, run_id, after_seq))
+            if all(record.status == "delivered" for record in found):
+                return found  # else another server's queued command, not heard of yet: marked below
 
         def op(db: Db, emit: Emitter) -> list[tuple[CommandRecord, CommandRecord]]:
-            rows = db.execute(
-                "SELECT body FROM commands WHERE run_id = ? AND seq > ? AND status IN ('queued', 'delivered') "
-                "ORDER BY seq LIMIT ?",
-                (run_id, after_seq, MAX_DELIVERY),
-            ).fetchall()
             now = time.time()
             pairs = []
-            for (body,) in rows:
-                record = CommandRecord.model_validate_json(body, strict=False)
+            for record in _handed_out(db, run_id, after_seq):
                 if record.status == "queued":
-                    delivered = record.model_copy(
-                        update={"status": "delivered", "delivered_at": now, "updated_at": now}
-                    )
+                    delivered = _delivered(record, now)
                     _update(db, delivered, emit)
                     pairs.append((delivered, record))
                 else:
@@ -354,6 +379,20 @@ def _open_rows(db: Db) -> list[str]:
         statuses,
     ).fetchall()
     return [body for (body,) in rows]
+
+
+def _handed_out(db: Db, run_id: str, after_seq: int) -> list[CommandRecord]:
+    """What a long-poll after `after_seq` hands out: the queued and delivered commands, in `seq` order."""
+    rows = db.execute(
+        "SELECT body FROM commands WHERE run_id = ? AND seq > ? AND status IN ('queued', 'delivered') "
+        "ORDER BY seq LIMIT ?",
+        (run_id, after_seq, MAX_DELIVERY),
+    ).fetchall()
+    return [CommandRecord.model_validate_json(body, strict=False) for (body,) in rows]
+
+
+def _delivered(record: CommandRecord, now: float) -> CommandRecord:
+    return record.model_copy(update={"status": "delivered", "delivered_at": now, "updated_at": now})
 
 
 def _stored(db: Db, run_id: str, command_id: str) -> CommandRecord | None:

@@ -7,10 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from control_server.keys import COMMANDS, STORE
 from control_server.metrics import RECENT_BATCH_IDS
 from protocols import CommandResult, MetricsBatch, MetricsSample, RunRegistration, SetHparams
 from protocols.client import Client
+from protocols.commands import CommandRecord
+from protocols.events import CommandEvent
+from tests.polling import wait_until
 from tests.server.helpers import row_counts
+from tests.serving import ServerThread
 
 pytestmark = pytest.mark.both_stores
 
@@ -34,6 +39,30 @@ def test_command_goes_from_queued_to_applied_with_the_trainers_step(client: Clie
     assert final.applied_step == 17
     assert final.effective == {"lr": 0.001}
     assert final.reason == "too slow" and final.source == "user:alice"
+
+
+def test_a_command_submitted_while_the_trainer_long_polls_reaches_it_with_one_commit(
+    server: ServerThread, client: Client
+) -> None:
+    """Submitted while a long-poll waits, a command is stored delivered by the write that accepts it: the poll hands
+    it out with no write of its own, the submitter is answered `queued`, and watchers see it queued, then delivered."""
+    run_id = register(client)
+    handed: list[CommandRecord] = []
+    with Client(server.url) as trainer:
+        poll = threading.Thread(target=lambda: handed.extend(trainer.next_commands(run_id, after_seq=0, wait_s=10)))
+        poll.start()
+        wait_until(lambda: run_id in server.app[COMMANDS]._polls, what="the long-poll waiting")
+        commits = server.app[STORE].commits
+        record = client.submit(run_id, SetHparams(lr=0.001), source="user:alice")
+        poll.join(10)
+        assert server.app[STORE].commits == commits + 1
+        assert record.status == "queued"
+        assert [(c.id, c.status) for c in handed] == [(record.id, "delivered")]
+        assert handed[0].delivered_at is not None
+        trainer.report_result(run_id, record.id, CommandResult(status="applied", step=3))
+    events = [e for e in client.list_events(run_id) if isinstance(e, CommandEvent)]
+    assert [e.record.status for e in events] == ["queued", "delivered", "applied"]
+    assert events[1].event_id == events[0].event_id + 1
 
 
 def test_long_poll_wakes_as_soon_as_a_command_arrives(client: Client, server_url: str) -> None:
