@@ -3,7 +3,8 @@ each every 0.5 s, each series at its own phase in the half second (as `benchmark
 through the server's own ops (`insert_steps` with the batch-id row) and rollup chore.
 
 It prints the write latency (queued until committed) of steps where rollup buckets close (a multiple of 64, of
-16) and of the others, and the writer thread's CPU per group: write groups, chore groups and WAL restarts. The
+16) and of the others, of command-sized writes sent urgent (as the server sends a command's) and the same sent as
+ordinary writes, and the writer thread's CPU per group: write groups, chore groups and WAL restarts. The
 CPU figures do not depend on what else the machine runs, so they show a stall even where the latencies are
 drowned by a busy machine.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import json
 import random
 import statistics
 import tempfile
@@ -30,6 +33,7 @@ from control_server.store import Db, SqliteStore
 
 VALUES = 40
 STEP_INTERVAL_S = 0.5
+COMMANDS_PER_S = 10
 
 
 class TimedStore(SqliteStore):
@@ -92,6 +96,34 @@ async def drive(store: TimedStore, cache: SeriesCache, runs: int, duration_s: fl
         await store.write(op)
         latencies.setdefault(step, []).append(time.perf_counter() - queued)
 
+    commands: dict[bool, list[float]] = {True: [], False: []}
+    seqs = itertools.count(1)
+
+    async def command(urgent: bool) -> None:
+        """A write the size of a command's (its row and its event), as the server writes a submit."""
+        seq = next(seqs)
+        body = json.dumps({"id": f"c-{seq}", "command": {"type": "set_hparams", "lr": 1e-4}, "padding": "x" * 300})
+
+        def op(db: Db) -> None:
+            db.execute(
+                "INSERT INTO commands (run_id, id, seq, status, body, created_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+                (f"run-{seq % runs}", f"c-{seq}", seq, body, time.time()),
+            )
+            event = (seq, f"run-{seq % runs}", time.time(), body)
+            db.execute("INSERT INTO events VALUES (?, ?, 'command', ?, ?)", event)
+
+        queued = time.perf_counter()
+        await store.write(op, urgent=urgent)
+        commands[urgent].append(time.perf_counter() - queued)
+
+    async def commander() -> None:
+        """COMMANDS_PER_S command writes, every other one urgent (as the server sends them) and the others not."""
+        writes = []
+        for index in range(int(duration_s * COMMANDS_PER_S)):
+            await asyncio.sleep(max(0.0, start + index / COMMANDS_PER_S - time.monotonic()))
+            writes.append(asyncio.ensure_future(command(urgent=index % 2 == 0)))
+        await asyncio.gather(*writes)
+
     async def trainer(run: int) -> None:
         phase = random.uniform(0, STEP_INTERVAL_S)
         posts = []
@@ -100,13 +132,19 @@ async def drive(store: TimedStore, cache: SeriesCache, runs: int, duration_s: fl
             posts.append(asyncio.ensure_future(post(run, first_step + index)))
         await asyncio.gather(*posts)
 
-    await asyncio.gather(*(trainer(run) for run in range(runs)))
+    await asyncio.gather(commander(), *(trainer(run) for run in range(runs)))
     for name, test in (
         ("steps at a multiple of 64", lambda step: step % 64 == 0),
         (f"at another multiple of {1 << FINEST}", lambda step: step % 64 and step % (1 << FINEST) == 0),
         ("the other steps", lambda step: step % (1 << FINEST)),
     ):
         chosen = [latency for step, found in latencies.items() if test(step) for latency in found]
+        print(
+            f"{name:>30}: write p50 {ms(chosen, 0.5):6.1f} p99 {ms(chosen, 0.99):6.1f} max {ms(chosen, 1.0):6.1f} ms "
+            f"(n={len(chosen)})"
+        )
+    for name, urgent in (("command writes, urgent", True), ("the same, in line", False)):
+        chosen = commands[urgent]
         print(
             f"{name:>30}: write p50 {ms(chosen, 0.5):6.1f} p99 {ms(chosen, 0.99):6.1f} max {ms(chosen, 1.0):6.1f} ms "
             f"(n={len(chosen)})"
