@@ -320,7 +320,7 @@ class CommandService:
     async def _write(self, run_id: str, op: Callable[[Db, Emitter], Result]) -> Result:
         """Every command write (submit, approval, hand-out, result) goes ahead of other writes in the store's queue:
         a submitter waiting for the result and a trainer long-polling wait on each of them, in turn, while the
-        metrics of a fleet keep hundreds of writes queued."""
+        metrics of a fleet queue thousands of writes a second."""
         return await self.events.write(run_id, op, urgent=True)
 
     async def _existing(self, run_id: str, command_id: str) -> CommandRecord | None:
