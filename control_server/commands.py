@@ -291,10 +291,16 @@ class CommandService:
         """Mark the stored queued commands after `after_seq` delivered; returns them with those delivered before.
 
         When none is queued (a command submitted while the long-poll waited was delivered as it was stored), they
-        are only read: the trainer waits for no write."""
-        if not any(
-            record.seq > after_seq and record.status == "queued" for record in self._open.get(run_id, {}).values()
-        ):
+        are only read: the trainer waits for no write. From memory when no other server changes them (as
+        `_existing`), else from the table."""
+        handed = [
+            record
+            for record in self.open_commands(run_id)
+            if record.seq > after_seq and record.status in ("queued", "delivered")
+        ]
+        if not any(record.status == "queued" for record in handed):
+            if not self.store.shared:
+                return handed[:MAX_DELIVERY]
             found = await self.store.read(lambda db: _handed_out(db, run_id, after_seq))
             if all(record.status == "delivered" for record in found):
                 return found  # else another server's queued command, not heard of yet: marked below
