@@ -1,11 +1,16 @@
-"""The distributed pieces that need no second process: outcome agreement, reductions, data shards, SIGTERM, CLI."""
+"""The distributed pieces tested without torchrun: outcome agreement, reductions, data shards, SIGTERM, CLI, and the
+side channel between two processes."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +22,15 @@ from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult, SetHparams
+from tests.distributed.conftest import ROOT
+from tests.distributed.side_rank import values_of
 from tests.distributed.worker import FAST_IO
 from tests.polling import wait_until
 from tests.serving import ServerThread
 from trainer.cli import main as train_main
 from trainer.data import MixtureSampler, builtin_domains
 from trainer.distributed import (
+    DistributedConfig,
     RankFailure,
     Ranks,
     RankSampler,
@@ -137,8 +145,8 @@ def test_the_launcher_passes_every_other_flag_on() -> None:
 
 
 def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Path) -> None:
-    """The boundary's all-reduce has room for 16 values; a boundary with more sends them in a second all-gather and
-    the room grows for the next ones, values and commands intact (a group of one rank: the collectives are real)."""
+    """A boundary's row has room for 16 values; a boundary with more sends the rest behind it and the room grows for
+    the next ones, values and commands intact (a group of one rank: the broadcast is real)."""
     previous = signal.getsignal(signal.SIGTERM)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -158,8 +166,8 @@ def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Pa
 
 
 def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tmp_path: Path) -> None:
-    """`start` issues the collective and returns at once; `finish` hands back the announced commands' size and the
-    values reduced, and a second `start` before `finish` is refused (the table is reused)."""
+    """`start` sends the boundary's row and returns at once; `finish` hands back the announced commands' size and
+    the values reduced, and a second `start` before `finish` is refused (rows must pair up boundary by boundary)."""
     previous = signal.getsignal(signal.SIGTERM)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -179,6 +187,52 @@ def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tm
         assert ranks.finish(ranks.start([], [])) == (0, [])
     finally:
         dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_a_rank_that_goes_silent_or_dies_is_named_by_the_side_channel(tmp_path: Path) -> None:
+    """Two processes meet on the side channel's sockets: values reduce across them, a row with more values than its
+    room grows it on both, commands reach rank 1; a rank gone silent is named once the side timeout has passed, and
+    a killed one is named at the next boundary, which waits for nothing."""
+    previous = signal.getsignal(signal.SIGTERM)
+    script = [sys.executable, str(Path(__file__).with_name("side_rank.py")), str(tmp_path / "store")]
+    seen = tmp_path / "seen.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SILENT_S": "1.5"}
+    rank1 = subprocess.Popen([*script, str(seen)], env=env)
+    ranks: Ranks | None = None
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=2)
+        ranks = Ranks(config=DistributedConfig(side_timeout_s=30.0))
+        record = CommandRecord(
+            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
+            status="delivered", created_at=1.0, updated_at=1.0,
+        )  # fmt: skip
+        meeting = ranks.start([record], [(0, values_of(0))])
+        size, [(step, values)] = ranks.finish(meeting)
+        assert ranks.commands(meeting, size) == [record] and step == 0
+        assert (values["loss"], values["tokens_per_s"], values["lr"]) == (0.5, 21.0, 0.1)
+        assert [values[f"attn_logit_max/{layer}"] for layer in range(20)] == [layer + 1.0 for layer in range(20)]
+        assert ranks.finish(ranks.start([], [(1, {"loss": 3.0})])) == (0, [(1, {"loss": 2.0})])
+        assert json.loads(wait_until(lambda: seen.exists() and seen.read_text(), 10, "rank 1's report")) == {
+            "commands": ["c1"], "capacity": 32, "second": [0, []],
+        }  # fmt: skip
+        ranks.mesh.timeout_s = 0.5  # rank 1 stays silent for 1.5 s, then dies
+        meeting = ranks.start([], [])
+        with pytest.raises(TimeoutError, match=r"rank 1 did not meet rank 0 on the side channel within 0\.5 s"):
+            ranks.finish(meeting)
+        assert rank1.wait(30) == -signal.SIGKILL
+        started = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 left the side channel of rank 0"):
+            ranks.finish(meeting)
+        assert time.monotonic() - started < 0.5
+    finally:
+        rank1.kill()
+        rank1.wait()
+        if ranks is not None:
+            ranks.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)
 
 
