@@ -38,6 +38,7 @@ from trainer.distributed import (
     combine_values,
     end_on_sigterm,
     is_sharded,
+    listen_host,
     without_option,
 )
 from trainer.health import Health
@@ -142,6 +143,23 @@ def test_the_launcher_passes_every_other_flag_on() -> None:
     """The ranks get the flags without `--nproc-per-node`, in either spelling."""
     argv = ["--nproc-per-node", "2", "--steps", "5", "--nproc-per-node=4", "--quiet"]
     assert without_option(argv, "--nproc-per-node") == ["--steps", "5", "--quiet"]
+
+
+def test_the_side_channel_listens_on_loopback_when_every_rank_is_local_else_toward_the_rendezvous_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """All ranks on this machine (or no rendezvous host named): loopback. Ranks elsewhere: the local address of the
+    route to `MASTER_ADDR`, by name or by address (here the rendezvous host is this one, so that is loopback)."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert listen_host(4) == "127.0.0.1"
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")  # a documentation address: nothing is sent to it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert listen_host(4) == "127.0.0.1"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    assert listen_host(4) in ("127.0.0.1", "::1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert listen_host(4) == "127.0.0.1"
 
 
 def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Path) -> None:
