@@ -44,6 +44,12 @@ from trainer.distributed import (
 from trainer.health import Health
 from trainer.steer import Steer, SteerConfig
 
+RECORD = CommandRecord(
+    id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="", status="delivered",
+    created_at=1.0, updated_at=1.0,
+)  # fmt: skip
+"""A command as rank 0 hands it to the others."""
+
 
 def test_a_command_is_applied_only_when_every_rank_applied_it() -> None:
     """All applied: rank 0's answer. One rank failed: `failed`, naming that rank and its error and who applied."""
@@ -170,12 +176,8 @@ def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Pa
     try:
         ranks = Ranks()
         samples = [(step, {"loss": float(step), "grad_norm": 2.0 * step, "lr": 0.1}) for step in range(10)]
-        record = CommandRecord(
-            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
-            status="delivered", created_at=1.0, updated_at=1.0,
-        )  # fmt: skip
-        commands, reduced = ranks.exchange([record], samples)
-        assert commands == [record] and reduced == samples
+        commands, reduced = ranks.exchange([RECORD], samples)
+        assert commands == [RECORD] and reduced == samples
         assert ranks._capacity == 32
         assert ranks.exchange([], samples[:3]) == ([], samples[:3])
     finally:
@@ -191,15 +193,11 @@ def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tm
     try:
         ranks = Ranks()
         samples = [(3, {"loss": 2.5, "lr": 0.1, "attn_logit_max/0": 4.0}), (4, {"loss": float("nan"), "lr": 0.1})]
-        record = CommandRecord(
-            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
-            status="delivered", created_at=1.0, updated_at=1.0,
-        )  # fmt: skip
-        meeting = ranks.start([record], samples)
+        meeting = ranks.start([RECORD], samples)
         with pytest.raises(RuntimeError, match="still in flight"):
             ranks.start([], [])
         size, reduced = ranks.finish(meeting)
-        assert size > 0 and ranks.commands(meeting, size) == [record]
+        assert size > 0 and ranks.commands(meeting, size) == [RECORD]
         assert [step for step, _ in reduced] == [3, 4] and reduced[0][1] == samples[0][1]
         assert math.isnan(reduced[1][1]["loss"]) and reduced[1][1]["lr"] == 0.1
         assert ranks.finish(ranks.start([], [])) == (0, [])
@@ -222,13 +220,9 @@ def test_a_rank_that_goes_silent_or_dies_is_named_by_the_side_channel(tmp_path: 
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=2)
         ranks = Ranks(config=DistributedConfig(side_timeout_s=30.0))
-        record = CommandRecord(
-            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
-            status="delivered", created_at=1.0, updated_at=1.0,
-        )  # fmt: skip
-        meeting = ranks.start([record], [(0, values_of(0))])
+        meeting = ranks.start([RECORD], [(0, values_of(0))])
         size, [(step, values)] = ranks.finish(meeting)
-        assert ranks.commands(meeting, size) == [record] and step == 0
+        assert ranks.commands(meeting, size) == [RECORD] and step == 0
         assert (values["loss"], values["tokens_per_s"], values["lr"]) == (0.5, 21.0, 0.1)
         assert [values[f"attn_logit_max/{layer}"] for layer in range(20)] == [layer + 1.0 for layer in range(20)]
         assert ranks.finish(ranks.start([], [(1, {"loss": 3.0})])) == (0, [(1, {"loss": 2.0})])
