@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -209,15 +210,17 @@ def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tm
 @pytest.mark.slow
 def test_a_rank_that_goes_silent_or_dies_is_named_by_the_side_channel(tmp_path: Path) -> None:
     """Two processes meet on the side channel's sockets: values reduce across them, a row with more values than its
-    room grows it on both, commands reach rank 1; a rank gone silent is named once the side timeout has passed, and
-    a killed one is named at the next boundary, which waits for nothing."""
+    room grows it on both, commands reach rank 1; while waiting for a silent rank, torchrun's SIGTERM still ends the
+    wait as `RankFailure`; a rank gone silent is named once the side timeout has passed, and a killed one is named
+    at the next boundary, which waits for nothing."""
     previous = signal.getsignal(signal.SIGTERM)
     script = [sys.executable, str(Path(__file__).with_name("side_rank.py")), str(tmp_path / "store")]
     seen = tmp_path / "seen.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SILENT_S": "1.5"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SILENT_S": "2.5"}
     rank1 = subprocess.Popen([*script, str(seen)], env=env)
     ranks: Ranks | None = None
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=2)
         ranks = Ranks(config=DistributedConfig(side_timeout_s=30.0))
         meeting = ranks.start([RECORD], [(0, values_of(0))])
@@ -229,8 +232,11 @@ def test_a_rank_that_goes_silent_or_dies_is_named_by_the_side_channel(tmp_path: 
         assert json.loads(wait_until(lambda: seen.exists() and seen.read_text(), 10, "rank 1's report")) == {
             "commands": ["c1"], "capacity": 32, "second": [0, []],
         }  # fmt: skip
-        ranks.mesh.timeout_s = 0.5  # rank 1 stays silent for 1.5 s, then dies
-        meeting = ranks.start([], [])
+        meeting = ranks.start([], [])  # rank 1 stays silent for 2.5 s, then dies
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(RankFailure, match="ended by SIGTERM"):
+            ranks.finish(meeting)
+        ranks.mesh.timeout_s = 0.5
         with pytest.raises(TimeoutError, match=r"rank 1 did not meet rank 0 on the side channel within 0\.5 s"):
             ranks.finish(meeting)
         assert rank1.wait(30) == -signal.SIGKILL
