@@ -3,10 +3,11 @@
 
 Started plainly, it starts a server and `torchrun --standalone --nproc-per-node N` on itself. On every rank the same
 model trains in interleaved blocks of two kinds of step: the built-in step alone, and that step steered (`record`
-after it buffers the values; `poll` before the next finishes the all-reduce on the gloo side group that the poll
-before issued, and issues the next, carrying rank 0's pending-command count and the values to reduce; the
-in-memory snapshot every 25 steps, whose boundary reduces its values at once). It then times that collective
-alone, waited for at once and issued at one boundary and finished at the next. Prints figures; asserts nothing.
+after it buffers the values; `poll` before the next reads the other ranks' rows that the poll before sent over the
+side channel's sockets, and sends the next, carrying rank 0's pending-command count and the values to reduce; the
+in-memory snapshot every 25 steps, whose boundary reduces its values at once). It then times that hand-over
+alone, waited for at once and sent at one boundary and read at the next. It also reads each thread's CPU
+(training, I/O, gloo) per kind of block from /proc. Prints figures; asserts nothing.
 Run: `python -m benchmarks.distributed_overhead` (~1 min on 2 cores); on one GPU:
 `python -m benchmarks.distributed_overhead --preset gpu-small --device cuda --nproc-per-node 1`.
 """
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,8 +34,23 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds each thread of this process has used, by thread name (threads of one name summed; the training
+    thread, the main one, under its own name: Python's other threads all have the process's name)."""
+    usage: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = "training" if task.name == str(os.getpid()) else (task / "comm").read_text().strip()
+            running_ns = int((task / "schedstat").read_text().split()[0])  # to the nanosecond, unlike `stat`'s ticks
+        except OSError:
+            continue  # the thread ended meanwhile
+        usage[name] = usage.get(name, 0.0) + running_ns / 1e9
+    return usage
+
+
 def rank_main(args: argparse.Namespace) -> int:
     """One rank: train interleaved blocks of plain and steered steps, then time the side channel alone."""
+    from trainer.distributed import Ranks
     from trainer.run import BuiltinRun, RunConfig
 
     torch.set_num_threads(1)
@@ -52,8 +69,11 @@ def rank_main(args: argparse.Namespace) -> int:
     iteration = 0
     for _ in range(3):  # warm-up: allocator, autograd graph, DDP buckets
         run.train_step(iteration)
+    threads: dict[str, dict[str, float]] = {"plain": {}, "steered": {}}
+    """CPU of each thread of this rank by kind of block."""
     for block in range(2 * args.steps // args.block):
         kind = ("plain", "steered")[block % 2]
+        threads_before = thread_cpu()
         block_cpu = time.process_time()
         for _ in range(args.block):
             started = time.perf_counter()
@@ -71,7 +91,10 @@ def rank_main(args: argparse.Namespace) -> int:
             times[kind].append(time.perf_counter() - started)
             iteration += 1
         process_cpu[kind] += time.process_time() - block_cpu
+        for name, used in thread_cpu().items():
+            threads[kind][name] = threads[kind].get(name, 0.0) + used - threads_before.get(name, 0.0)
     steer.close()
+    ranks = Ranks()  # closing the hook closed its side channel; time a fresh one alone
     empty: list[float] = []
     reduce: list[float] = []
     overlapped: list[float] = []
@@ -100,13 +123,16 @@ def rank_main(args: argparse.Namespace) -> int:
         "overlapped": statistics.median(overlapped),
         "process_plain": process_cpu["plain"] / len(times["plain"]),
         "process_steered": process_cpu["steered"] / len(times["steered"]),
+        **{
+            f"thread {kind} {name}": used / len(times[kind]) for kind in threads for name, used in threads[kind].items()
+        },
     }
     everyone: list[dict[str, float]] = [{} for _ in range(ranks.world)]
     dist.all_gather_object(everyone, mine)
     if ranks.leader:
         print(
             f"torch {torch.__version__}, {args.preset} on {ranks.world} rank(s) (DDP on {dist.get_backend()}, "
-            f"{device_name(run.device)}, 1 thread each; gloo side channel), {len(times['steered'])} steps "
+            f"{device_name(run.device)}, 1 thread each; side channel on sockets), {len(times['steered'])} steps "
             f"of each kind in blocks of {args.block}, load average {load_average()}"
         )
         for rank, figures in enumerate(everyone):
@@ -119,17 +145,26 @@ def rank_main(args: argparse.Namespace) -> int:
                 f"all its threads per step {figures['process_plain'] * 1e3:.2f} ms plain, "
                 f"{figures['process_steered'] * 1e3:.2f} ms steered"
             )
+            names = sorted({key.split(" ", 2)[2] for key in figures if key.startswith("thread ")})
+            print(
+                "    CPU per step by thread, plain -> steered: "
+                + ", ".join(
+                    f"{name} {figures.get(f'thread plain {name}', 0.0) * 1e3:.2f} -> "
+                    f"{figures.get(f'thread steered {name}', 0.0) * 1e3:.2f} ms"
+                    for name in names
+                )
+            )
         print(
             "  (wall time in poll + record includes waiting there for the slower rank, which DDP's all-reduce "
             "would otherwise wait for in backward; their CPU time leaves waits out)"
         )
         per_step = everyone[0]["reduce"] * 1e3
         print(
-            f"  the boundary's one collective, timed alone (median of {args.collectives}): waited for at once (a "
+            f"  the boundary's hand-over, timed alone (median of {args.collectives}): waited for at once (a "
             f"boundary that applies commands or saves a checkpoint) {everyone[0]['empty'] * 1e6:.0f} us with nothing "
             f"to carry, {per_step * 1e3:.0f} us with a step's values to reduce = "
-            f"{100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step; issued at one boundary and "
-            f"finished at the next, training-thread CPU "
+            f"{100 * per_step / (everyone[0]['plain'] * 1e3):.2f}% of a plain step; sent at one boundary and "
+            f"read at the next, training-thread CPU "
             + ", ".join(f"{figures['overlapped'] * 1e6:.0f} us on rank {rank}" for rank, figures in enumerate(everyone))
         )
     return 0

@@ -1,31 +1,37 @@
 """torchrun support: one run on the server, every command applied by every rank before the same step.
 
-Rank 0 alone talks to the server. At each step boundary it hands the commands its I/O thread fetched to every
-rank over a CPU `gloo` side group created beside the user's process group (NCCL or gloo alike), so steering adds
-no GPU sync. Each boundary issues one small all-reduce without waiting for it (`Ranks.start`): rank 0's payload
-length and the metrics recorded since the last boundary (reduced there, so reporting them costs no collective of
-its own). The next boundary waits for it (`Ranks.finish`; it finished during the step, so its latency is hidden)
-and, when it announced commands, makes one more all-reduce (the values recorded since) and a broadcast of the
-commands, waited for at once, and every rank applies them: a command applies one boundary after rank 0 had it,
-on every rank alike. The outcomes are gathered back: a command is `applied`
-only when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it
-in one short collective per slice, waited for at once, so no rank sits in a collective for long and a pause may
-outlast any process group timeout. Side-group collectives get their own, long timeout
-(`DistributedConfig.side_timeout_s`): rank 0 may be writing a checkpoint file while the others wait for it.
+Rank 0 alone talks to the server. At each step boundary every rank hands its row (rank 0's command payload
+length, a checksum and count of the metrics recorded since the last boundary, and the values to reduce) to every
+other rank over a TCP mesh of the ranks' own (`Mesh`), sent without waiting (`Ranks.start`); the next boundary
+reads the rows that arrived meanwhile (`Ranks.finish`). The mesh is driven by the training thread alone: a row
+fits in the socket's buffer and has arrived by the time it is read, so handing it over costs two system calls
+per peer and wakes no thread, where a collective of the process group hands each one to the backend's threads.
+When a boundary announced commands, the next one exchanges rows once more, waited for at once (the values
+recorded since), and broadcasts the commands on a CPU `gloo` side group created beside the user's process group
+(NCCL or gloo alike, so steering adds no GPU sync); every rank applies them: a command applies one boundary after
+rank 0 had it, on every rank alike. The outcomes are gathered back on that group: a command is `applied` only
+when every rank applied it. While paused, rank 0 waits for commands in short slices and every rank meets it once
+per slice, waited for at once, so no rank waits long and a pause may outlast any process group timeout. The side
+channel's waits get their own, long timeout (`DistributedConfig.side_timeout_s`): rank 0 may be writing a
+checkpoint file while the others wait for it. A rank that ends closes its connections, so the others' next
+boundary fails naming it instead of waiting.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import queue
 import signal
+import socket
+import struct
 import sys
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -83,10 +89,10 @@ class Layout:
 
 @dataclass
 class Meeting:
-    """A boundary's collective between `Ranks.start` and `Ranks.finish`, with what it carries."""
+    """A boundary's row, sent to every rank by `Ranks.start` and matched with theirs by `Ranks.finish`."""
 
-    work: dist.Work
-    """The all-reduce of `Ranks`' table: one row per rank, each filled by its rank, the sum seen by every rank."""
+    header: tuple[float, float, float, float]
+    """The boundary's number, rank 0's payload length, the checksum of the steps and names, the count of values."""
     samples: list[Sample]
     layouts: list[Layout]
     flat: list[float]
@@ -102,13 +108,14 @@ class DistributedConfig:
     """Settings of the side channel between ranks."""
 
     side_timeout_s: float = 3600.0
-    """How long one side-group collective may wait: rank 0 may be saving a checkpoint file meanwhile."""
+    """How long the side channel waits for another rank: rank 0 may be saving a checkpoint file meanwhile."""
     pause_slice_s: float = 0.2
     """While paused, rank 0 waits this long for commands before every rank meets it again."""
 
 
 class RankFailure(Exception):
-    """This rank was told to end (torchrun ends the survivors when a rank dies); the run ends as failed."""
+    """This rank cannot go on: torchrun told it to end (it ends the survivors when a rank dies), or another rank
+    left the side channel; the run ends as failed."""
 
 
 def world_of_env() -> tuple[int, int, int]:
@@ -139,12 +146,12 @@ class Ranks:
         self.sharded = sharded
         # Every rank must create every group, in the same order; this one carries only small CPU tensors.
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.config.side_timeout_s))
+        self.mesh = Mesh(self.group, self.rank, self.world, self.config.side_timeout_s)
         self._capacity = 16
-        """Values to reduce that the boundary's one all-reduce carries; grows when a boundary needs more."""
+        """Values a boundary's row has room for; a row with more sends the rest behind it, and it grows for the
+        next boundaries, on every rank alike."""
         self._layouts: dict[tuple[str, ...], Layout] = {}
-        self._table = torch.zeros(0)
-        self._sum = dist.AllreduceOptions()
-        self._sum.reduceOp = dist.ReduceOp(dist.ReduceOp.SUM)
+        self._boundary = 0
         self._in_flight = False
         end_on_sigterm()
 
@@ -161,53 +168,55 @@ class Ranks:
         return self.rank == 0
 
     def start(self, records: list[CommandRecord], samples: list[Sample]) -> Meeting:
-        """Issue a boundary's collective without waiting for it: rank 0's command payload length, a checksum of the
-        steps and names recorded since the last one, their count and the values to reduce (see `REDUCTIONS`), all
-        in one all-reduce of a small table in which every rank fills its own row. `finish` waits for it."""
+        """Send a boundary's row to every other rank without waiting for it: the boundary's number, rank 0's
+        command payload length, a checksum of the steps and names recorded since the last one, their count and the
+        values to reduce (see `REDUCTIONS`). `finish` reads the other ranks' rows."""
         if self._in_flight:
-            raise RuntimeError("a boundary's collective is still in flight; finish it before starting the next")
+            raise RuntimeError("a boundary's row is still in flight; finish it before starting the next")
+        if self.mesh.closed:
+            raise RuntimeError("the side channel is closed (closing the hook closes it)")
         payload = _records.dump_json(records) if self.leader and records else b""
         layouts = [self._layout(values) for _, values in samples]
         pairs = list(zip(samples, layouts, strict=True))
         flat = [values[key] for (_, values), layout in pairs for key in layout.keys]
         checksum = zlib.crc32(repr([(step, layout.checksum) for (step, _), layout in pairs]).encode())
-        row = [len(payload), checksum, len(flat), *flat[: self._capacity]]
-        if self._table.shape != (self.world, 3 + self._capacity):
-            self._table = torch.zeros(self.world, 3 + self._capacity, dtype=torch.float64)
-        # The table is reused and written through numpy, and the group is called directly: `torch.zeros`,
-        # `torch.tensor` and the checks of `dist.all_reduce` cost the training thread more than the collective.
-        table = self._table.numpy()
-        table.fill(0.0)
-        table[self.rank, : len(row)] = row
-        work = self.group.allreduce([self._table], self._sum)
+        self._boundary += 1
+        header = (float(self._boundary), float(len(payload)), float(checksum), float(len(flat)))
+        if self.mesh.peers:
+            padding = bytes(8 * max(self._capacity - len(flat), 0))
+            self.mesh.send(struct.pack(f"<{4 + len(flat)}d", *header, *flat) + padding)
         self._in_flight = True
-        return Meeting(work, samples, layouts, flat, payload, records if self.leader else [])
+        return Meeting(header, samples, layouts, flat, payload, records if self.leader else [])
 
     def finish(self, meeting: Meeting) -> tuple[int, list[Sample]]:
-        """Wait for `meeting`'s collective; returns rank 0's payload length (0: no commands) and, on rank 0, the
-        samples it carried, reduced across ranks (the other ranks report nothing and get an empty list). When more
-        values were recorded than the table holds, they follow in a second all-gather and the table grows for the
+        """Read the other ranks' rows of `meeting`'s boundary (there already, as a rule); returns rank 0's payload
+        length (0: no commands) and, on rank 0, the samples it carried, reduced across ranks (the other ranks report
+        nothing and get an empty list). When more values were recorded than a row holds, the room grows for the
         next boundaries, on every rank alike."""
-        meeting.work.wait()
         self._in_flight = False
-        rows: list[list[float]] = self._table.numpy().tolist()
-        first = rows[0]
-        if any(row[1] != first[1] or row[2] != first[2] for row in rows):
-            raise RuntimeError(
-                "the ranks recorded different metrics since the last step boundary; record the same names at the "
-                "same steps on every rank"
-            )
-        count = int(first[2])
+        rows = [(meeting.header, meeting.flat)] * self.world
+        for rank, peer in self.mesh.peers:
+            rows[rank] = self._receive_row(rank, peer)
+        first = rows[0][0]
+        for rank, (header, _) in enumerate(rows):
+            if header[0] != meeting.header[0]:
+                raise RuntimeError(
+                    f"rank {rank} is at side-channel boundary {header[0]:.0f}, rank {self.rank} at "
+                    f"{meeting.header[0]:.0f}: call the hook at the same boundaries on every rank"
+                )
+            if header[2:] != first[2:]:
+                raise RuntimeError(
+                    "the ranks recorded different metrics since the last step boundary; record the same names at "
+                    "the same steps on every rank"
+                )
+        count = int(first[3])
         if count > self._capacity:
             self._capacity = 1 << (count - 1).bit_length()
-            gathered = [torch.empty(count, dtype=torch.float64) for _ in range(self.world)]
-            dist.all_gather(gathered, torch.tensor(meeting.flat, dtype=torch.float64), group=self.group)
-            rows = [[*row[:3], *values.tolist()] for row, values in zip(rows, gathered, strict=True)]
         if not self.leader:
-            return int(first[0]), []  # rank 0 alone reports the run's values
-        by_column = list(zip(*rows, strict=True))
+            return int(first[1]), []  # rank 0 alone reports the run's values
+        by_column = list(zip(*(values for _, values in rows), strict=True))
         reduced: list[Sample] = []
-        column = 3
+        column = 0
         for (step, values), layout in zip(meeting.samples, meeting.layouts, strict=True):
             columns = by_column[column : column + len(layout.keys)]
             column += len(layout.keys)
@@ -216,7 +225,16 @@ class Ranks:
             for key, how, values_of_ranks in zip(layout.keys, layout.reductions, columns, strict=True):
                 combined[key] = combine_values(values_of_ranks, how, sharded=self.sharded, denominators=scale)
             reduced.append((step, combined))
-        return int(first[0]), reduced
+        return int(first[1]), reduced
+
+    def _receive_row(self, rank: int, peer: socket.socket) -> tuple[tuple[float, float, float, float], list[float]]:
+        """Rank `rank`'s next row: its header and its values (those beyond the row's room follow it)."""
+        row = self.mesh.receive(rank, peer, 8 * (4 + self._capacity))
+        boundary, size, checksum, count, *values = struct.unpack(f"<{4 + self._capacity}d", row)
+        if count > self._capacity:
+            rest = self.mesh.receive(rank, peer, 8 * (int(count) - self._capacity))
+            values.extend(struct.unpack(f"<{int(count) - self._capacity}d", rest))
+        return (boundary, size, checksum, count), values[: int(count)]
 
     def commands(self, meeting: Meeting, size: int) -> list[CommandRecord]:
         """Rank 0's commands of `meeting` (whose payload is `size` bytes long) on every rank, in one broadcast."""
@@ -264,6 +282,137 @@ class Ranks:
         box = [value if self.leader else None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         return box[0]
+
+    def close(self) -> None:
+        """Close the connections to the other ranks: a rank still waiting for this one hears that it left."""
+        self.mesh.close()
+
+
+class Mesh:
+    """A TCP connection from this rank to every other, driven by the training thread alone (no thread of its own).
+
+    A boundary's row goes to every peer in one non-blocking send each (at most two rows per peer are unread at any
+    time, so it fits the socket's buffer) and is read at the next boundary, where it has arrived by then: the
+    hand-over wakes no thread on either side. Waits (a peer behind, or one writing a checkpoint) last at most the
+    timeout; a peer that ended shows as end of file or a reset and is named in `RankFailure`. Every rank listens
+    on the loopback address when torchrun started every rank on this machine, else on the address of the interface
+    that reaches the rendezvous host (`MASTER_ADDR`); the addresses are exchanged once on `group`.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, rank: int, world: int, timeout_s: float) -> None:
+        self.rank = rank
+        self.timeout_s = timeout_s
+        self.peers: list[tuple[int, socket.socket]] = []
+        """(rank, connection) of every other rank, in rank order."""
+        self.closed = False
+        if world < 2:
+            return
+        host = listen_host(world)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, 0), family=family, backlog=world) as listener:
+            addresses: list[tuple[str, int] | None] = [None] * world
+            dist.all_gather_object(addresses, (host, listener.getsockname()[1]), group=group)
+            # Each rank connects to the ranks below it (their listeners queue the connection) and then accepts the
+            # ranks above it, which say who they are first: no rank waits on one that waits on it.
+            peers: dict[int, socket.socket] = {}
+            for other, address in enumerate(addresses[:rank]):
+                assert address is not None
+                peers[other] = socket.create_connection(address, timeout=timeout_s)
+                peers[other].sendall(_HELLO.pack(rank))
+            listener.settimeout(timeout_s)
+            for _ in range(rank + 1, world):
+                connection, _ = listener.accept()
+                connection.settimeout(timeout_s)
+                (other,) = _HELLO.unpack(self.receive(-1, connection, _HELLO.size))
+                peers[other] = connection
+        for other, connection in sorted(peers.items()):
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a row goes out at once, alone
+            connection.setblocking(False)
+            self.peers.append((other, connection))
+
+    def send(self, data: bytes) -> None:
+        """`data` to every peer, without waiting unless a peer's buffer is full."""
+        for rank, peer in self.peers:
+            sent = self._at_once(rank, peer.send, memoryview(data)) or 0
+            if sent < len(data):
+                with self._waiting(rank, peer):
+                    peer.sendall(memoryview(data)[sent:])
+
+    def receive(self, rank: int, peer: socket.socket, size: int) -> bytearray:
+        """The next `size` bytes from peer `rank` (-1 while not known yet): at once as a rule, else waited for."""
+        data = bytearray(size)
+        view = memoryview(data)
+        got = self._at_once(rank, peer.recv_into, view)
+        if got == 0:
+            raise self._lost(rank, "its connection closed")
+        got = got or 0
+        if got < size:
+            with self._waiting(rank, peer):
+                while got < size:
+                    more = peer.recv_into(view[got:])
+                    if more == 0:
+                        raise self._lost(rank, "its connection closed")
+                    got += more
+        return data
+
+    def _at_once(self, rank: int, move: Callable[[memoryview], int], buffer: memoryview) -> int | None:
+        """The bytes `move` (a send from or a receive into `buffer` on peer `rank`'s socket) moved without waiting;
+        None where it would have had to wait."""
+        try:
+            return move(buffer)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise self._lost(rank, exc) from exc
+
+    @contextlib.contextmanager
+    def _waiting(self, rank: int, peer: socket.socket) -> Iterator[None]:
+        """Block on `peer` for at most the timeout, naming `rank` when it is late or gone; non-blocking after."""
+        peer.settimeout(self.timeout_s)
+        try:
+            yield
+        except TimeoutError as exc:
+            raise self._late(rank) from exc
+        except OSError as exc:
+            raise self._lost(rank, exc) from exc
+        finally:
+            peer.setblocking(False)
+
+    def close(self) -> None:
+        """Close every connection."""
+        for _, peer in self.peers:
+            peer.close()
+        self.closed = True
+
+    def _lost(self, rank: int, why: object) -> RankFailure:
+        return RankFailure(f"{_who(rank)} left the side channel of rank {self.rank} ({why}): it ended or died")
+
+    def _late(self, rank: int) -> TimeoutError:
+        return TimeoutError(
+            f"{_who(rank)} did not meet rank {self.rank} on the side channel within {self.timeout_s:g} s "
+            "(DistributedConfig.side_timeout_s)"
+        )
+
+
+def _who(rank: int) -> str:
+    """A peer's name in an error: its rank, or "a rank" before it said which it is."""
+    return f"rank {rank}" if rank >= 0 else "a rank"
+
+
+_HELLO = struct.Struct("<q")
+"""What a connecting rank sends first: its rank."""
+
+
+def listen_host(world: int) -> str:
+    """Where this rank's side-channel socket listens: loopback when torchrun started all `world` ranks on this
+    machine (or no rendezvous host is named), else the local address of the route to `MASTER_ADDR`."""
+    master = os.environ.get("MASTER_ADDR")
+    if master is None or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == world:
+        return "127.0.0.1"
+    family, kind, _, _, address = socket.getaddrinfo(master, 1, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, kind) as probe:
+        probe.connect(address)  # a datagram socket sends nothing on connect: this only picks the route
+        return str(probe.getsockname()[0])
 
 
 def reduction_of(key: str) -> Reduction | None:

@@ -249,6 +249,8 @@ class Steer:
         leftover = [*self._meeting.samples, *self._unreduced] if self._meeting is not None else self._unreduced
         for step, values in leftover:  # a rank failed: no collective; rank 0 reports its own values
             self.live.record(step, values)
+        if self.ranks is not None:
+            self.ranks.close()
         for handle in self._health_hooks:
             handle.remove()
         self.live.checkpoints.close()

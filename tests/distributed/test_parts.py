@@ -1,11 +1,17 @@
-"""The distributed pieces that need no second process: outcome agreement, reductions, data shards, SIGTERM, CLI."""
+"""The distributed pieces tested without torchrun: outcome agreement, reductions, data shards, SIGTERM, CLI, and the
+side channel between two processes."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +23,15 @@ from torch.distributed.tensor import DTensor
 
 from protocols.client import Client
 from protocols.commands import CommandRecord, CommandResult, SetHparams
+from tests.distributed.conftest import ROOT
+from tests.distributed.side_rank import values_of
 from tests.distributed.worker import FAST_IO
 from tests.polling import wait_until
 from tests.serving import ServerThread
 from trainer.cli import main as train_main
 from trainer.data import MixtureSampler, builtin_domains
 from trainer.distributed import (
+    DistributedConfig,
     RankFailure,
     Ranks,
     RankSampler,
@@ -30,10 +39,17 @@ from trainer.distributed import (
     combine_values,
     end_on_sigterm,
     is_sharded,
+    listen_host,
     without_option,
 )
 from trainer.health import Health
 from trainer.steer import Steer, SteerConfig
+
+RECORD = CommandRecord(
+    id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="", status="delivered",
+    created_at=1.0, updated_at=1.0,
+)  # fmt: skip
+"""A command as rank 0 hands it to the others."""
 
 
 def test_a_command_is_applied_only_when_every_rank_applied_it() -> None:
@@ -136,20 +152,33 @@ def test_the_launcher_passes_every_other_flag_on() -> None:
     assert without_option(argv, "--nproc-per-node") == ["--steps", "5", "--quiet"]
 
 
+def test_the_side_channel_listens_on_loopback_when_every_rank_is_local_else_toward_the_rendezvous_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """All ranks on this machine (or no rendezvous host named): loopback. Ranks elsewhere: the local address of the
+    route to `MASTER_ADDR`, by name or by address (here the rendezvous host is this one, so that is loopback)."""
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert listen_host(4) == "127.0.0.1"
+    monkeypatch.setenv("MASTER_ADDR", "192.0.2.1")  # a documentation address: nothing is sent to it
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert listen_host(4) == "127.0.0.1"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    assert listen_host(4) in ("127.0.0.1", "::1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert listen_host(4) == "127.0.0.1"
+
+
 def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Path) -> None:
-    """The boundary's all-reduce has room for 16 values; a boundary with more sends them in a second all-gather and
-    the room grows for the next ones, values and commands intact (a group of one rank: the collectives are real)."""
+    """A boundary's row has room for 16 values; a boundary with more sends the rest behind it and the room grows for
+    the next ones, values and commands intact (a group of one rank: the broadcast is real)."""
     previous = signal.getsignal(signal.SIGTERM)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ranks = Ranks()
         samples = [(step, {"loss": float(step), "grad_norm": 2.0 * step, "lr": 0.1}) for step in range(10)]
-        record = CommandRecord(
-            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
-            status="delivered", created_at=1.0, updated_at=1.0,
-        )  # fmt: skip
-        commands, reduced = ranks.exchange([record], samples)
-        assert commands == [record] and reduced == samples
+        commands, reduced = ranks.exchange([RECORD], samples)
+        assert commands == [RECORD] and reduced == samples
         assert ranks._capacity == 32
         assert ranks.exchange([], samples[:3]) == ([], samples[:3])
     finally:
@@ -158,27 +187,70 @@ def test_a_boundary_with_more_values_than_its_vector_holds_grows_it(tmp_path: Pa
 
 
 def test_a_boundary_collective_issued_at_one_boundary_is_finished_at_the_next(tmp_path: Path) -> None:
-    """`start` issues the collective and returns at once; `finish` hands back the announced commands' size and the
-    values reduced, and a second `start` before `finish` is refused (the table is reused)."""
+    """`start` sends the boundary's row and returns at once; `finish` hands back the announced commands' size and
+    the values reduced, and a second `start` before `finish` is refused (rows must pair up boundary by boundary)."""
     previous = signal.getsignal(signal.SIGTERM)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ranks = Ranks()
         samples = [(3, {"loss": 2.5, "lr": 0.1, "attn_logit_max/0": 4.0}), (4, {"loss": float("nan"), "lr": 0.1})]
-        record = CommandRecord(
-            id="c1", run_id="r1", seq=1, command=SetHparams(lr=0.01), source="user:test", reason="",
-            status="delivered", created_at=1.0, updated_at=1.0,
-        )  # fmt: skip
-        meeting = ranks.start([record], samples)
+        meeting = ranks.start([RECORD], samples)
         with pytest.raises(RuntimeError, match="still in flight"):
             ranks.start([], [])
         size, reduced = ranks.finish(meeting)
-        assert size > 0 and ranks.commands(meeting, size) == [record]
+        assert size > 0 and ranks.commands(meeting, size) == [RECORD]
         assert [step for step, _ in reduced] == [3, 4] and reduced[0][1] == samples[0][1]
         assert math.isnan(reduced[1][1]["loss"]) and reduced[1][1]["lr"] == 0.1
         assert ranks.finish(ranks.start([], [])) == (0, [])
     finally:
         dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.slow
+def test_a_rank_that_goes_silent_or_dies_is_named_by_the_side_channel(tmp_path: Path) -> None:
+    """Two processes meet on the side channel's sockets: values reduce across them, a row with more values than its
+    room grows it on both, commands reach rank 1; while waiting for a silent rank, torchrun's SIGTERM still ends the
+    wait as `RankFailure`; a rank gone silent is named once the side timeout has passed, and a killed one is named
+    at the next boundary, which waits for nothing."""
+    previous = signal.getsignal(signal.SIGTERM)
+    script = [sys.executable, str(Path(__file__).with_name("side_rank.py")), str(tmp_path / "store")]
+    seen = tmp_path / "seen.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SILENT_S": "2.5"}
+    rank1 = subprocess.Popen([*script, str(seen)], env=env)
+    ranks: Ranks | None = None
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=2)
+        ranks = Ranks(config=DistributedConfig(side_timeout_s=30.0))
+        meeting = ranks.start([RECORD], [(0, values_of(0))])
+        size, [(step, values)] = ranks.finish(meeting)
+        assert ranks.commands(meeting, size) == [RECORD] and step == 0
+        assert (values["loss"], values["tokens_per_s"], values["lr"]) == (0.5, 21.0, 0.1)
+        assert [values[f"attn_logit_max/{layer}"] for layer in range(20)] == [layer + 1.0 for layer in range(20)]
+        assert ranks.finish(ranks.start([], [(1, {"loss": 3.0})])) == (0, [(1, {"loss": 2.0})])
+        assert json.loads(wait_until(lambda: seen.exists() and seen.read_text(), 10, "rank 1's report")) == {
+            "commands": ["c1"], "capacity": 32, "second": [0, []],
+        }  # fmt: skip
+        meeting = ranks.start([], [])  # rank 1 stays silent for 2.5 s, then dies
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(RankFailure, match="ended by SIGTERM"):
+            ranks.finish(meeting)
+        ranks.mesh.timeout_s = 0.5
+        with pytest.raises(TimeoutError, match=r"rank 1 did not meet rank 0 on the side channel within 0\.5 s"):
+            ranks.finish(meeting)
+        assert rank1.wait(30) == -signal.SIGKILL
+        started = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1 left the side channel of rank 0"):
+            ranks.finish(meeting)
+        assert time.monotonic() - started < 0.5
+    finally:
+        rank1.kill()
+        rank1.wait()
+        if ranks is not None:
+            ranks.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         signal.signal(signal.SIGTERM, previous)
 
 
