@@ -18,7 +18,7 @@ import torch
 from trainer.data import MixtureSampler, builtin_domains, text_file_domain
 from trainer.distributed import RankSampler, place, replicate
 from trainer.io import IOConfig, Transport
-from trainer.metrics import GradientStats, lm_loss, read_scalars
+from trainer.metrics import UPDATE_EVERY, GradientStats, lm_loss, read_scalars
 from trainer.model import GPT, GPTConfig
 from trainer.schedule import Schedule
 from trainer.steer import Steer, SteerConfig, StopTraining
@@ -44,6 +44,8 @@ class Preset:
     eval_batches: int = 4
     attn_every: int = 10
     """Measure `attn_logit_max/<layer>` every N steps: it needs an extra q·k product (~3 ms on a `cpu-tiny` step)."""
+    update_every: int = UPDATE_EVERY
+    """Measure `update_ratio` every N steps: it copies every parameter before the optimizer step (`UPDATE_EVERY`)."""
     snapshot_every: int = 25
     checkpoint_every: int = 250
 
@@ -155,7 +157,7 @@ class BuiltinRun:
         schedule = Schedule(
             "cosine", peaks, warmup_steps=min(preset.warmup_steps, horizon - 1), horizon_steps=horizon, floor=0.1
         )
-        self.stats = GradientStats(self.model.blocks_of_parameters())
+        self.stats = GradientStats(self.model.blocks_of_parameters(), update_every=preset.update_every)
         n_params = sum(p.numel() for p in self.model.parameters())
         steer_config = SteerConfig(
             server=config.server,
@@ -211,7 +213,7 @@ class BuiltinRun:
             logits = self.net(inputs, measure_attention=measure)
         out = lm_loss(logits, targets, domain_ids, self.sampler.names, self.z_loss)
         torch.autograd.backward(out.loss)
-        self.stats.before_step(self.steer.grad_clip)
+        self.stats.before_step(step, self.steer.grad_clip)
         if spike:
             saved = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:
