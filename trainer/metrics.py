@@ -89,10 +89,10 @@ def logit_scalars(logits: Tensor, lse: Tensor | None = None) -> dict[str, Tensor
 
 UPDATE_EVERY = 10
 """Default steps between update-ratio measurements, as for the logit statistics. The ratio's copy of every parameter
-and its update norm cost about 3 ms of an 87 ms `cpu-tiny` step (0.7 ms themselves, the rest the next forward and
-backward slowed by the caches the copy evicted) and three kernel launches on a GPU; every 10 steps that is 0.3 ms a
-step. The ratio follows the learning rate and the weights, which move slowly; the gradient norms, whose spikes come
-in one step, are measured every step."""
+and its update norm cost 0.5 to 3 ms of an 80 to 87 ms `cpu-tiny` step (the more when the allocator hands freed memory
+back after each step, see `trainer.run.keep_freed_memory`) and three kernel launches on a GPU, a tenth of that every
+10 steps. The ratio follows the learning rate and the weights, which move slowly; the gradient norms, whose spikes
+come in one step, are measured every step."""
 
 
 class GradientStats:

@@ -128,10 +128,10 @@ def resolve_device(device: str) -> torch.device:
 
 def keep_freed_memory() -> bool:
     """Have glibc keep the memory a step frees for the next step, instead of handing it back to the kernel and
-    faulting it in again, zeroed (which also evicts the caches): a `cpu-tiny` step took 1,000 to 2,400 fresh pages
-    (5 to 7% of its time, and more the more it allocates, so the full metric set looked 5 to 8% dearer than a plain
-    step; with this, both are about 6% faster and within 1% of each other). The process keeps its peak heap. False
-    where the C library is not glibc: nothing is changed."""
+    faulting it in again, zeroed (which also evicts the caches): a `cpu-tiny` step took 1,000 to 8,000 fresh pages,
+    the more the more it allocates, so the full metric set looked up to 8% dearer than a plain step (with this, within
+    2%; both steps 2 to 5% faster). The process keeps its peak heap. False where the C library is not glibc: nothing
+    is changed."""
     if not sys.platform.startswith("linux"):
         return False
     try:
