@@ -46,7 +46,8 @@ class LrProbeConfig(BaseModel):
     arm_step: Annotated[int, Field(ge=0)] = 40
     """Where the measurement starts when the run reports no schedule (else `measure_steps` before warm-up ends)."""
     measure_steps: Annotated[int, Field(ge=1)] = 10
-    """Steps whose median update ratio is compared with the band."""
+    """Steps whose median update ratio is compared with the band: of the ratios reported in them (a trainer measures
+    it every `update_every` steps, 10 by default)."""
     branch_steps: Annotated[int, Field(ge=2)] = 50
     """Steps each candidate trains before it is scored."""
     score_steps: Annotated[int, Field(ge=1)] = 25
@@ -201,7 +202,7 @@ class LrProbe:
         if series is None or window.step < last:
             return None
         values = [v for s, v in series.last_points() if first <= s <= last and math.isfinite(v)]
-        if len(values) < self.config.measure_steps:
+        if not values:
             return None
         return statistics.median(values), first
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from trainer.health import LOGIT_EVERY, Health
 from trainer.io import Transport
 from trainer.live import Evaluator, Sampler
+from trainer.metrics import UPDATE_EVERY
 from trainer.steer import Steer, SteerConfig, StopTraining
 
 METRIC_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_./:-")
@@ -44,10 +45,12 @@ class FrameworkSteer:
         transport_factory: Callable[[], Transport] | None,
         health: bool,
         logit_every: int = LOGIT_EVERY,
+        update_every: int = UPDATE_EVERY,
     ) -> None:
         self.server = server
         self.measure_health = health
         self.logit_every = logit_every
+        self.update_every = update_every
         self.sampler = sampler
         self.config = config
         self.transport_factory = transport_factory
@@ -84,7 +87,9 @@ class FrameworkSteer:
             config=config,
             transport_factory=self.transport_factory,
         )
-        self.health = Health(model, logit_every=self.logit_every) if self.measure_health else None
+        self.health = (
+            Health(model, logit_every=self.logit_every, update_every=self.update_every) if self.measure_health else None
+        )
         return self.steer
 
     def begin_step(self, step: int) -> None:
@@ -161,12 +166,14 @@ class SteeredCallback:
         transport_factory: Callable[[], Transport] | None = None,
         health: bool = True,
         logit_every: int = LOGIT_EVERY,
+        update_every: int = UPDATE_EVERY,
     ) -> None:
         """`sampler` is the `DomainMixture` the framework reads (for `set_data_mix`); `config` defaults to checkpoints
         under the framework's output directory in `runsteer/` and a snapshot every 25 steps; `health=False` records
         the loss and the learning rate only; `logit_every` is how often the output-logit statistics are taken (1:
-        every step, at the cost of an exponential per logit)."""
-        self.run = FrameworkSteer(server, sampler, config, transport_factory, health, logit_every)
+        every step, at the cost of an exponential per logit), `update_every` how often the update ratio is (1: every
+        step, at the cost of a copy of every parameter)."""
+        self.run = FrameworkSteer(server, sampler, config, transport_factory, health, logit_every, update_every)
 
     @property
     def steer(self) -> Steer | None:

@@ -4,7 +4,9 @@
 `model.layers.<i>`, the embeddings before them, the final norm and the head after them) and its attention
 modules, and measures, with no change to the model's code:
 
-- `grad_norm` and `grad_norm/<block>` (`embed`, `block.<i>`, `final_norm`, `head`), `param_norm`, `update_ratio`;
+- `grad_norm` and `grad_norm/<block>` (`embed`, `block.<i>`, `final_norm`, `head`) and `param_norm`, every step;
+- `update_ratio` (the update's norm over the parameter norm) every `update_every` steps: it needs a copy of every
+  parameter before the optimizer step, which other steps do not make;
 - `logit_max` (largest |logit|) and `logit_z` (mean log Z over every position) of the output logits the loop
   hands over, every `logit_every` steps (the exact values of that step; a log Z costs an exponential per logit);
 - `attn_logit_max/<layer>`, the largest pre-softmax attention logit of each layer, every `attention_every` steps;
@@ -17,11 +19,11 @@ on CUDA the loop never waits for the GPU). Call the methods from the hooks the l
 optimizer step:
 
 ```python
-health = Health(model, attention_every=10, logit_every=10)
+health = Health(model, attention_every=10, logit_every=10, update_every=10)
 health.watch_output(model)           # or health.observe_logits(logits) for each micro-batch's output logits
-health.begin_step(step)              # attaches the attention hooks and takes the logits, on due steps only
+health.begin_step(step)              # attention hooks, logits and the update ratio on their due steps only
 ...forward and backward (once per micro-batch)...
-health.before_optimizer_step()       # gradients as the optimizer will see them; copies parameters for the ratio
+health.before_optimizer_step()       # gradients as the optimizer will see them; copies parameters when due
 optimizer.step()
 health.after_optimizer_step()        # parameter norm and update ratio
 values = health.end_step()           # dict of floats; detaches the attention hooks
@@ -55,7 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import GradientNorms, GradientStats, HostValues, all_finite, logit_scalars
+from trainer.metrics import UPDATE_EVERY, GradientNorms, GradientStats, HostValues, all_finite, logit_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -186,7 +188,7 @@ class Health:
         *,
         attention_every: int = ATTENTION_EVERY,
         logit_every: int = LOGIT_EVERY,
-        track_updates: bool = True,
+        update_every: int = UPDATE_EVERY,
         blocks: Blocks | None = None,
     ) -> None:
         self.model = model
@@ -196,8 +198,10 @@ class Health:
         """Measure `logit_max` and `logit_z` on steps divisible by this (1: every step, 0: never)."""
         self._logits_due = logit_every > 0
         self.blocks = blocks if blocks is not None else find_blocks(model)
-        self.gradients = GradientStats(self.blocks, track_updates=track_updates)
+        self.gradients = GradientStats(self.blocks, update_every=update_every)
+        """Measures `update_ratio` on steps divisible by `update_every` (1: every step, 0: never)."""
         self.attention = find_attention(model) if attention_every > 0 else {}
+        self._step = 0
         self._norms: GradientNorms | None = None
         self._logit_max: Tensor | None = None
         self._logit_z_sum: Tensor | None = None
@@ -209,8 +213,10 @@ class Health:
     # The step, in order
 
     def begin_step(self, step: int) -> None:
-        """Start a step; on due steps, attach the attention hooks (they stay until `end_step`) and take the logits."""
+        """Start a step; on due steps, attach the attention hooks (they stay until `end_step`), take the logits and
+        copy the parameters for the update ratio."""
         self._detach_attention()
+        self._step = step
         self._logits_due = self.logit_every > 0 and step % self.logit_every == 0
         if self.attention and step % self.attention_every == 0:
             for layer, module in self.attention.items():
@@ -232,11 +238,11 @@ class Health:
 
     def before_optimizer_step(self, max_norm: float = 0.0) -> None:
         """Gradient norms of the gradients as they are now (clipped to `max_norm` afterwards when it is > 0, the
-        norms reported being the pre-clip ones); copies the parameters for `update_ratio`."""
-        self.gradients.before_step(max_norm)
+        norms reported being the pre-clip ones); on due steps, copies the parameters for `update_ratio`."""
+        self.gradients.before_step(self._step, max_norm)
 
     def after_optimizer_step(self) -> None:
-        """Parameter norm and update ratio, once the optimizer has written the parameters."""
+        """Parameter norm (and on due steps the update ratio), once the optimizer has written the parameters."""
         self._norms = self.gradients.after_step()
 
     def end_step(self, **extra: Tensor | float) -> dict[str, float]:

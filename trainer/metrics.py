@@ -87,18 +87,29 @@ def logit_scalars(logits: Tensor, lse: Tensor | None = None) -> dict[str, Tensor
     return {"logit_max": logit_max, "logit_z": logit_z}
 
 
+UPDATE_EVERY = 10
+"""Default steps between update-ratio measurements, as for the logit statistics. The ratio's copy of every parameter
+and its update norm cost 0.5 to 3 ms of an 80 to 87 ms `cpu-tiny` step (the more when the allocator hands freed memory
+back after each step, see `trainer.run.keep_freed_memory`) and three kernel launches on a GPU, a tenth of that every
+10 steps. The ratio follows the learning rate and the weights, which move slowly; the gradient norms, whose spikes
+come in one step, are measured every step."""
+
+
 class GradientStats:
     """Gradient norms (global and per block), clipping, parameter norm and update ratio for fixed parameters.
 
     The device computes only each parameter's norms (one fused `torch._foreach_norm` over the gradients, one over the
-    parameters and the update); they come back with the step's other values in one transfer, and the block, global
-    and parameter norms and the ratio are finished on the host from them (`GradientNorms.finish`): a few float
-    operations there, instead of a dozen tensor calls, each costing microseconds on the CPU. The update ratio needs
-    the parameters from before the optimizer step; they are copied into views of one flat buffer allocated once, and
-    the update is formed in place there after the step.
+    parameters and, on steps that measure it, the update); they come back with the step's other values in one
+    transfer, and the block, global and parameter norms and the ratio are finished on the host from them
+    (`GradientNorms.finish`): a few float operations there, instead of a dozen tensor calls, each costing
+    microseconds on the CPU. The update ratio needs the parameters from before the optimizer step; on the steps
+    `update_every` names they are copied into views of one flat buffer allocated once, and the update is formed in
+    place there after the step.
     """
 
-    def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]], *, track_updates: bool = True) -> None:
+    def __init__(self, blocks: Sequence[tuple[str, Sequence[Tensor]]], *, update_every: int = UPDATE_EVERY) -> None:
+        if update_every < 0:
+            raise ValueError(f"update_every must be >= 0 (0: never, 1: every step), not {update_every}")
         self.names = [name for name, _ in blocks]
         self.params: list[Tensor] = [param for _, params in blocks for param in params if param.requires_grad]
         device = self.params[0].device
@@ -108,15 +119,16 @@ class GradientStats:
             (f"grad_norm/{name}", end - count, end)
             for name, count, end in zip(self.names, counts, accumulate(counts), strict=True)
         ]
-        self.track_updates = track_updates
-        """Without it, no copy of the parameters is kept and `update_ratio` is not reported."""
+        self.update_every = update_every
+        """Measure `update_ratio` on steps divisible by this (1: every step, 0: never). Other steps neither copy the
+        parameters nor take the update's norm."""
         self.sharded = any(is_dtensor(param) for param in self.params)
         """FSDP2 (`fully_shard`): every value is this rank's shard's, combined across ranks where they are reported
         (trainer/distributed.py); clipping alone needs the global norm at once."""
         dtypes = {param.dtype for param in self.params}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         shards = self._shards(self.params)
-        sizes = [param.numel() for param in shards] if track_updates else []
+        sizes = [param.numel() for param in shards] if update_every > 0 else []
         self._flat_before = torch.empty(sum(sizes), dtype=dtype, device=device)
         self._before = [
             self._flat_before[end - size : end].view_as(param)
@@ -126,12 +138,16 @@ class GradientStats:
         self._fused_copy = device.type != "cpu"
         """`torch._foreach_copy_` is one kernel on a GPU; on the CPU it has none, and one `copy_` per parameter takes
         less than half its time."""
-        self._grad_norms: list[Tensor] | None = None
+        self._grad_norms: Sequence[Tensor] | None = None
+
+    def update_due(self, step: int) -> bool:
+        """Whether `step` measures the update ratio (see `update_every`)."""
+        return self.update_every > 0 and step % self.update_every == 0
 
     @torch.no_grad()
-    def before_step(self, max_norm: float) -> None:
-        """After backward, before the optimizer: measure the gradients' norms (before clipping) and clip to
-        `max_norm` when it is > 0; copies the parameters for the update ratio."""
+    def before_step(self, step: int, max_norm: float) -> None:
+        """After backward, before the optimizer of `step`: measure the gradients' norms (before clipping) and clip to
+        `max_norm` when it is > 0; on steps that measure the update ratio, copies the parameters for it."""
         params = self._shards(self.params)
         grads = self._shards(cast("list[Tensor]", [param.grad for param in self.params]))  # None: no gradient
         try:
@@ -144,14 +160,14 @@ class GradientStats:
             norm = self._global_norm() if self.sharded else torch.linalg.vector_norm(torch.stack(norms))
             scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, scale)
-        if self.track_updates:
+        if self.update_due(step):
             if self._fused_copy:
                 torch._foreach_copy_(self._before, params)
             else:
                 for before, param in zip(self._before, params, strict=True):
                     before.copy_(param)
             self._copied = True
-        self._grad_norms = list(norms)
+        self._grad_norms = norms
 
     @property
     def pending(self) -> bool:

@@ -7,7 +7,9 @@ gradient statistics and clipping, optimizer step, update statistics, one read of
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import torch
 from trainer.data import MixtureSampler, builtin_domains, text_file_domain
 from trainer.distributed import RankSampler, place, replicate
 from trainer.io import IOConfig, Transport
-from trainer.metrics import GradientStats, lm_loss, read_scalars
+from trainer.metrics import UPDATE_EVERY, GradientStats, lm_loss, read_scalars
 from trainer.model import GPT, GPTConfig
 from trainer.schedule import Schedule
 from trainer.steer import Steer, SteerConfig, StopTraining
@@ -44,6 +46,8 @@ class Preset:
     eval_batches: int = 4
     attn_every: int = 10
     """Measure `attn_logit_max/<layer>` every N steps: it needs an extra q·k product (~3 ms on a `cpu-tiny` step)."""
+    update_every: int = UPDATE_EVERY
+    """Measure `update_ratio` every N steps: it copies every parameter before the optimizer step (`UPDATE_EVERY`)."""
     snapshot_every: int = 25
     checkpoint_every: int = 250
 
@@ -122,6 +126,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a step frees for the next step, instead of handing it back to the kernel and
+    faulting it in again, zeroed (which also evicts the caches): a `cpu-tiny` step took 1,000 to 8,000 fresh pages,
+    the more the more it allocates, so the full metric set looked up to 8% dearer than a plain step (with this, within
+    2%; both steps 2 to 5% faster). The process keeps its peak heap. False where the C library is not glibc: nothing
+    is changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    # M_MMAP_THRESHOLD (-3): blocks up to 32 MiB (glibc's most) come from the heap, not from mmap and munmap each
+    # time; M_TRIM_THRESHOLD (-1): the heap's free top is given back only past 1 GiB.
+    return bool(mallopt(-3, 32 << 20)) and bool(mallopt(-1, 1 << 30))
+
+
 class BuiltinRun:
     """Builds the model, data, optimizer, schedule and hook of a built-in run, and trains it."""
 
@@ -135,6 +156,7 @@ class BuiltinRun:
         self.steps = config.steps if config.steps is not None else preset.steps
         self.z_loss = config.z_loss if config.z_loss is not None else preset.z_loss
         self.rank, self.world, self.device = place(resolve_device(config.device), config.process_group_timeout_s)
+        keep_freed_memory()  # the process is the run's: its allocator settings are the run's to choose
         torch.manual_seed(config.seed)
         domains = builtin_domains(preset.domain_bytes)
         domains += [text_file_domain(path.stem, path, preset.domain_bytes) for path in config.domain_files]
@@ -155,7 +177,7 @@ class BuiltinRun:
         schedule = Schedule(
             "cosine", peaks, warmup_steps=min(preset.warmup_steps, horizon - 1), horizon_steps=horizon, floor=0.1
         )
-        self.stats = GradientStats(self.model.blocks_of_parameters())
+        self.stats = GradientStats(self.model.blocks_of_parameters(), update_every=preset.update_every)
         n_params = sum(p.numel() for p in self.model.parameters())
         steer_config = SteerConfig(
             server=config.server,
@@ -211,7 +233,7 @@ class BuiltinRun:
             logits = self.net(inputs, measure_attention=measure)
         out = lm_loss(logits, targets, domain_ids, self.sampler.names, self.z_loss)
         torch.autograd.backward(out.loss)
-        self.stats.before_step(self.steer.grad_clip)
+        self.stats.before_step(step, self.steer.grad_clip)
         if spike:
             saved = [group["lr"] for group in self.optimizer.param_groups]
             for group in self.optimizer.param_groups:

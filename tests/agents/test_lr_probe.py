@@ -52,6 +52,8 @@ class ProbeBench:
     records: list[CommandRecord] = field(default_factory=list)
     reject: str = ""
     """A command type the trainer rejects."""
+    update_every: int = 1
+    """Report `update_ratio` on steps divisible by this, as the trainer does."""
 
     def __post_init__(self) -> None:
         self.tracker = WindowTracker("run-1")
@@ -65,11 +67,9 @@ class ProbeBench:
         while self.step < until:
             if self.step % SNAPSHOT_EVERY == 0 and (self.branch, self.step) not in self.snapshotted:
                 self._snapshot()
-            values = {
-                "loss": loss_at(self.step, self.lr, self.best_lr),
-                "lr": self.lr,
-                "update_ratio": UPDATE_RATIO_PER_LR * self.lr,
-            }
+            values = {"loss": loss_at(self.step, self.lr, self.best_lr), "lr": self.lr}
+            if self.step % self.update_every == 0:
+                values["update_ratio"] = UPDATE_RATIO_PER_LR * self.lr
             sample = MetricsSample(branch=self.branch, step=self.step, time=float(self.trained), values=values)
             self.tracker.add_sample(sample, received_at=float(self.trained))
             self.step += 1
@@ -169,10 +169,11 @@ def test_a_good_learning_rate_is_left_alone() -> None:
     assert bench.trained == 400
 
 
-def test_a_learning_rate_ten_times_too_low_is_raised_tenfold_on_the_branch_that_proved_best() -> None:
+@pytest.mark.parametrize("update_every", [1, 10])
+def test_a_learning_rate_ten_times_too_low_is_raised_tenfold_on_the_branch_that_proved_best(update_every: int) -> None:
     """From 3e-4 the run's first 50 steps are the x1 candidate; the probe goes back to step 0, trains x3.16 and x10
-    for 50 steps each, and stays on x10."""
-    bench = ProbeBench(lr=3e-4).run(400)
+    for 50 steps each, and stays on x10; the same when the update ratio is reported every 10 steps only."""
+    bench = ProbeBench(lr=3e-4, update_every=update_every).run(400)
     assert bench.rules_of() == [PROBE_RULE, PROBE_RULE, KEEP_RULE]
     assert [r.command.type for r in bench.records[:4]] == [
         "save_checkpoint",

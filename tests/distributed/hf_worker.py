@@ -52,7 +52,8 @@ class Follow(TrainerCallback):
 def main() -> None:
     args = start_worker("Accelerate's FSDP2 plugin")
     model = tiny_gpt2()
-    steering = SteerCallback(server=args.server, config=args.steer_config("hf"))
+    # The update ratio every step: the test compares each step's with one computed from the full tensors.
+    steering = SteerCallback(server=args.server, config=args.steer_config("hf"), update_every=1)
     sharding: dict[str, Any] = (
         {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"]}}
         if args.fsdp

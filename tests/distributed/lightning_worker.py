@@ -66,7 +66,8 @@ class Follow(L.Callback):
 def main() -> None:
     args = start_worker("ModelParallelStrategy with fully_shard")
     module = ByteLM(sharded=args.fsdp)
-    steering = SteerCallback(server=args.server, config=args.steer_config("lightning"))
+    # The update ratio every step: the test compares each step's with one computed from the full tensors.
+    steering = SteerCallback(server=args.server, config=args.steer_config("lightning"), update_every=1)
     strategy: Strategy | str = (
         ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if args.fsdp else "ddp"
     )

@@ -269,7 +269,7 @@ def test_health_on_fully_shard_parameters_measures_and_clips_as_on_plain_ones(tm
         inputs = torch.randn(5, 8)
         values = []
         for model in (plain, sharded):
-            health = Health(model)
+            health = Health(model, update_every=1)
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             model(inputs).square().mean().backward()
             health.begin_step(1)

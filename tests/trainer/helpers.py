@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from torch.overrides import TorchFunctionMode
 
 from protocols.client import Client
 from protocols.commands import CommandRecord
 from trainer.run import BuiltinRun
 from trainer.steer import Steer
+
+SYNC_CALLS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"})
+"""The calls that bring a device value to the host (each is a host-device sync on CUDA)."""
+
+
+class TensorCalls(TorchFunctionMode):
+    """Records the names of the torch functions and tensor methods called while active (of `only`, when given)."""
+
+    def __init__(self, only: frozenset[str] | None = None) -> None:
+        super().__init__()
+        self.only = only
+        self.calls: list[str] = []
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Iterable[type], args: Sequence[Any] = (), kwargs: Any = None
+    ) -> Any:
+        name = getattr(func, "__name__", str(func))
+        if self.only is None or name in self.only:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def deliver(client: Client, steer: Steer, command: dict[str, Any], timeout_s: float = 10.0) -> CommandRecord:

@@ -33,6 +33,7 @@ def test_runsteer_train_trains_reports_metrics_and_finishes(server_url: str, cli
     assert history.series["loss"].steps == list(range(30))
     assert history.series["loss"].values[-1] < history.series["loss"].values[0]
     assert history.series["attn_logit_max/0"].steps == [0, 10, 20]
+    assert history.series["update_ratio"].steps == [0, 10, 20]
     assert all(v > 0 for v in history.series["update_ratio"].values)
     assert any(c.tag == "end" for c in client.list_checkpoints(run.run_id))
 

@@ -31,7 +31,7 @@ def test_gradient_statistics_on_cuda_equal_direct_computations(dtype: torch.dtyp
     model(ids).float().square().mean().backward()
     grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
     before = [p.detach().clone() for p in model.parameters()]
-    stats.before_step(0.0)
+    stats.before_step(0, 0.0)
     optimizer.step()
     values = read_scalars({}, gradients=stats.after_step())
     after = [p.detach() for p in model.parameters()]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
+from tests.trainer.helpers import SYNC_CALLS, TensorCalls
 from trainer.health import Health, find_attention, find_blocks
 from trainer.model import GPT, GPTConfig
 
@@ -57,23 +57,6 @@ def llama(attn: str = "sdpa") -> LlamaForCausalLM:
 
 def batch(seed: int = 0) -> Tensor:
     return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
-
-
-class CountSyncs(TorchFunctionMode):
-    """Counts the calls that bring a device value to the host (each is a host-device sync on CUDA)."""
-
-    NAMES = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "__array__"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(
-        self, func: Callable[..., Any], types: Iterable[type], args: Sequence[Any] = (), kwargs: Any = None
-    ) -> Any:
-        if getattr(func, "__name__", "") in self.NAMES:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_blocks_are_found_from_the_module_tree_of_gpt2_llama_the_builtin_and_a_plain_module() -> None:
@@ -227,7 +210,7 @@ def syncs_of_a_step(make: Callable[[], nn.Module], with_health: bool) -> tuple[l
     if with_health:
         health.watch_output(model)
         health.watch_optimizer(optimizer)
-    counter = CountSyncs()
+    counter = TensorCalls(SYNC_CALLS)
     values: dict[str, float] = {}
     with counter:
         if with_health:
@@ -277,7 +260,7 @@ def test_a_plain_module_gets_gradient_and_nonfinite_flags() -> None:
 def test_float_values_handed_to_end_step_pass_through_without_a_device_read() -> None:
     """Floats the loop already holds (the loss it read, the lr) come back as they are, with no host read added."""
     health = Health(nn.Linear(3, 2))
-    counter = CountSyncs()
+    counter = TensorCalls(SYNC_CALLS)
     with counter:
         health.begin_step(0)
         values = health.end_step(loss=2.5, lr=1e-3)
@@ -308,3 +291,30 @@ def test_frozen_and_unused_parameters_count_as_zero_gradients_and_the_rest_match
     update = float(torch.linalg.vector_norm(torch.stack(deltas)))
     assert values["param_norm"] == pytest.approx(param_norm, rel=1e-5)
     assert values["update_ratio"] == pytest.approx(update / param_norm, rel=1e-4)
+
+
+def test_the_update_ratio_comes_every_update_every_steps_and_equals_that_steps_update() -> None:
+    """With `update_every=3`, step 1 reports the gradient and parameter norms and the flags but no update ratio;
+    step 3 reports the ratio of its own update, as computed by hand."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    health = Health(model, update_every=3)
+    health.watch_optimizer(optimizer)
+    for step in (1, 3):
+        health.begin_step(step)
+        model(torch.randn(5, 6)).square().mean().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        values = health.end_step()
+        param_norm = math.sqrt(sum(float(p.detach().square().sum()) for p in model.parameters()))
+        assert values["param_norm"] == pytest.approx(param_norm, rel=1e-5)
+        assert values["nonfinite"] == values["nonfinite_param"] == values["nonfinite_grad"] == 0.0
+        if step == 1:
+            assert "update_ratio" not in values and values["grad_norm"] > 0
+        else:
+            update = math.sqrt(
+                sum(float((p.detach() - b).square().sum()) for p, b in zip(model.parameters(), before, strict=True))
+            )
+            assert values["update_ratio"] == pytest.approx(update / param_norm, rel=1e-4)

@@ -175,9 +175,9 @@ def test_hparams_survive_hf_lambdalr_and_a_new_schedule_drives_it(setup) -> None
         "grad_norm/block.1",
         "grad_norm/final_norm",
         "param_norm",
-        "update_ratio",
     ):
         assert len(metrics[name]) >= 10, name
+    assert sorted(metrics["update_ratio"]) == [0, 10], "the update ratio every 10 steps"
     assert sorted(metrics["attn_logit_max/1"]) == [0, 10], "attention logits every 10 steps, per layer"
     assert sorted(metrics["logit_max"]) == sorted(metrics["logit_z"]) == [0, 10], "output logits every 10 steps"
     assert metrics["nonfinite"][5] == 0.0 and metrics["logit_max"][10] > 0

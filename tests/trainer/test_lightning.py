@@ -198,9 +198,9 @@ def test_hparams_swap_mix_evaluate_and_bad_commands_act_on_the_lightning_trainer
         "grad_norm/embed",
         "grad_norm/head",
         "param_norm",
-        "update_ratio",
     ):
         assert sorted(metrics[name])[:12] == list(range(12)), name
+    assert sorted(metrics["update_ratio"]) == [0, 10], "the update ratio every 10 steps"
     assert sorted(metrics["logit_max"]) == sorted(metrics["logit_z"]) == [0, 10], "the returned logits, every 10 steps"
     assert metrics["lr"][6] == pytest.approx(2e-3) and metrics["val_loss"][evaluate.applied_step] > 0
     assert sorted(metrics["pl/train_loss"]) == [1, 3, 5, 7, 9, 11], "what self.log gave, every log_every_n_steps"
@@ -261,4 +261,5 @@ def test_gradient_accumulation_makes_one_boundary_and_one_point_per_optimizer_st
     finally:
         run.close()
     assert run.trainer.global_step == 6 and run.script.calls == 12
-    assert sorted(metrics["loss"]) == sorted(metrics["grad_norm"]) == sorted(metrics["update_ratio"]) == list(range(6))
+    assert sorted(metrics["loss"]) == sorted(metrics["grad_norm"]) == sorted(metrics["param_norm"]) == list(range(6))
+    assert sorted(metrics["update_ratio"]) == [0], "every 10 steps"

@@ -20,7 +20,7 @@ from protocols.client import Client
 from protocols.policy import Policy, RateLimit
 from tests.trainer.conftest import FAST_IO
 from tests.trainer.helpers import deliver, result_of, train
-from trainer.metrics import lm_loss
+from trainer.metrics import UPDATE_EVERY, lm_loss
 from trainer.model import GPT, GPTConfig
 from trainer.optim import optimizer_classes, optimizer_name, state_template
 from trainer.run import BuiltinRun
@@ -99,9 +99,9 @@ def test_sgd_to_adamw_drops_the_momentum_it_cannot_scale_and_says_why(make_run: 
     record = deliver(client, run.steer, {"type": "set_optimizer", "name": "sgd", "lr": 0.05})
     run.steer.poll(2)
     assert result_of(client, run.steer, record).status == "applied"
-    before = train(run, range(2, 6))[-1]
+    before = train(run, range(2, UPDATE_EVERY))[-1]
     record = deliver(client, run.steer, {"type": "set_optimizer", "name": "adamw", "lr": 3e-3})
-    step = run.steer.poll(6)
+    step = run.steer.poll(UPDATE_EVERY)  # a step that measures the update ratio
     result = result_of(client, run.steer, record)
     assert result.status == "applied" and result.effective is not None
     assert result.effective["carried"] == []
