@@ -34,13 +34,21 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def thread_cpu() -> dict[str, float]:
+SERVER = "server process"
+"""The benchmark's server in rank 0's CPU figures: it shares the machine's cores with the ranks."""
+
+
+def thread_cpu(server_pid: int | None = None) -> dict[str, float]:
     """CPU seconds each thread of this process has used, by thread name (threads of one name summed; the training
-    thread, the main one, under its own name: Python's other threads all have the process's name)."""
+    thread, the main one, under its own name: Python's other threads all have the process's name), and with
+    `server_pid` the server's, all its threads together (`SERVER`)."""
     usage: dict[str, float] = {}
-    for task in Path("/proc/self/task").iterdir():
+    tasks: list[tuple[Path, str | None]] = [(task, None) for task in Path("/proc/self/task").iterdir()]
+    if server_pid is not None:
+        tasks += [(task, SERVER) for task in Path(f"/proc/{server_pid}/task").iterdir()]
+    for task, named in tasks:
         try:
-            name = "training" if task.name == str(os.getpid()) else (task / "comm").read_text().strip()
+            name = named or ("training" if task.name == str(os.getpid()) else (task / "comm").read_text().strip())
             running_ns = int((task / "schedstat").read_text().split()[0])  # to the nanosecond, unlike `stat`'s ticks
         except OSError:
             continue  # the thread ended meanwhile
@@ -70,10 +78,11 @@ def rank_main(args: argparse.Namespace) -> int:
     for _ in range(3):  # warm-up: allocator, autograd graph, DDP buckets
         run.train_step(iteration)
     threads: dict[str, dict[str, float]] = {"plain": {}, "steered": {}}
-    """CPU of each thread of this rank by kind of block."""
+    """CPU of each thread of this rank by kind of block (on rank 0, the server's too)."""
+    server_pid = args.server_pid if ranks.leader else None
     for block in range(2 * args.steps // args.block):
         kind = ("plain", "steered")[block % 2]
-        threads_before = thread_cpu()
+        threads_before = thread_cpu(server_pid)
         block_cpu = time.process_time()
         for _ in range(args.block):
             started = time.perf_counter()
@@ -91,7 +100,7 @@ def rank_main(args: argparse.Namespace) -> int:
             times[kind].append(time.perf_counter() - started)
             iteration += 1
         process_cpu[kind] += time.process_time() - block_cpu
-        for name, used in thread_cpu().items():
+        for name, used in thread_cpu(server_pid).items():
             threads[kind][name] = threads[kind].get(name, 0.0) + used - threads_before.get(name, 0.0)
     steer.close()
     ranks = Ranks()  # closing the hook closed its side channel; time a fresh one alone
@@ -147,7 +156,7 @@ def rank_main(args: argparse.Namespace) -> int:
             )
             names = sorted({key.split(" ", 2)[2] for key in figures if key.startswith("thread ")})
             print(
-                "    CPU per step by thread, plain -> steered: "
+                "    CPU per step by thread (rank 0: and the server's), plain -> steered: "
                 + ", ".join(
                     f"{name} {figures.get(f'thread plain {name}', 0.0) * 1e3:.2f} -> "
                     f"{figures.get(f'thread steered {name}', 0.0) * 1e3:.2f} ms"
@@ -177,6 +186,7 @@ def main() -> int:
     parser.add_argument("--nproc-per-node", type=int, default=2, help="ranks (default %(default)s)")
     parser.add_argument("--collectives", type=int, default=500, help="side-channel calls timed alone")
     parser.add_argument("--server", help=argparse.SUPPRESS)
+    parser.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     add_run_arguments(parser)
     args = parser.parse_args()
     if "RANK" in os.environ:
@@ -184,9 +194,9 @@ def main() -> int:
     with Server() as server:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
-            "-m", "benchmarks.distributed_overhead", "--server", server.url, "--steps", str(args.steps),
-            "--block", str(args.block), "--collectives", str(args.collectives), "--preset", args.preset,
-            "--device", args.device,
+            "-m", "benchmarks.distributed_overhead", "--server", server.url, "--server-pid", str(server.pid),
+            "--steps", str(args.steps), "--block", str(args.block), "--collectives", str(args.collectives),
+            "--preset", args.preset, "--device", args.device,
         ]  # fmt: skip
         return subprocess.run(command, cwd=REPO, check=False).returncode
 
