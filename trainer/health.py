@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from trainer.metrics import UPDATE_EVERY, GradientNorms, GradientStats, HostValues, all_finite, logit_scalars
+from trainer.metrics import UPDATE_EVERY, GradientNorms, GradientStats, HostValues, all_finite, due_at, logit_scalars
 
 Blocks = list[tuple[str, list[Tensor]]]
 
@@ -217,8 +217,8 @@ class Health:
         copy the parameters for the update ratio."""
         self._detach_attention()
         self._step = step
-        self._logits_due = self.logit_every > 0 and step % self.logit_every == 0
-        if self.attention and step % self.attention_every == 0:
+        self._logits_due = due_at(step, self.logit_every)
+        if self.attention and due_at(step, self.attention_every):
             for layer, module in self.attention.items():
                 self._attention_hooks.append(module.register_forward_pre_hook(self._enter(layer)))
                 self._attention_hooks.append(module.register_forward_hook(self._leave(layer), always_call=True))

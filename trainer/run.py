@@ -20,7 +20,7 @@ import torch
 from trainer.data import MixtureSampler, builtin_domains, text_file_domain
 from trainer.distributed import RankSampler, place, replicate
 from trainer.io import IOConfig, Transport
-from trainer.metrics import UPDATE_EVERY, GradientStats, lm_loss, read_scalars
+from trainer.metrics import UPDATE_EVERY, GradientStats, due_at, lm_loss, read_scalars
 from trainer.model import GPT, GPTConfig
 from trainer.schedule import Schedule
 from trainer.steer import Steer, SteerConfig, StopTraining
@@ -228,7 +228,7 @@ class BuiltinRun:
         started = time.perf_counter()
         spike = self.sampler.index in self.config.inject_spikes
         inputs, targets, domain_ids = (t.to(self.device, non_blocking=True) for t in self.sampler.next_batch())
-        measure = self.preset.attn_every > 0 and step % self.preset.attn_every == 0
+        measure = due_at(step, self.preset.attn_every)
         with self.autocast():
             logits = self.net(inputs, measure_attention=measure)
         out = lm_loss(logits, targets, domain_ids, self.sampler.names, self.z_loss)
